@@ -1,0 +1,51 @@
+//! One module per command; each returns a [`CommandError`] carrying its exit status.
+
+/// Prints a line of command output. A closed stdout (`ghostwire plan … | head`) is not an
+/// error worth a panic: the output is dropped and the command carries on.
+macro_rules! say {
+    () => { say!("") };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+mod demo;
+mod plan;
+
+use std::fmt;
+
+use crate::cli::{Command, exit};
+
+/// A failed command: the one-paragraph message for the operator and the exit status.
+#[derive(Debug)]
+pub struct CommandError {
+    pub status: u8,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn refused(message: impl fmt::Display) -> Self {
+        CommandError { status: exit::REFUSED, message: message.to_string() }
+    }
+
+    pub fn failed(message: impl fmt::Display) -> Self {
+        CommandError { status: exit::FAILED, message: message.to_string() }
+    }
+}
+
+impl From<crate::db::ConnectError> for CommandError {
+    fn from(e: crate::db::ConnectError) -> Self {
+        match e {
+            crate::db::ConnectError::Connect(_) => CommandError::failed(e),
+            _ => CommandError::refused(e),
+        }
+    }
+}
+
+pub async fn run(command: Command) -> Result<(), CommandError> {
+    match command {
+        Command::Plan { db, json, statement } => plan::run(db.database_url.as_deref(), json, &statement).await,
+        Command::Demo { rows } => demo::run(rows).await,
+    }
+}

@@ -1,0 +1,12 @@
+//! ghostwire: online schema changes for PostgreSQL.
+//!
+//! The binary's entry point is `src/main.rs`; this library holds everything else so that
+//! integration tests and benchmarks drive the same code.
+
+pub mod catalog;
+pub mod cli;
+pub mod commands;
+pub mod db;
+pub mod ephemeral;
+pub mod plan;
+pub mod sql;
