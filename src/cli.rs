@@ -1,7 +1,9 @@
 //! The command-line contract (DESIGN.md §7): commands, flags and exit statuses that users
 //! script against.
 
-use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Online schema changes for PostgreSQL.
 #[derive(Debug, Parser)]
@@ -33,12 +35,81 @@ pub enum Command {
         /// One ALTER TABLE statement.
         statement: String,
     },
+    /// Run the change online: shadow table, change capture, chunked copy, swap.
+    Migrate {
+        #[command(flatten)]
+        db: Database,
+        /// One ALTER TABLE statement.
+        statement: String,
+        #[command(flatten)]
+        options: MigrateArgs,
+    },
+    /// Show migrations: phase, progress, backlog, cut-over attempts and recent events.
+    Status {
+        #[command(flatten)]
+        db: Database,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this table (`orders`, `public.orders`, `'"Sales"."Order Items"'`).
+        table: Option<String>,
+    },
+    /// Stop a migration before its swap and remove its shadow table, triggers and change log.
+    Abort {
+        #[command(flatten)]
+        db: Database,
+        table: String,
+    },
+    /// After the swap: drop the old table and every trace of the migration.
+    Finish {
+        #[command(flatten)]
+        db: Database,
+        table: String,
+    },
     /// Show ghostwire at work on a throwaway local cluster with a sample table.
     Demo {
         /// Rows in the sample table.
         #[arg(long, default_value_t = 300_000)]
         rows: i64,
     },
+}
+
+/// How concurrent writes are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Capture {
+    /// Statement-level triggers with transition tables (any PostgreSQL 12+).
+    Trigger,
+    /// Logical replication (pgoutput); not available yet.
+    Logical,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 250ms, 2s, 1m)"))
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// How to capture concurrent writes.
+    #[arg(long, value_enum, default_value = "trigger")]
+    pub capture: Capture,
+    /// Target time per copy chunk; the chunk size adapts to it.
+    #[arg(long, default_value = "250ms", value_parser = duration)]
+    pub chunk_time: Duration,
+    /// The most rows in one copy chunk.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub chunk_rows: i64,
+    /// lock_timeout for every lock on the live table (the swap included).
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    pub lock_timeout: Duration,
+    /// Attempts at the swap before giving up (with jittered pauses, catching up in between).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cutover_attempts: u32,
+    /// Drop the old table right after the swap (no revert window).
+    #[arg(long)]
+    pub finish: bool,
+    /// Do not ask: consent to a change that cannot be reverted.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 /// Exit statuses.

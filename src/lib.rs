@@ -8,5 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod db;
 pub mod ephemeral;
+pub mod migrate;
 pub mod plan;
 pub mod sql;
+pub mod state;

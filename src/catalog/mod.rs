@@ -11,7 +11,7 @@
 
 mod read;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crate::sql::QualifiedName;
@@ -28,14 +28,14 @@ pub enum CatalogError {
 }
 
 /// What kind of relation the table is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TableKind {
     Ordinary,
     Partitioned,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Persistence {
     Permanent,
@@ -43,14 +43,14 @@ pub enum Persistence {
     Temporary,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityKind {
     Always,
     ByDefault,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Column {
     pub attnum: i16,
     pub name: String,
@@ -72,7 +72,7 @@ pub struct Column {
 }
 
 /// How rows are identified for keyset copying and change capture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyKind {
     PrimaryKey,
@@ -80,7 +80,7 @@ pub enum KeyKind {
     UniqueIndex,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Key {
     pub kind: KeyKind,
     pub index_name: String,
@@ -88,7 +88,7 @@ pub struct Key {
     pub attnums: Vec<i16>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Index {
     pub name: String,
     pub definition: String,
@@ -110,7 +110,7 @@ pub struct Index {
     pub bytes: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConstraintKind {
     Check,
@@ -122,7 +122,7 @@ pub enum ConstraintKind {
     NotNull,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Constraint {
     pub name: String,
     pub kind: ConstraintKind,
@@ -138,7 +138,7 @@ pub struct Constraint {
 }
 
 /// A foreign key on another table that references this one.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IncomingForeignKey {
     pub table: QualifiedName,
     pub name: String,
@@ -147,7 +147,7 @@ pub struct IncomingForeignKey {
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trigger {
     pub name: String,
     pub definition: String,
@@ -156,13 +156,13 @@ pub struct Trigger {
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rule {
     pub name: String,
     pub definition: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ViewKind {
     View,
@@ -171,7 +171,7 @@ pub enum ViewKind {
 
 /// A view that depends on the table, directly or through other views. Listed in an order
 /// in which they can be created (a view after everything it reads).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DependentView {
     pub name: QualifiedName,
     pub kind: ViewKind,
@@ -185,9 +185,13 @@ pub struct DependentView {
     pub reads_columns: Vec<String>,
     /// 1 for views reading the table itself, 2 for views reading those, …
     pub depth: i32,
+    /// Other dependent views this one reads.
+    pub reads_views: Vec<QualifiedName>,
+    /// Triggers on the view (INSTEAD OF …), as `pg_get_triggerdef` gives them.
+    pub triggers: Vec<Trigger>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Policy {
     pub name: String,
     pub permissive: bool,
@@ -199,7 +203,7 @@ pub struct Policy {
     pub with_check: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     /// A role name, or `PUBLIC`.
     pub grantee: String,
@@ -208,7 +212,7 @@ pub struct Grant {
     pub grantor: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PublicationMembership {
     pub publication: String,
     /// A column list, when the publication publishes only some columns.
@@ -216,7 +220,7 @@ pub struct PublicationMembership {
     pub row_filter: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "mode", content = "index")]
 pub enum ReplicaIdentity {
     Default,
@@ -225,13 +229,13 @@ pub enum ReplicaIdentity {
     Index(String),
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExtendedStatistics {
     pub name: QualifiedName,
     pub definition: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OwnedSequence {
     pub name: QualifiedName,
     pub column: String,
@@ -240,7 +244,7 @@ pub struct OwnedSequence {
 }
 
 /// Everything known about one table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TableDef {
     pub oid: u32,
     pub name: QualifiedName,

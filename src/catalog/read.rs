@@ -414,6 +414,28 @@ async fn read_views(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<Ve
         .await?;
     let oids: Vec<u32> = rows.iter().map(|r| r.get(0)).collect();
     let grants = read_grants(tx, &oids).await?;
+    // Which of these views read which others.
+    let edges = tx
+        .query(
+            "SELECT DISTINCT r.ev_class, n.nspname::text, c.relname::text
+               FROM pg_depend d
+               JOIN pg_rewrite r ON r.oid = d.objid
+               JOIN pg_class c ON c.oid = d.refobjid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                AND r.ev_class = ANY($1) AND d.refobjid = ANY($1) AND d.refobjid <> r.ev_class
+              ORDER BY 2, 3",
+            &[&oids],
+        )
+        .await?;
+    let triggers = tx
+        .query(
+            "SELECT t.tgrelid, t.tgname::text, pg_get_triggerdef(t.oid), t.tgenabled::text,
+                    obj_description(t.oid, 'pg_trigger')
+               FROM pg_trigger t WHERE t.tgrelid = ANY($1) AND NOT t.tgisinternal ORDER BY 2",
+            &[&oids],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -428,6 +450,16 @@ async fn read_views(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<Ve
                 depth: r.get(8),
                 reads_columns: r.get(9),
                 grants: grants.iter().filter(|(o, _)| *o == view_oid).map(|(_, g)| g.clone()).collect(),
+                reads_views: edges
+                    .iter()
+                    .filter(|e| e.get::<_, u32>(0) == view_oid)
+                    .map(|e| QualifiedName::new(e.get::<_, String>(1), e.get::<_, String>(2)))
+                    .collect(),
+                triggers: triggers
+                    .iter()
+                    .filter(|t| t.get::<_, u32>(0) == view_oid)
+                    .map(|t| Trigger { name: t.get(1), definition: t.get(2), enabled: t.get(3), comment: t.get(4) })
+                    .collect(),
             }
         })
         .collect())

@@ -10,8 +10,12 @@ macro_rules! say {
     }};
 }
 
+mod cleanup;
 mod demo;
+mod migrate;
 mod plan;
+mod status;
+mod target;
 
 use std::fmt;
 
@@ -46,6 +50,26 @@ impl From<crate::db::ConnectError> for CommandError {
 pub async fn run(command: Command) -> Result<(), CommandError> {
     match command {
         Command::Plan { db, json, statement } => plan::run(db.database_url.as_deref(), json, &statement).await,
+        Command::Migrate { db, statement, options } => {
+            if options.capture == crate::cli::Capture::Logical {
+                return Err(CommandError::refused(
+                    "--capture logical is not available yet; use the default trigger capture",
+                ));
+            }
+            let opts = crate::migrate::Options {
+                chunk_time: options.chunk_time,
+                chunk_rows: options.chunk_rows,
+                lock_timeout: options.lock_timeout,
+                cutover_attempts: options.cutover_attempts,
+                finish: options.finish,
+                yes: options.yes,
+                ..crate::migrate::Options::default()
+            };
+            migrate::run(db.database_url.as_deref(), &statement, opts).await
+        }
+        Command::Status { db, json, table } => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
+        Command::Abort { db, table } => cleanup::abort(db.database_url.as_deref(), &table).await,
+        Command::Finish { db, table } => cleanup::finish(db.database_url.as_deref(), &table).await,
         Command::Demo { rows } => demo::run(rows).await,
     }
 }

@@ -7,6 +7,7 @@
 //! ghostwire cannot do safely.
 
 mod classify;
+pub mod expr;
 pub mod parse;
 mod probe;
 pub mod report;

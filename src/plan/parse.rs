@@ -258,6 +258,45 @@ pub fn parse(sql: &str) -> Result<ParsedStatement, ParseError> {
     }
 }
 
+/// A table name as a user types it on the command line (`orders`, `public.orders`,
+/// `"Sales"."Order Items"`), parsed by PostgreSQL's grammar: (schema, name).
+pub fn table_name(text: &str) -> Result<(Option<String>, String), ParseError> {
+    let sql = format!("SELECT FROM {text}");
+    let result = pg_query::parse(&sql, pg_query::ParserOptions::DEFAULT)
+        .map_err(|_| ParseError::Layout(format!("{text:?} is not a table name")))?;
+    let tables: Vec<_> = result
+        .protobuf
+        .nodes()
+        .into_iter()
+        .filter_map(|(n, ..)| match n {
+            pg_query::NodeRef::RangeVar(r) => Some((r.schemaname.clone(), r.relname.clone())),
+            _ => None,
+        })
+        .collect();
+    match tables.as_slice() {
+        [(schema, name)] if result.protobuf.stmts.len() == 1 => {
+            Ok(((!schema.is_empty()).then(|| schema.clone()), name.clone()))
+        }
+        _ => Err(ParseError::Layout(format!("{text:?} is not a table name"))),
+    }
+}
+
+/// Points a `CREATE INDEX … ON table …` definition (as `pg_get_indexdef` gives it) at
+/// `table_sql` instead, by splicing the table reference.
+pub fn retarget_index(definition: &str, table_sql: &str) -> Result<String, ParseError> {
+    let result =
+        pg_query::parse(definition, pg_query::ParserOptions::DEFAULT).map_err(|e| syntax_error(definition, e))?;
+    let Some(NodeEnum::IndexStmt(stmt)) =
+        result.protobuf.stmts.first().and_then(|s| s.stmt.as_ref()).and_then(|n| n.node.as_ref())
+    else {
+        return Err(ParseError::Layout(format!("not a CREATE INDEX: {definition}")));
+    };
+    let rel = stmt.relation.as_ref().ok_or_else(|| ParseError::Layout("CREATE INDEX without a table".into()))?;
+    let toks = tokens(definition)?;
+    let (table, _) = table_ref(&toks, rel, false)?;
+    Ok(format!("{}{}{}", &definition[..table.span.start], table_sql, &definition[table.span.end..]))
+}
+
 /// A scanner token (comments dropped).
 #[derive(Debug, Clone, Copy)]
 struct Tok {

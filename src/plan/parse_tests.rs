@@ -158,3 +158,25 @@ fn syntax_errors_point_at_the_offending_token() {
     assert!(err.contains("syntax error at or near \"DEFALT\""), "{err}");
     assert!(err.contains("  ADD COLUMN x int DEFALT 5\n                     ^"), "{err}");
 }
+
+#[test]
+fn index_definitions_are_retargeted() {
+    let def = r#"CREATE UNIQUE INDEX "Items key" ON "Sales"."Order Items" USING btree (sku, line) WHERE (qty > 1)"#;
+    assert_eq!(
+        retarget_index(def, "ghostwire_1.\"Order Items\"").unwrap(),
+        r#"CREATE UNIQUE INDEX "Items key" ON ghostwire_1."Order Items" USING btree (sku, line) WHERE (qty > 1)"#
+    );
+    assert_eq!(
+        retarget_index("CREATE INDEX i ON ONLY public.t USING btree (a)", "x.t").unwrap(),
+        "CREATE INDEX i ON ONLY x.t USING btree (a)"
+    );
+}
+
+#[test]
+fn table_names_parse_like_sql() {
+    assert_eq!(table_name("orders").unwrap(), (None, "orders".into()));
+    assert_eq!(table_name("Public.Orders").unwrap(), (Some("public".into()), "orders".into()));
+    assert_eq!(table_name(r#""Sales"."Order Items""#).unwrap(), (Some("Sales".into()), "Order Items".into()));
+    assert!(table_name("orders; DROP TABLE x").is_err());
+    assert!(table_name("a, b").is_err());
+}

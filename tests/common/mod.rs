@@ -43,3 +43,111 @@ pub fn role(db: &TestDb, base: &str) -> String {
     let db_name = db.url.rsplit('/').next().unwrap_or("db");
     format!("{base}_{db_name}")
 }
+
+pub mod workload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ghostwire::migrate::{self, MigrateError, Options, Outcome, PhaseHook, Silent};
+use tokio_util::sync::CancellationToken;
+use workload::{Counters, Shape, Workload};
+
+/// Options for small test tables: many small chunks and batches, so writes interleave.
+pub fn test_options() -> Options {
+    Options {
+        chunk_time: Duration::from_millis(20),
+        chunk_rows: 300,
+        lock_timeout: Duration::from_millis(200),
+        cutover_attempts: 20,
+        catchup_batch: 200,
+        verify_range_rows: 500,
+        parallel: 2,
+        yes: true,
+        ..Options::default()
+    }
+}
+
+/// A hook that lets `n` more writer transactions commit at the start of every phase.
+pub fn writes_each_phase(counters: Arc<Counters>, n: u64) -> PhaseHook {
+    Arc::new(move |_phase| {
+        let counters = Arc::clone(&counters);
+        Box::pin(async move { workload::wait_for_more(&counters, n).await })
+    })
+}
+
+pub fn config(url: &str) -> tokio_postgres::Config {
+    url.parse().expect("a valid URL")
+}
+
+pub async fn run_migration(
+    url: &str,
+    statement: &str,
+    opts: &Options,
+    hook: Option<PhaseHook>,
+) -> Result<Outcome, MigrateError> {
+    migrate::migrate(&config(url), statement, opts, &Silent, hook, CancellationToken::new()).await
+}
+
+/// Runs a migration while writers change the table in every phase (and after the swap);
+/// returns the outcome and the writers' commit count. Panics if a writer failed.
+pub async fn migrate_under_load(
+    db: &TestDb,
+    shape: Shape,
+    first_key: i64,
+    statement: &str,
+    opts: &Options,
+) -> (Outcome, u64) {
+    let load = Workload::start(&db.url, shape, 2, first_key, 7);
+    load.wait_for_more(30).await;
+    let hook = writes_each_phase(Arc::clone(&load.counters), 10);
+    let outcome = run_migration(&db.url, statement, opts, Some(hook)).await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => panic!("migration failed: {e}"),
+    };
+    load.wait_for_more(30).await; // the writers keep working on the new table
+    let commits = load.stop().await;
+    (outcome, commits)
+}
+
+/// Asserts that two queries return the same multiset of rows.
+pub async fn assert_same_rows(client: &Client, actual: &str, expected: &str) {
+    let count = |sql: String| async move {
+        client.query_one(&sql, &[]).await.unwrap_or_else(|e| panic!("{e:?}\n{sql}")).get::<_, i64>(0)
+    };
+    let missing = count(format!("SELECT count(*) FROM (({expected}) EXCEPT ALL ({actual})) x")).await;
+    let extra = count(format!("SELECT count(*) FROM (({actual}) EXCEPT ALL ({expected})) x")).await;
+    let total = count(format!("SELECT count(*) FROM ({expected}) x")).await;
+    assert_eq!(
+        (missing, extra),
+        (0, 0),
+        "rows differ from the oracle ({total} expected): {missing} missing, {extra} extra"
+    );
+    assert!(total > 0, "the oracle is empty");
+}
+
+/// Rows of `sql` as one string per row (for small result sets in assertions).
+pub async fn strings(client: &Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{sql}"))
+        .iter()
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .collect()
+}
+
+/// Everything a migration may leave behind, for "no debris" checks.
+pub async fn debris(client: &Client, id: i64) -> Vec<String> {
+    strings(
+        client,
+        &format!(
+            "SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname LIKE 'ghostwire\\_{id}%'
+             UNION ALL SELECT 'table ' || relname FROM pg_class WHERE relname = 'changes_{id}'
+             UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proname LIKE 'capture\\_{id}\\_%'
+             UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgname LIKE 'ghostwire\\_{id}\\_%'"
+        ),
+    )
+    .await
+}

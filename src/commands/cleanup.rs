@@ -1,0 +1,43 @@
+//! `ghostwire abort TABLE` and `ghostwire finish TABLE`.
+
+use super::{CommandError, target};
+use crate::migrate::cleanup::{self, CleanupError};
+use crate::migrate::retry::RetryPolicy;
+use crate::{db, state};
+
+fn classify(e: CleanupError) -> CommandError {
+    match e {
+        CleanupError::Database(_) | CleanupError::StillRunning { .. } => CommandError::failed(e),
+        _ => CommandError::refused(e),
+    }
+}
+
+pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
+    let config = db::config(url, "ghostwire abort")?;
+    let client = db::connect(&config).await?;
+    let m = target::active(&client, table).await?;
+    cleanup::stop_runner(&client, &m).await.map_err(classify)?;
+    cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;
+    say!(
+        "Aborted migration #{} of {}: the shadow table, capture triggers and change log are removed; the table is as it was.",
+        m.id,
+        m.table
+    );
+    Ok(())
+}
+
+pub async fn finish(url: Option<&str>, table: &str) -> Result<(), CommandError> {
+    let config = db::config(url, "ghostwire finish")?;
+    let client = db::connect(&config).await?;
+    let m = target::active(&client, table).await?;
+    if !state::try_lock_table(&client, &m.table).await.map_err(CommandError::failed)? {
+        let pid = state::lock_holder(&client, &m.table).await.ok().flatten().unwrap_or(0);
+        return Err(CommandError::refused(format!(
+            "a ghostwire process (backend pid {pid}) is still working on {}; wait for it to end",
+            m.table
+        )));
+    }
+    cleanup::finish(&client, &m).await.map_err(classify)?;
+    say!("Finished migration #{} of {}: the old table is dropped.", m.id, m.table);
+    Ok(())
+}

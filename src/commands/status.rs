@@ -1,0 +1,102 @@
+//! `ghostwire status [TABLE]`.
+
+use serde_json::json;
+
+use super::CommandError;
+use crate::plan::report::thousands;
+use crate::state::{self, Migration};
+use crate::{db, migrate};
+
+async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> {
+    if !m.phase.before_swap() || m.phase < state::Phase::Capture {
+        return None;
+    }
+    migrate::capture::backlog(client, m.id).await.ok()
+}
+
+pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(), CommandError> {
+    let config = db::config(url, "ghostwire status")?;
+    let client = db::connect(&config).await?;
+    if !state::schema_exists(&client).await.map_err(CommandError::failed)? {
+        if json {
+            say!("[]");
+        } else {
+            say!("No ghostwire migration has run in this database.");
+        }
+        return Ok(());
+    }
+    let filter = match table {
+        Some(t) => {
+            let (schema, name) = crate::plan::parse::table_name(t).map_err(CommandError::refused)?;
+            let schema = match schema {
+                Some(s) => s,
+                None => client
+                    .query_one("SELECT coalesce((SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass($1)), current_schema())", &[&crate::sql::ident(&name)])
+                    .await
+                    .map_err(CommandError::failed)?
+                    .get(0),
+            };
+            Some(crate::sql::QualifiedName::new(schema.trim_matches('"'), name))
+        }
+        None => None,
+    };
+    let migrations = state::list(&client, filter.as_ref(), 5).await.map_err(CommandError::failed)?;
+    if json {
+        let mut out = Vec::new();
+        for m in &migrations {
+            let events = state::recent_events(&client, m.id, 10).await.map_err(CommandError::failed)?;
+            out.push(json!({ "migration": m, "backlog": backlog(&client, m).await, "events": events }));
+        }
+        say!("{}", serde_json::to_string_pretty(&out).map_err(CommandError::failed)?);
+        return Ok(());
+    }
+    if migrations.is_empty() {
+        say!("No migrations{}.", filter.map(|f| format!(" of {f}")).unwrap_or_default());
+        return Ok(());
+    }
+    for m in &migrations {
+        let progress = if m.rows_estimated > 0 || m.rows_copied > 0 {
+            let pct = if m.rows_estimated > 0 {
+                (m.rows_copied as f64 * 100.0 / m.rows_estimated as f64).min(100.0)
+            } else {
+                100.0
+            };
+            format!(
+                ", {} of ~{} rows copied ({pct:.0}%)",
+                thousands(m.rows_copied),
+                thousands(m.rows_estimated.max(m.rows_copied))
+            )
+        } else {
+            String::new()
+        };
+        say!("#{} {}: phase {}{progress}", m.id, m.table, m.phase);
+        say!("    {}", m.statement);
+        say!(
+            "    started {}, updated {}{}",
+            m.started_at,
+            m.updated_at,
+            m.finished_at.as_ref().map(|f| format!(", done {f}")).unwrap_or_default()
+        );
+        if let Some(b) = backlog(&client, m).await {
+            say!("    change backlog: {b}");
+        }
+        if m.cutover_attempts > 0 {
+            let times = match (m.lock_wait_ms, m.lock_hold_ms) {
+                (Some(w), Some(h)) => format!("; lock waited {w:.1} ms, held {h:.1} ms"),
+                _ => String::new(),
+            };
+            say!("    cut-over attempts: {}{times}", m.cutover_attempts);
+        }
+        if let Some(e) = &m.error {
+            say!("    error: {e}");
+        }
+        if !m.phase.is_done() {
+            let events = state::recent_events(&client, m.id, 5).await.map_err(CommandError::failed)?;
+            for e in events {
+                let took = e.duration_ms.map(|d| format!(" ({d:.0} ms)")).unwrap_or_default();
+                say!("    {} [{}] {}: {}{took}", e.at, e.phase, e.kind, e.message);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Phase `capture`, trigger mode: every write to the table logs the keys it touched.
+//!
+//! A change-log table `ghostwire.changes_<id>` holds keys only (an UPDATE that changes the
+//! key logs the old and the new one; a TRUNCATE logs a marker). Statement-level AFTER
+//! triggers with transition tables fill it, one per event; they are SECURITY DEFINER so the
+//! application's roles need no rights on schema `ghostwire`, and ENABLE ALWAYS so writes by
+//! logical replication apply workers are captured too. The triggers are committed before
+//! the first row is copied: every later write is logged, every earlier one is seen by the copy.
+
+use tokio_postgres::Client;
+
+use super::retry::{RetryPolicy, ddl};
+use super::spec::{CAPTURE_EVENTS, Spec, trigger_function, trigger_name};
+use crate::sql::{QualifiedName, ident};
+
+/// `body` between dollar quotes whose tag does not occur in it.
+fn dollar_quoted(body: &str) -> String {
+    let mut tag = String::from("ghostwire");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    format!("${tag}${body}${tag}$")
+}
+
+/// The change log, its trigger functions (no lock on the live table).
+pub fn log_sql(spec: &Spec) -> String {
+    let log = spec.log_table().sql();
+    let columns: Vec<String> = spec
+        .key
+        .iter()
+        .map(|k| match &k.collation {
+            Some(c) => format!("{} {} COLLATE {c}", ident(&k.name), k.type_sql),
+            None => format!("{} {}", ident(&k.name), k.type_sql),
+        })
+        .collect();
+    let keys = spec.key_list();
+    let mut sql = format!(
+        "CREATE TABLE {log} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         ghostwire_truncated boolean NOT NULL DEFAULT false, {});\n",
+        columns.join(", ")
+    );
+    for event in CAPTURE_EVENTS {
+        let body = match event {
+            "insert" => format!("INSERT INTO {log} ({keys}) SELECT {keys} FROM ghostwire_new;"),
+            "update" => {
+                format!(
+                    "INSERT INTO {log} ({keys}) SELECT {keys} FROM ghostwire_new UNION SELECT {keys} FROM ghostwire_old;"
+                )
+            }
+            "delete" => format!("INSERT INTO {log} ({keys}) SELECT {keys} FROM ghostwire_old;"),
+            _ => format!("INSERT INTO {log} (ghostwire_truncated) VALUES (true);"),
+        };
+        sql.push_str(&format!(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+             SET search_path = pg_catalog, pg_temp AS {};\n",
+            trigger_function(spec.migration_id, event).sql(),
+            dollar_quoted(&format!("BEGIN {body} RETURN NULL; END"))
+        ));
+    }
+    sql
+}
+
+/// The triggers (SHARE ROW EXCLUSIVE on the live table, briefly).
+pub fn trigger_sql(spec: &Spec, table: &QualifiedName) -> String {
+    let id = spec.migration_id;
+    let table_sql = table.sql();
+    let mut sql = String::new();
+    for event in CAPTURE_EVENTS {
+        let (when, referencing) = match event {
+            "insert" => ("INSERT", "REFERENCING NEW TABLE AS ghostwire_new "),
+            "update" => ("UPDATE", "REFERENCING OLD TABLE AS ghostwire_old NEW TABLE AS ghostwire_new "),
+            "delete" => ("DELETE", "REFERENCING OLD TABLE AS ghostwire_old "),
+            _ => ("TRUNCATE", ""),
+        };
+        sql.push_str(&format!(
+            "CREATE TRIGGER {} AFTER {when} ON {table_sql} {referencing}FOR EACH STATEMENT EXECUTE FUNCTION {}();\n",
+            ident(&trigger_name(id, event)),
+            trigger_function(id, event).sql()
+        ));
+    }
+    let always: Vec<String> =
+        CAPTURE_EVENTS.iter().map(|e| format!("ENABLE ALWAYS TRIGGER {}", ident(&trigger_name(id, e)))).collect();
+    sql.push_str(&format!("ALTER TABLE {table_sql} {}", always.join(", ")));
+    sql
+}
+
+/// `DROP TRIGGER IF EXISTS …` for the capture triggers on `table`.
+pub fn drop_triggers_sql(id: i64, table: &QualifiedName) -> String {
+    CAPTURE_EVENTS
+        .iter()
+        .map(|e| format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&trigger_name(id, e)), table.sql()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Removes the change log and the trigger functions (after the triggers are gone).
+pub fn drop_log_sql(id: i64) -> String {
+    let mut sql = format!("DROP TABLE IF EXISTS {};", super::spec::log_table(id).sql());
+    for e in CAPTURE_EVENTS {
+        sql.push_str(&format!(" DROP FUNCTION IF EXISTS {}();", trigger_function(id, e).sql()));
+    }
+    sql
+}
+
+/// Creates the change log and installs the triggers on the original table.
+pub async fn install(client: &Client, spec: &Spec, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
+    super::retry::in_transaction(client, &log_sql(spec)).await?;
+    ddl(client, retry, "installing the capture triggers", &trigger_sql(spec, &spec.original)).await
+}
+
+/// Rows waiting in the change log.
+pub async fn backlog(client: &Client, id: i64) -> Result<i64, tokio_postgres::Error> {
+    let log = super::spec::log_table(id).sql();
+    let row = client.query_one(&format!("SELECT count(*) FROM {log}"), &[]).await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,295 @@
+//! Phase `cutover`: one attempt at the swap, in one transaction.
+//!
+//! `LOCK … ACCESS EXCLUSIVE` under a short `lock_timeout`; drain the rest of the change log;
+//! check the snapshot hazard; run the swap script; record the new phase in the same
+//! transaction; commit. A lock not granted in time, or a session holding a snapshot that
+//! could see the new table without the shadow's rows, rolls everything back: the original
+//! stays as it was.
+//!
+//! The snapshot hazard (DESIGN.md §2): a REPEATABLE READ or SERIALIZABLE snapshot taken
+//! before the shadow's last rows were written would see the new table (nearly) empty. A
+//! session whose `backend_xmin` is not newer than the last catch-up transaction may hold
+//! such a snapshot, so the swap waits for it. Read-committed statements queued behind the
+//! lock take their snapshots after it and are let through. What remains is the small
+//! window of a transaction that takes its very first snapshot while the swap holds the lock
+//! and then reads rows the in-lock drain changed; the proxy's drain gate closes it.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::catchup;
+use super::retry::{RetryPolicy, is_lock_conflict};
+use super::spec::Spec;
+use super::swap::Script;
+use crate::catalog::Grant;
+use crate::sql::{ident, literal};
+
+/// A session that may hold a snapshot older than the shadow's last write.
+#[derive(Debug, Clone, Serialize)]
+pub struct HazardSession {
+    pub pid: i32,
+    pub user: String,
+    pub state: String,
+    pub transaction_seconds: f64,
+    pub query: String,
+}
+
+/// How a successful swap went.
+#[derive(Debug, Clone, Copy)]
+pub struct Swapped {
+    /// Waiting for the ACCESS EXCLUSIVE lock.
+    pub lock_wait: Duration,
+    /// From the lock being granted to the commit.
+    pub lock_hold: Duration,
+    /// Change-log entries applied under the lock.
+    pub drained: i64,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Swapped(Swapped),
+    /// The lock (on the table, or on a table a foreign key joins) was not granted in time.
+    LockNotGranted {
+        waited: Duration,
+    },
+    /// Sessions hold snapshots older than the shadow's last write.
+    Hazard {
+        sessions: Vec<HazardSession>,
+        lock_wait: Duration,
+    },
+}
+
+/// Sessions (other than `own`) whose snapshot may predate transaction `xid` (epoch-extended).
+pub async fn hazards(client: &Client, xid: i64, own: &[i32]) -> Result<Vec<HazardSession>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(usename::text, ''), coalesce(state, ''),
+                    coalesce(extract(epoch FROM clock_timestamp() - xact_start), 0)::float8, coalesce(left(query, 120), '')
+               FROM pg_catalog.pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($2))
+                AND backend_type = 'client backend' AND backend_xmin IS NOT NULL
+                AND age(backend_xmin) >= age((($1::bigint % 4294967296))::text::xid)
+              ORDER BY xact_start",
+            &[&xid, &own],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| HazardSession {
+            pid: r.get(0),
+            user: r.get(1),
+            state: r.get(2),
+            transaction_seconds: r.get(3),
+            query: r.get(4),
+        })
+        .collect())
+}
+
+/// One attempt. `last_xid` is the transaction of the last catch-up before it.
+pub async fn attempt(
+    client: &Client,
+    spec: &Spec,
+    script: &Script,
+    retry: &RetryPolicy,
+    last_xid: i64,
+    own: &[i32],
+) -> Result<Outcome, tokio_postgres::Error> {
+    client.batch_execute(&format!("BEGIN; {}", retry.set_local())).await?;
+    let asked = Instant::now();
+    if let Err(e) = client.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", spec.original.sql())).await
+    {
+        client.batch_execute("ROLLBACK").await?;
+        return if is_lock_conflict(&e) { Ok(Outcome::LockNotGranted { waited: asked.elapsed() }) } else { Err(e) };
+    }
+    let lock_wait = asked.elapsed();
+    let granted = Instant::now();
+    let result = swap(client, spec, script, last_xid, own).await;
+    match result {
+        Ok(Ok(drained)) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(Outcome::Swapped(Swapped { lock_wait, lock_hold: granted.elapsed(), drained }))
+        }
+        Ok(Err(sessions)) => {
+            client.batch_execute("ROLLBACK").await?;
+            Ok(Outcome::Hazard { sessions, lock_wait })
+        }
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await?;
+            if is_lock_conflict(&e) { Ok(Outcome::LockNotGranted { waited: asked.elapsed() }) } else { Err(e) }
+        }
+    }
+}
+
+/// Everything under the lock. `Ok(Err(..))`: hazards found, nothing done.
+async fn swap(
+    client: &Client,
+    spec: &Spec,
+    script: &Script,
+    last_xid: i64,
+    own: &[i32],
+) -> Result<Result<i64, Vec<HazardSession>>, tokio_postgres::Error> {
+    let drained = catchup::drain_in_transaction(client, spec).await?;
+    let sessions = hazards(client, last_xid, own).await?;
+    if !sessions.is_empty() {
+        return Ok(Err(sessions));
+    }
+    for section in [&script.before_move, &script.moves, &script.after_move] {
+        for sql in section {
+            client.batch_execute(sql).await?;
+        }
+    }
+    identity_sequences(client, spec).await?;
+    reconcile_grants(client, spec).await?;
+    constraint_comments(client, spec).await?;
+    for sql in &script.optional {
+        client.batch_execute("SAVEPOINT ghostwire_optional").await?;
+        match client.batch_execute(sql).await {
+            Ok(()) => client.batch_execute("RELEASE SAVEPOINT ghostwire_optional").await?,
+            Err(e) => {
+                tracing::warn!("not carried over ({e}): {sql}");
+                client.batch_execute("ROLLBACK TO SAVEPOINT ghostwire_optional").await?;
+            }
+        }
+    }
+    client
+        .execute(
+            "UPDATE ghostwire.migrations SET phase = 'swapped', updated_at = now() WHERE id = $1",
+            &[&spec.migration_id],
+        )
+        .await?;
+    Ok(Ok(drained))
+}
+
+/// Identity columns continue where the old table's sequences were.
+async fn identity_sequences(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+    let new = spec.original.sql();
+    let old = spec.archived().sql();
+    let rows = client
+        .query(
+            "SELECT pg_get_serial_sequence($1, a.attname), pg_get_serial_sequence($2, a.attname)
+               FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = $1::text::regclass AND a.attidentity <> '' AND NOT a.attisdropped",
+            &[&new, &old],
+        )
+        .await?;
+    for r in rows {
+        if let (Some(new_seq), Some(old_seq)) = (r.get::<_, Option<String>>(0), r.get::<_, Option<String>>(1)) {
+            // old_seq is PostgreSQL's own quoted name of the sequence.
+            client
+                .query_one(
+                    &format!(
+                        "SELECT setval({}::regclass, s.last_value, s.is_called) FROM {old_seq} s",
+                        literal(&new_seq)
+                    ),
+                    &[],
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn grant_sql(privilege: &str, columns: Option<&str>, table: &str, grantee: &str, grantable: bool) -> String {
+    let grantee = if grantee == "PUBLIC" { "PUBLIC".to_owned() } else { ident(grantee) };
+    let cols = columns.map(|c| format!(" ({})", ident(c))).unwrap_or_default();
+    let option = if grantable { " WITH GRANT OPTION" } else { "" };
+    format!("GRANT {privilege}{cols} ON {table} TO {grantee}{option}")
+}
+
+/// Makes the new table's grants (table and column) those of the original.
+async fn reconcile_grants(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+    let table = spec.original.sql();
+    let current = client
+        .query(
+            "SELECT NULL::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
+                    x.privilege_type, x.is_grantable
+               FROM pg_catalog.pg_class c, aclexplode(c.relacl) x WHERE c.oid = $1::text::regclass
+             UNION ALL
+             SELECT a.attname::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
+                    x.privilege_type, x.is_grantable
+               FROM pg_catalog.pg_attribute a, aclexplode(a.attacl) x
+              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table],
+        )
+        .await?;
+    let current: Vec<(Option<String>, String, String, bool)> =
+        current.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let mut desired: Vec<(Option<String>, &Grant)> = spec.table.grants.iter().map(|g| (None, g)).collect();
+    for c in spec.table.columns.iter().filter(|c| !spec.dropped_columns.contains(&c.name)) {
+        desired.extend(c.grants.iter().map(|g| (Some(c.name.clone()), g)));
+    }
+    let has_table_acl = !spec.table.grants.is_empty();
+    for (column, grantee, privilege, grantable) in &current {
+        let wanted = desired.iter().any(|(c, g)| {
+            c == column && &g.grantee == grantee && &g.privilege == privilege && g.grantable == *grantable
+        });
+        // Without an ACL of its own, the original gave the owner everything implicitly.
+        let implicit_owner = column.is_none() && !has_table_acl && *grantee == spec.table.owner;
+        if !wanted && !implicit_owner {
+            let cols = column.as_deref().map(|c| format!(" ({})", ident(c))).unwrap_or_default();
+            let who = if grantee == "PUBLIC" { "PUBLIC".to_owned() } else { ident(grantee) };
+            client.batch_execute(&format!("REVOKE {privilege}{cols} ON {table} FROM {who} CASCADE")).await?;
+        }
+    }
+    for (column, g) in &desired {
+        let present = current
+            .iter()
+            .any(|(c, who, p, ga)| c == column && who == &g.grantee && p == &g.privilege && *ga == g.grantable);
+        if !present {
+            client.batch_execute(&grant_sql(&g.privilege, column.as_deref(), &table, &g.grantee, g.grantable)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Comments on constraints the new table still has (those LIKE did not copy).
+async fn constraint_comments(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+    let table = spec.original.sql();
+    let names: Vec<String> = client
+        .query("SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass", &[&table])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for c in spec.table.constraints.iter().filter(|c| c.comment.is_some() && names.contains(&c.name)) {
+        if spec.foreign_keys.iter().any(|f| f.name == c.name) {
+            continue; // commented when added
+        }
+        client
+            .batch_execute(&format!(
+                "COMMENT ON CONSTRAINT {} ON {table} IS {}",
+                ident(&c.name),
+                literal(c.comment.as_deref().unwrap_or_default())
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Waits until none of `pids` holds a snapshot older than `xid`, up to `limit`.
+pub async fn wait_for_snapshots(
+    client: &Client,
+    pids: &[i32],
+    xid: i64,
+    limit: Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_stat_activity
+                  WHERE pid = ANY($1) AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age((($2::bigint % 4294967296))::text::xid)",
+                &[&pids, &xid],
+            )
+            .await?;
+        if row.get::<_, i64>(0) == 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,78 @@
+//! Why a migration stopped, with the next step for the operator.
+
+use thiserror::Error;
+
+use crate::plan::PlanError;
+use crate::state::Phase;
+
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Connect(#[from] crate::db::ConnectError),
+    /// Another ghostwire process holds the table's lock.
+    #[error(
+        "another ghostwire process (backend pid {pid}) is migrating {table} right now; wait for it, or stop it with `ghostwire abort {table}`"
+    )]
+    Busy { table: String, pid: i32 },
+    #[error("{table} has an unfinished migration #{id} (phase {phase}{}); finish it first: `ghostwire abort {table}` removes it{}", error.as_ref().map(|e| format!(", failed: {e}")).unwrap_or_default(), if *phase == Phase::Swapped { "; after the swap, `ghostwire finish` drops the old table" } else { "" })]
+    Unfinished { table: String, id: i64, phase: Phase, error: Option<String> },
+    #[error("{0}")]
+    NeedsConsent(String),
+    /// Bad input discovered once the shadow exists (nothing on the live table changed).
+    #[error("{0}")]
+    Refused(String),
+    #[error("migration #{id} failed in phase {phase}: {context}: {source}{}", next_step(*phase))]
+    Database {
+        id: i64,
+        phase: Phase,
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "migration #{id}: verification found {count} row(s) that differ between {table} and the shadow table without a pending change (first keys: {sample}); the original table is untouched. This is a defect in ghostwire: please report it. `ghostwire abort {table}` removes the shadow."
+    )]
+    Mismatch { id: i64, table: String, count: usize, sample: String },
+    #[error(
+        "migration #{id}: the cut-over gave up after {attempts} attempts ({reason}); {table} is untouched and writable. Find what holds long locks or snapshots on it (pg_stat_activity), then run the migration again, or `ghostwire abort {table}`"
+    )]
+    CutoverGaveUp { id: i64, table: String, attempts: u32, reason: String },
+    #[error("migration #{id} of {table} was aborted{}", if *.cleaned { "; its shadow table, triggers and change log are removed" } else { "" })]
+    Aborted { id: i64, table: String, cleaned: bool },
+}
+
+fn next_step(phase: Phase) -> &'static str {
+    if phase.before_swap() {
+        ". The original table is untouched; `ghostwire abort TABLE` removes the shadow table, triggers and change log"
+    } else {
+        ""
+    }
+}
+
+impl MigrateError {
+    /// Refused before anything was changed (exit status 2), as opposed to a failed run.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            MigrateError::Plan(p) => p.is_refusal(),
+            MigrateError::Connect(c) => !matches!(c, crate::db::ConnectError::Connect(_)),
+            MigrateError::Busy { .. }
+            | MigrateError::Unfinished { .. }
+            | MigrateError::NeedsConsent(_)
+            | MigrateError::Refused(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Attaches the migration, phase and step to a database error.
+pub trait Context<T> {
+    fn during(self, id: i64, phase: Phase, context: &str) -> Result<T, MigrateError>;
+}
+
+impl<T> Context<T> for Result<T, tokio_postgres::Error> {
+    fn during(self, id: i64, phase: Phase, context: &str) -> Result<T, MigrateError> {
+        self.map_err(|source| MigrateError::Database { id, phase, context: context.to_owned(), source })
+    }
+}

@@ -1,0 +1,65 @@
+//! Phase `index`: build the shadow's secondary indexes after the copy, several at once.
+//!
+//! Plain `CREATE INDEX` (nobody uses the shadow yet), one connection per concurrent build.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Config;
+use tokio_util::sync::CancellationToken;
+
+use super::spec::DeferredIndex;
+use crate::db::ConnectError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("building index {index}: {source}")]
+    Build { index: String, source: tokio_postgres::Error },
+    #[error("an index build task failed: {0}")]
+    Worker(String),
+}
+
+/// Builds `indexes` on `parallel` connections; returns each index's build time.
+pub async fn build(
+    config: &Config,
+    indexes: &[DeferredIndex],
+    parallel: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<(String, Duration)>, IndexError> {
+    let queue = Arc::new(Mutex::new(indexes.iter().cloned().collect::<VecDeque<_>>()));
+    let mut workers = Vec::new();
+    for _ in 0..parallel.clamp(1, indexes.len().max(1)) {
+        let client = crate::db::connect(config).await?;
+        let queue = Arc::clone(&queue);
+        let cancel = cancel.clone();
+        workers.push(tokio::spawn(async move {
+            let mut built = Vec::new();
+            loop {
+                let next = queue.lock().map(|mut q| q.pop_front()).unwrap_or(None);
+                let Some(index) = next else { break };
+                if cancel.is_cancelled() {
+                    break;
+                }
+                let started = Instant::now();
+                if let Err(source) = client.batch_execute(&index.sql).await {
+                    return Err(IndexError::Build { index: index.name, source });
+                }
+                tracing::info!("built index {} in {:.1?}", index.name, started.elapsed());
+                built.push((index.name, started.elapsed()));
+            }
+            Ok(built)
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        match w.await {
+            Ok(Ok(built)) => all.extend(built),
+            Ok(Err(e)) => return Err(e),
+            Err(join) => return Err(IndexError::Worker(join.to_string())),
+        }
+    }
+    Ok(all)
+}
