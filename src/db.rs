@@ -7,9 +7,9 @@ use tokio_postgres::{Client, Config, NoTls};
 pub enum ConnectError {
     #[error("no database given: pass --database-url postgres://user@host:port/dbname or set DATABASE_URL")]
     Missing,
-    #[error("invalid database URL: {0}")]
+    #[error("invalid database URL: {}", describe(.0))]
     Invalid(tokio_postgres::Error),
-    #[error("could not connect to the database: {0}")]
+    #[error("could not connect to the database: {}", describe(.0))]
     Connect(tokio_postgres::Error),
 }
 
@@ -32,4 +32,38 @@ pub async fn connect(config: &Config) -> Result<Client, ConnectError> {
         }
     });
     Ok(client)
+}
+
+/// PostgreSQL's own words for an error: message, detail and hint (tokio-postgres's
+/// `Display` says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = db.message().to_owned();
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// A database error displayed with the server's message.
+#[derive(Debug)]
+pub struct DbError(pub tokio_postgres::Error);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }

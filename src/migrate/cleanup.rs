@@ -17,7 +17,7 @@ use crate::state::{self, Migration, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
-    #[error("{0}")]
+    #[error("{}", crate::db::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error(
         "migration #{id} of {table} is already swapped: the new table is live. `ghostwire finish {table}` drops the old \
@@ -53,7 +53,8 @@ pub async fn stop_runner(client: &Client, m: &Migration) -> Result<(), CleanupEr
         client
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
-                  WHERE pid <> pg_backend_pid() AND (pid = $1 OR application_name = $2)",
+                  WHERE pid <> pg_backend_pid() AND datname = current_database()
+                    AND (pid = $1 OR application_name = $2)",
                 &[&holder.unwrap_or(0), &format!("ghostwire migrate #{}", m.id)],
             )
             .await?;

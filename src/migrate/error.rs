@@ -23,7 +23,7 @@ pub enum MigrateError {
     /// Bad input discovered once the shadow exists (nothing on the live table changed).
     #[error("{0}")]
     Refused(String),
-    #[error("migration #{id} failed in phase {phase}: {context}: {source}{}", next_step(*phase))]
+    #[error("migration #{id} failed in phase {phase}: {context}: {}{}", crate::db::describe(source), next_step(*phase))]
     Database {
         id: i64,
         phase: Phase,

@@ -16,7 +16,7 @@ use crate::db::ConnectError;
 pub enum IndexError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("building index {index}: {source}")]
+    #[error("building index {index}: {}", crate::db::describe(source))]
     Build { index: String, source: tokio_postgres::Error },
     #[error("an index build task failed: {0}")]
     Worker(String),

@@ -179,6 +179,7 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
     let maps = column_maps(plan, &before, &columns, volatile_using);
     let deferred = defer_indexes(client, &shadow, &key_index).await?;
     let foreign_keys = foreign_keys(client, def, &shadow_sql, &before, &columns, plan).await?;
+    let deferred_checks = defer_unvalidated_checks(client, &shadow_sql).await?;
 
     let kept: Vec<&String> =
         before.iter().filter(|(n, _)| columns.iter().any(|c| c.attnum == **n)).map(|(_, name)| name).collect();
@@ -206,6 +207,7 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
         columns: maps,
         deferred_indexes: deferred,
         foreign_keys,
+        deferred_checks,
         dropped_columns,
         retyped_columns,
         table: def.clone(),
@@ -471,6 +473,28 @@ async fn foreign_keys(
                 comment: c.comment.clone(),
             });
         }
+    }
+    Ok(out)
+}
+
+/// Records and drops the shadow's NOT VALID checks: they hold for new rows only, and the
+/// copy inserts old ones.
+async fn defer_unvalidated_checks(
+    client: &Client,
+    shadow_sql: &str,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+              WHERE conrelid = $1::text::regclass AND contype = 'c' AND NOT convalidated ORDER BY conname",
+            &[&shadow_sql],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let name: String = r.get(0);
+        client.batch_execute(&format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT {}", ident(&name))).await?;
+        out.push((name, strip_not_valid(&r.get::<_, String>(1))));
     }
     Ok(out)
 }

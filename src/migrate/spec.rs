@@ -75,6 +75,9 @@ pub struct Spec {
     pub overriding_system_value: bool,
     pub deferred_indexes: Vec<DeferredIndex>,
     pub foreign_keys: Vec<ForeignKey>,
+    /// NOT VALID checks (enforced on every insert, so kept off the shadow while old rows are
+    /// copied), added NOT VALID at cut-over: `(name, definition without NOT VALID)`.
+    pub deferred_checks: Vec<(String, String)>,
     /// Columns of the original that the new table no longer has.
     pub dropped_columns: Vec<String>,
     /// Columns whose type changed.

@@ -129,6 +129,9 @@ pub fn script(spec: &Spec) -> Script {
     for q in &kept_serials {
         a.push(format!("ALTER SEQUENCE {} OWNED BY {table_sql}.{}", q.name.sql(), ident(&q.column)));
     }
+    for (name, definition) in &spec.deferred_checks {
+        a.push(format!("ALTER TABLE {table_sql} ADD CONSTRAINT {} {definition} NOT VALID", ident(name)));
+    }
     for fk in &spec.foreign_keys {
         a.push(format!("ALTER TABLE {table_sql} ADD CONSTRAINT {} {} NOT VALID", ident(&fk.name), fk.definition));
         if let Some(c) = &fk.comment {

@@ -37,7 +37,7 @@ pub struct Report {
 pub enum VerifyError {
     #[error(transparent)]
     Connect(#[from] crate::db::ConnectError),
-    #[error("{0}")]
+    #[error("{}", crate::db::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("a verification task failed: {0}")]
     Worker(String),

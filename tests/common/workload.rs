@@ -45,6 +45,8 @@ pub struct Counters {
     pub next_key: AtomicI64,
     pub notify: Notify,
     pub stop: AtomicBool,
+    /// The slowest transaction so far, in microseconds.
+    pub max_latency_us: AtomicU64,
     pub first_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -180,7 +182,10 @@ impl Workload {
                 let mut rng = StdRng::seed_from_u64(seed + w as u64);
                 while !counters.stop.load(Ordering::Relaxed) {
                     let op = shape.operation(&mut rng, &counters);
-                    match client.batch_execute(&format!("BEGIN; {op} COMMIT;")).await {
+                    let started = std::time::Instant::now();
+                    let result = client.batch_execute(&format!("BEGIN; {op} COMMIT;")).await;
+                    counters.max_latency_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    match result {
                         Ok(()) => {
                             counters.commits.fetch_add(1, Ordering::Relaxed);
                             counters.notify.notify_waiters();
@@ -190,7 +195,8 @@ impl Workload {
                             counters.errors.fetch_add(1, Ordering::Relaxed);
                             let mut first = counters.first_error.lock().unwrap();
                             if first.is_none() {
-                                *first = Some(format!("{e:?}\n{op}"));
+                                let shown: String = op.chars().take(400).collect();
+                                *first = Some(format!("{e:?}\n{shown}…"));
                             }
                         }
                     }

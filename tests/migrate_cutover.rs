@@ -1,0 +1,288 @@
+//! The cut-over under pressure, abort from every phase, and refusals: the table stays
+//! consistent (checked against the oracle) and writable throughout.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::workload::{Shape, Workload};
+use common::{TestDb, assert_same_rows, debris, run_migration, strings, test_options, workload};
+use ghostwire::migrate::{MigrateError, PhaseHook, cleanup, retry::RetryPolicy};
+use ghostwire::state::{self, Phase};
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+const ROWS: i64 = 2000;
+const RETYPE: &str = "ALTER TABLE items ALTER COLUMN qty TYPE bigint";
+
+async fn items(db: &TestDb) {
+    db.exec(&format!(
+        "CREATE TABLE items (id bigint PRIMARY KEY, qty int, note text, payload text);
+         CREATE TABLE oracle (id bigint PRIMARY KEY, qty int, note text, payload text);
+         INSERT INTO items (id, qty, note) SELECT g, g, 'n' || g FROM generate_series(1, {ROWS}) g;
+         INSERT INTO oracle SELECT * FROM items;"
+    ))
+    .await;
+}
+
+fn shape() -> Shape {
+    Shape {
+        table: "items".into(),
+        oracle: "oracle".into(),
+        key: vec!["id".into()],
+        identity: false,
+        qty: Some("qty".into()),
+        note: Some("note".into()),
+        payload: Some("payload".into()),
+        key_updates: true,
+        deletes: true,
+        after_insert: None,
+    }
+}
+
+async fn unchanged(db: &TestDb) {
+    let t = strings(&db.client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'qty'").await;
+    assert_eq!(t, ["integer"], "the table was changed");
+    assert_same_rows(
+        &db.client,
+        "SELECT id, qty, note, payload FROM items",
+        "SELECT id, qty, note, payload FROM oracle",
+    )
+    .await;
+}
+
+/// A hook: at `phase`, run `action`; at every phase, let some writes commit first.
+fn at_phase<F, Fut>(counters: Arc<workload::Counters>, phase: Phase, action: F) -> PhaseHook
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let action = Arc::new(action);
+    Arc::new(move |p| {
+        let (counters, action) = (Arc::clone(&counters), Arc::clone(&action));
+        Box::pin(async move {
+            workload::wait_for_more(&counters, 5).await;
+            if p == phase {
+                action().await;
+            }
+        })
+    })
+}
+
+async fn migration_row(client: &Client) -> state::Migration {
+    state::list(client, None, 10).await.unwrap().into_iter().next().expect("a migration")
+}
+
+#[tokio::test]
+async fn a_long_lock_makes_the_cutover_retry_then_give_up_cleanly() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let load = Workload::start(&db.url, shape(), 2, ROWS, 11);
+    load.wait_for_more(20).await;
+    let holder: Arc<Mutex<Option<Client>>> = Arc::new(Mutex::new(None));
+    let (h, url) = (Arc::clone(&holder), db.url.clone());
+    let hook = at_phase(Arc::clone(&load.counters), Phase::Cutover, move || {
+        let (h, url) = (Arc::clone(&h), url.clone());
+        async move {
+            // A long transaction that has read the table: its ACCESS SHARE lock blocks the swap
+            // (not the writers).
+            let c = common::connect(&url).await;
+            c.batch_execute("BEGIN; SELECT count(*) FROM items;").await.unwrap();
+            *h.lock().await = Some(c);
+        }
+    });
+    let opts =
+        ghostwire::migrate::Options { cutover_attempts: 4, lock_timeout: Duration::from_millis(50), ..test_options() };
+    let started = Instant::now();
+    let err = run_migration(&db.url, RETYPE, &opts, Some(hook)).await.expect_err("the swap cannot get its lock");
+    assert!(matches!(err, MigrateError::CutoverGaveUp { attempts: 4, .. }), "{err}");
+    assert!(err.to_string().contains("untouched and writable"), "{err}");
+    // The writers never waited long: each attempt gave up its lock request after 50 ms.
+    load.wait_for_more(20).await;
+    let worst = Duration::from_micros(load.counters.max_latency_us.load(Ordering::Relaxed));
+    assert!(worst < Duration::from_secs(2), "a writer waited {worst:?} (run took {:?})", started.elapsed());
+    holder.lock().await.take().unwrap().batch_execute("COMMIT").await.unwrap();
+    let m = migration_row(&db.client).await;
+    assert_eq!(m.phase, Phase::Cutover);
+    assert!(m.error.as_deref().unwrap_or("").contains("gave up after 4 attempts"));
+    assert_eq!(m.cutover_attempts, 4);
+    let attempts: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM ghostwire.events WHERE kind = 'cutover_attempt' AND details->>'outcome' = 'lock_timeout'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 4);
+    load.stop().await;
+    unchanged(&db).await;
+    // Abort removes every trace; the table is as it was.
+    cleanup::abort(&db.client, &m, &RetryPolicy::default()).await.unwrap();
+    assert!(debris(&db.client, m.id).await.is_empty(), "{:?}", debris(&db.client, m.id).await);
+    unchanged(&db).await;
+}
+
+#[tokio::test]
+async fn an_open_repeatable_read_transaction_delays_the_swap_until_it_ends() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let load = Workload::start(&db.url, shape(), 2, ROWS, 12);
+    load.wait_for_more(20).await;
+    let rr: Arc<Mutex<Option<Client>>> = Arc::new(Mutex::new(None));
+    let (r, url) = (Arc::clone(&rr), db.url.clone());
+    let hook = at_phase(Arc::clone(&load.counters), Phase::Verify, move || {
+        let (r, url) = (Arc::clone(&r), url.clone());
+        async move {
+            // A snapshot taken before the last catch-up, not touching the table yet.
+            let c = common::connect(&url).await;
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM oracle;").await.unwrap();
+            *r.lock().await = Some(c);
+        }
+    });
+    let url = db.url.clone();
+    let migration = tokio::spawn(async move { run_migration(&url, RETYPE, &test_options(), Some(hook)).await });
+    // Wait for the engine to see the hazard.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM ghostwire.events WHERE kind = 'cutover_attempt' AND details->>'outcome' = 'snapshot_hazard'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot hazard was detected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(migration_row(&db.client).await.phase, Phase::Cutover, "swapped under an old snapshot");
+    // The old snapshot reads the table, still the original, consistently.
+    let c = rr.lock().await.take().unwrap();
+    let seen: i64 = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert!(seen > 0);
+    c.batch_execute("COMMIT").await.unwrap();
+    let outcome = migration.await.unwrap().expect("the swap goes ahead once the snapshot is gone");
+    assert!(outcome.swap.is_some() && outcome.cutover_attempts >= 2);
+    load.wait_for_more(20).await;
+    load.stop().await;
+    assert_same_rows(
+        &db.client,
+        "SELECT id, qty, note, payload FROM items",
+        "SELECT id, qty::bigint, note, payload FROM oracle",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn abort_from_every_phase_before_the_swap_leaves_nothing_behind() {
+    for phase in
+        [Phase::Shadow, Phase::Capture, Phase::Copy, Phase::Index, Phase::Catchup, Phase::Verify, Phase::Cutover]
+    {
+        let db = TestDb::new().await;
+        items(&db).await;
+        let load = Workload::start(&db.url, shape(), 2, ROWS, 13);
+        load.wait_for_more(10).await;
+        let url = db.url.clone();
+        let hook = at_phase(Arc::clone(&load.counters), phase, move || {
+            let url = url.clone();
+            async move {
+                let c = common::connect(&url).await;
+                let m = state::list(&c, None, 1).await.unwrap().into_iter().next().unwrap();
+                cleanup::stop_runner(&c, &m).await.unwrap();
+                cleanup::abort(&c, &m, &RetryPolicy::default()).await.unwrap();
+            }
+        });
+        let result = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await;
+        assert!(result.is_err(), "{phase}: the aborted migration carried on");
+        load.wait_for_more(10).await;
+        load.stop().await;
+        let m = migration_row(&db.client).await;
+        assert_eq!(m.phase, Phase::Aborted, "{phase}");
+        assert!(debris(&db.client, m.id).await.is_empty(), "{phase}: {:?}", debris(&db.client, m.id).await);
+        unchanged(&db).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_migration_of_the_same_table_is_refused() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let release_rx = Arc::new(Mutex::new(Some(release_rx)));
+    let hook: PhaseHook = Arc::new(move |p| {
+        let rx = Arc::clone(&release_rx);
+        Box::pin(async move {
+            if p == Phase::Copy
+                && let Some(rx) = rx.lock().await.take()
+            {
+                let _ = rx.await;
+            }
+        })
+    });
+    let url = db.url.clone();
+    let first = tokio::spawn(async move { run_migration(&url, RETYPE, &test_options(), Some(hook)).await });
+    // Wait until the first one is in its copy phase.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !db
+        .client
+        .query_one("SELECT EXISTS (SELECT 1 FROM ghostwire.migrations WHERE phase = 'copy')", &[])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second =
+        run_migration(&db.url, "ALTER TABLE items ALTER COLUMN note TYPE varchar(100)", &test_options(), None).await;
+    let err = second.expect_err("two migrations of one table");
+    assert!(matches!(err, MigrateError::Busy { .. }) && err.is_refusal(), "{err}");
+    release_tx.send(()).unwrap();
+    first.await.unwrap().expect("the first one completes");
+    // Once swapped (not finished), a new migration is refused with the next step.
+    let third =
+        run_migration(&db.url, "ALTER TABLE items ALTER COLUMN note TYPE varchar(100)", &test_options(), None).await;
+    let err = third.expect_err("unfinished migration");
+    assert!(err.to_string().contains("unfinished migration") && err.to_string().contains("finish"), "{err}");
+}
+
+fn ghostwire(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ghostwire")).args(args).env("DATABASE_URL", url).output().unwrap()
+}
+
+#[tokio::test]
+async fn the_command_line_end_to_end() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    // Bad input changes nothing, not even the state schema.
+    let out = ghostwire(&db.url, &["migrate", "ALTER TABLE nope ALTER COLUMN x TYPE bigint"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(strings(&db.client, "SELECT (to_regnamespace('ghostwire') IS NULL)::text").await, ["true"]);
+    // A narrowing change needs consent.
+    let out = ghostwire(&db.url, &["migrate", "ALTER TABLE items ALTER COLUMN note TYPE varchar(10)"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    let out = ghostwire(&db.url, &["migrate", "--chunk-rows", "500", RETYPE]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[copy]") && text.contains("Done:") && text.contains("ghostwire finish"), "{text}");
+    let out = ghostwire(&db.url, &["status", "--json", "items"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc[0]["migration"]["phase"], "swapped");
+    assert!(doc[0]["migration"]["lock_hold_ms"].as_f64().unwrap() > 0.0);
+    let out = ghostwire(&db.url, &["finish", "items"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ghostwire(&db.url, &["status", "items"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("phase finished"));
+    assert!(debris(&db.client, 1).await.is_empty());
+    // Nothing to abort any more.
+    let out = ghostwire(&db.url, &["abort", "items"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no unfinished migration"));
+}
