@@ -74,6 +74,15 @@ pub enum Command {
     },
 }
 
+/// Whether to compare the shadow with the original before the swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Verify {
+    /// Every row, range by range (the default).
+    Full,
+    /// Skip the comparison (faster on huge tables; the copy and capture stay exact).
+    None,
+}
+
 /// How concurrent writes are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Capture {
@@ -95,8 +104,8 @@ pub struct MigrateArgs {
     /// Target time per copy chunk; the chunk size adapts to it.
     #[arg(long, default_value = "250ms", value_parser = duration)]
     pub chunk_time: Duration,
-    /// The most rows in one copy chunk.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(i64).range(1..))]
+    /// The most rows in one copy chunk (the chunk time decides below that).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     pub chunk_rows: i64,
     /// lock_timeout for every lock on the live table (the swap included).
     #[arg(long, default_value = "100ms", value_parser = duration)]
@@ -104,6 +113,9 @@ pub struct MigrateArgs {
     /// Attempts at the swap before giving up (with jittered pauses, catching up in between).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub cutover_attempts: u32,
+    /// Compare every row of the shadow with the original before the swap.
+    #[arg(long, value_enum, default_value = "full")]
+    pub verify: Verify,
     /// Drop the old table right after the swap (no revert window).
     #[arg(long)]
     pub finish: bool,

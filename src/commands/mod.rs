@@ -63,6 +63,7 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
                 cutover_attempts: options.cutover_attempts,
                 finish: options.finish,
                 yes: options.yes,
+                verify: options.verify == crate::cli::Verify::Full,
                 ..crate::migrate::Options::default()
             };
             migrate::run(db.database_url.as_deref(), &statement, opts).await

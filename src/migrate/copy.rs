@@ -1,19 +1,23 @@
 //! Phase `copy`: keyset chunks in key order, each its own short transaction.
 //!
-//! One statement per chunk reads the next rows after the checkpoint (`WHERE key > $last
-//! ORDER BY key LIMIT n`, an index range scan), inserts them into the shadow through the
-//! column mapping, and moves the checkpoint in `ghostwire.migrations`, all atomically: a
-//! crash between chunks neither skips nor repeats one. No snapshot outlives a chunk. The
-//! chunk size adapts to a target time per chunk.
+//! For each chunk: find its upper key, copy the key range `(last, upper]` into the shadow
+//! through the column mapping, and move the checkpoint to `upper`, in one transaction: a
+//! crash between chunks neither skips nor repeats one. Ranges are defined by keys, not
+//! counts, so concurrent inserts and deletes cannot shift a chunk; a row written into a
+//! range after it was copied is in the change log. The copy ends at the largest key seen
+//! once capture is on (anything written later is captured). No snapshot outlives a chunk.
+//!
+//! Upper keys: for a single integer key, the last one plus a step sized from the rows per
+//! key value seen so far; otherwise the n-th key after the last (`OFFSET n-1`, an
+//! index-only walk). Either way the chunk size adapts to a target time per chunk.
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::spec::Spec;
-use crate::sql::ident;
 
 /// Chooses the next chunk's size from how long the last one took.
 #[derive(Debug, Clone)]
@@ -41,47 +45,76 @@ impl ChunkSizer {
     }
 }
 
-/// The copy statement: `$1` limit, `$2` migration id, then the checkpoint's key values.
-pub fn chunk_sql(spec: &Spec, after_checkpoint: bool) -> String {
-    let (targets, _) = spec.copy_lists();
-    let copied: Vec<String> = spec
-        .columns
-        .iter()
-        .filter_map(|c| c.source.as_deref())
-        .enumerate()
-        .map(|(i, src)| format!("({src}) AS gw_c{i}"))
-        .collect();
-    let aliases: Vec<String> = (0..copied.len()).map(|i| format!("gw_c{i}")).collect();
-    let key_cols: Vec<String> =
-        spec.key.iter().enumerate().map(|(i, k)| format!("{} AS gw_k{i}", ident(&k.name))).collect();
-    let key_desc: Vec<String> = (0..spec.key.len()).map(|i| format!("gw_k{i} DESC")).collect();
-    let filter = if after_checkpoint {
-        format!("WHERE ({}) > {}", spec.key_list(), spec.key_params(3, false))
-    } else {
-        String::new()
-    };
+/// The statements of the copy, prepared once.
+struct Statements {
+    /// `$1` = n-1, then the lower bound (when there is one): the chunk's upper key, as text.
+    upper_from_start: Statement,
+    upper_after: Statement,
+    /// The table's current largest key (beyond the lower bound, when there is one), as text.
+    last_key: Statement,
+    last_key_after: Statement,
+    /// Copies a range: the upper bound, then the lower bound (when there is one).
+    copy_from_start: Statement,
+    copy_after: Statement,
+    /// Moves the checkpoint: `$1` migration id, `$2` checkpoint (text[]), `$3` rows copied.
+    checkpoint: Statement,
+}
+
+fn range_insert_sql(spec: &Spec, after: bool) -> String {
+    let (targets, sources) = spec.copy_lists();
+    let n = spec.key.len();
+    let keys = spec.key_list();
+    let mut filter = format!("({keys}) <= {}", spec.key_params(1, false));
+    if after {
+        filter.push_str(&format!(" AND ({keys}) > {}", spec.key_params(1 + n, false)));
+    }
     format!(
-        "WITH src AS (
-             SELECT {copied}, {key_cols}, {key_text} AS gw_key
-               FROM ONLY {original} {filter}
-              ORDER BY {keys} LIMIT $1),
-         ins AS (INSERT INTO {shadow} ({targets}) {overriding}SELECT {aliases} FROM src),
-         last AS (SELECT gw_key FROM src ORDER BY {key_desc} LIMIT 1),
-         upd AS (UPDATE ghostwire.migrations
-                    SET checkpoint = (SELECT gw_key FROM last), rows_copied = rows_copied + (SELECT count(*) FROM src),
-                        updated_at = now()
-                  WHERE id = $2 AND EXISTS (SELECT 1 FROM src))
-         SELECT count(*), (SELECT gw_key FROM last) FROM src",
-        copied = copied.join(", "),
-        key_cols = key_cols.join(", "),
-        key_text = spec.key_as_text(""),
-        original = spec.original.sql(),
-        keys = spec.key_list(),
+        "INSERT INTO {shadow} ({targets}) {overriding}SELECT {sources} FROM ONLY {original} WHERE {filter}",
         shadow = spec.shadow().sql(),
         overriding = spec.overriding(),
-        aliases = aliases.join(", "),
-        key_desc = key_desc.join(", "),
+        original = spec.original.sql(),
     )
+}
+
+impl Statements {
+    async fn prepare(client: &Client, spec: &Spec) -> Result<Self, tokio_postgres::Error> {
+        let original = spec.original.sql();
+        let keys = spec.key_list();
+        let key_text = spec.key_as_text("");
+        let upper = |after: bool| {
+            let filter = if after { format!("WHERE ({keys}) > {}", spec.key_params(2, false)) } else { String::new() };
+            format!("SELECT {key_text} FROM ONLY {original} {filter} ORDER BY {keys} OFFSET $1 LIMIT 1")
+        };
+        let desc: Vec<String> = spec.key.iter().map(|k| format!("{} DESC", crate::sql::ident(&k.name))).collect();
+        Ok(Statements {
+            upper_from_start: client.prepare(&upper(false)).await?,
+            upper_after: client.prepare(&upper(true)).await?,
+            last_key: client.prepare(&format!("SELECT {key_text} FROM ONLY {original} ORDER BY {} LIMIT 1", desc.join(", "))).await?,
+            last_key_after: client
+                .prepare(&format!(
+                    "SELECT {key_text} FROM ONLY {original} WHERE ({keys}) > {} ORDER BY {} LIMIT 1",
+                    spec.key_params(1, false),
+                    desc.join(", ")
+                ))
+                .await?,
+            copy_from_start: client.prepare(&range_insert_sql(spec, false)).await?,
+            copy_after: client.prepare(&range_insert_sql(spec, true)).await?,
+            checkpoint: client
+                .prepare(
+                    "UPDATE ghostwire.migrations SET checkpoint = $2::text[], rows_copied = rows_copied + $3, updated_at = now()
+                      WHERE id = $1",
+                )
+                .await?,
+        })
+    }
+}
+
+fn params<'a>(head: Vec<&'a (dyn ToSql + Sync)>, keys: &[&'a Vec<String>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut out = head;
+    for k in keys {
+        out.extend(k.iter().map(|v| v as &(dyn ToSql + Sync)));
+    }
+    out
 }
 
 /// What one chunk did.
@@ -92,42 +125,130 @@ pub struct Chunk {
     pub next_size: i64,
 }
 
+/// Steps through a single integer key by value.
+#[derive(Debug, Clone)]
+pub struct Stepper {
+    min: i64,
+    /// The last key to copy (the largest once capture was on).
+    max: i64,
+    /// Rows per key value: estimated at first, then measured.
+    density: f64,
+    span: i64,
+    rows: i64,
+}
+
+impl Stepper {
+    pub fn new(min: i64, max: i64, estimated_rows: i64) -> Stepper {
+        let width = (max as f64 - min as f64 + 1.0).max(1.0);
+        Stepper { min, max, density: (estimated_rows.max(1) as f64 / width).clamp(1e-9, 1.0), span: 0, rows: 0 }
+    }
+
+    /// The upper key of the next range of about `rows` rows after `lower` (exclusive; None:
+    /// from the smallest key), or None when `lower` is already the last key.
+    pub fn upper(&self, lower: Option<i64>, rows: i64) -> Option<i64> {
+        let step = ((rows.max(1) as f64 / self.density).ceil() as i64).max(1);
+        match lower {
+            None => Some(self.min.saturating_add(step - 1).min(self.max)),
+            Some(lo) if lo >= self.max => None,
+            Some(lo) => Some(lo.saturating_add(step).min(self.max)),
+        }
+    }
+
+    /// Learns the density from a range of `span` key values that held `rows` rows.
+    pub fn observe(&mut self, span: i64, rows: i64) {
+        self.span = self.span.saturating_add(span.max(1));
+        self.rows += rows;
+        if self.rows > 0 {
+            self.density = (self.rows as f64 / self.span as f64).clamp(1e-9, 1.0);
+        }
+    }
+}
+
+/// The smallest and largest key of a single integer key column, if the table has rows.
+pub async fn key_bounds(client: &Client, spec: &Spec) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let k = crate::sql::ident(&spec.key[0].name);
+    let row = client
+        .query_one(&format!("SELECT min({k})::int8, max({k})::int8 FROM ONLY {}", spec.original.sql()), &[])
+        .await?;
+    Ok(row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1)))
+}
+
+/// The next chunk's upper key (as text) and whether it is the last chunk.
+async fn next_upper(
+    client: &Client,
+    s: &Statements,
+    stepper: Option<&Stepper>,
+    checkpoint: &Option<Vec<String>>,
+    rows: i64,
+) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
+    if let Some(st) = stepper {
+        let lower = checkpoint.as_ref().map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
+        return Ok(st.upper(lower, rows).map(|u| (vec![u.to_string()], u >= st.max)));
+    }
+    let skip = rows - 1;
+    let upper = match checkpoint {
+        None => client.query_opt(&s.upper_from_start, &[&skip]).await?,
+        Some(lo) => client.query_opt(&s.upper_after, &params(vec![&skip], &[lo])).await?,
+    };
+    if let Some(row) = upper {
+        return Ok(Some((row.get(0), false)));
+    }
+    // Fewer than n rows left: the last chunk ends at the largest key beyond the checkpoint.
+    let last = match checkpoint {
+        None => client.query_opt(&s.last_key, &[]).await?,
+        Some(lo) => client.query_opt(&s.last_key_after, &params(vec![], &[lo])).await?,
+    };
+    Ok(last.map(|row| (row.get(0), true)))
+}
+
 /// Copies from `checkpoint` (None: from the start) to the end of the table. Calls
 /// `on_chunk` after each chunk; returns the rows copied, or early when cancelled.
 pub async fn run(
-    client: &Client,
+    client: &mut Client,
     spec: &Spec,
     mut checkpoint: Option<Vec<String>>,
     sizer: &mut ChunkSizer,
+    estimated_rows: i64,
     cancel: &CancellationToken,
     mut on_chunk: impl FnMut(&Chunk),
 ) -> Result<i64, tokio_postgres::Error> {
-    let first = client.prepare(&chunk_sql(spec, false)).await?;
-    let next = client.prepare(&chunk_sql(spec, true)).await?;
+    let s = Statements::prepare(client, spec).await?;
+    let mut stepper = match spec.integer_key() {
+        true => match key_bounds(client, spec).await? {
+            Some((min, max)) => Some(Stepper::new(min, max, estimated_rows)),
+            None => return Ok(0), // empty: everything from now on is captured
+        },
+        false => None,
+    };
     let id = spec.migration_id;
     let mut total = 0;
     while !cancel.is_cancelled() {
-        let limit = sizer.rows;
         let started = Instant::now();
-        let row = match &checkpoint {
-            None => client.query_one(&first, &[&limit, &id]).await?,
-            Some(key) => {
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&limit, &id];
-                params.extend(key.iter().map(|k| k as &(dyn ToSql + Sync)));
-                client.query_one(&next, &params).await?
-            }
+        let Some((upper, last_chunk)) = next_upper(client, &s, stepper.as_ref(), &checkpoint, sizer.rows).await? else {
+            break;
         };
+        // The chunk and its checkpoint commit together.
+        let tx = client.transaction().await?;
+        let copied = match &checkpoint {
+            None => tx.execute(&s.copy_from_start, &params(vec![], &[&upper])).await?,
+            Some(lo) => tx.execute(&s.copy_after, &params(vec![], &[&upper, lo])).await?,
+        };
+        let rows = copied as i64;
+        tx.execute(&s.checkpoint, &[&id, &upper, &rows]).await?;
+        tx.commit().await?;
         let took = started.elapsed();
-        let rows: i64 = row.get(0);
         total += rows;
         metrics::counter!("ghostwire_rows_copied_total").increment(rows as u64);
         metrics::histogram!("ghostwire_chunk_seconds").record(took.as_secs_f64());
-        if let Some(last) = row.get::<_, Option<Vec<String>>>(1) {
-            checkpoint = Some(last);
+        if let Some(st) = stepper.as_mut() {
+            let lo = checkpoint.as_ref().and_then(|c| c[0].parse::<i64>().ok()).unwrap_or(st.min - 1);
+            let hi = upper[0].parse::<i64>().unwrap_or(lo);
+            st.observe(hi.saturating_sub(lo), rows);
         }
+        checkpoint = Some(upper);
         sizer.observe(rows, took);
         on_chunk(&Chunk { rows, took, next_size: sizer.rows });
-        if rows < limit {
+        if last_chunk {
             break;
         }
     }
@@ -137,6 +258,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_keys_step_by_value_to_the_last_key() {
+        let mut st = Stepper::new(1, 1000, 500); // half the values used
+        assert_eq!(st.upper(None, 100), Some(200));
+        st.observe(200, 50); // sparser than estimated: a quarter
+        assert_eq!(st.upper(Some(200), 100), Some(600));
+        assert_eq!(st.upper(Some(990), 100), Some(1000));
+        assert_eq!(st.upper(Some(1000), 100), None);
+        let st = Stepper::new(i64::MAX - 5, i64::MAX, 6);
+        assert_eq!(st.upper(Some(i64::MAX - 2), 10), Some(i64::MAX));
+        assert_eq!(st.upper(None, 100), Some(i64::MAX));
+    }
 
     #[test]
     fn chunk_size_tracks_the_target_within_bounds() {

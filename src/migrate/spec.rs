@@ -68,7 +68,7 @@ pub struct Spec {
     pub archive_schema: String,
     pub statement: String,
     pub key: Vec<KeyColumn>,
-    /// The shadow's key index (kept during the copy).
+    /// The shadow's key index (built first in the index phase).
     pub key_index: String,
     pub columns: Vec<ColumnMap>,
     /// Copying into a GENERATED ALWAYS identity column.
@@ -150,6 +150,11 @@ impl Spec {
     pub fn key_as_text(&self, prefix: &str) -> String {
         let parts: Vec<String> = self.key.iter().map(|k| format!("{prefix}{}::text", ident(&k.name))).collect();
         format!("ARRAY[{}]", parts.join(", "))
+    }
+
+    /// A single integer key column: ranges can be stepped by value instead of walked.
+    pub fn integer_key(&self) -> bool {
+        self.key.len() == 1 && matches!(self.key[0].type_sql.as_str(), "bigint" | "integer" | "smallint")
     }
 
     /// Whether the key's order is the same on both sides.

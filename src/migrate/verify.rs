@@ -11,8 +11,7 @@
 //! key conversion does not keep the key order, shadow rows are matched by key instead of by
 //! range, and extra rows in the shadow are not detected.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config};
@@ -74,7 +73,15 @@ fn range_filter(
     if parts.is_empty() { "true".into() } else { parts.join(" AND ") }
 }
 
-fn queries(spec: &Spec) -> Queries {
+/// How rows are hashed: by each column type's own hash function (fast; PostgreSQL 14+,
+/// types with a hash opclass), or through their text form (works for any type).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Hashing {
+    Typed,
+    Text,
+}
+
+fn queries(spec: &Spec, hashing: Hashing) -> Queries {
     let n = spec.key.len();
     let compared: Vec<_> = spec.columns.iter().filter(|c| c.compare).collect();
     let orig_row: Vec<String> = compared
@@ -82,8 +89,20 @@ fn queries(spec: &Spec) -> Queries {
         .map(|c| format!("CAST(({}) AS {})", c.source.as_deref().unwrap_or("NULL"), c.shadow_type_sql))
         .collect();
     let shadow_row: Vec<String> = compared.iter().map(|c| ident(&c.shadow)).collect();
-    let orig_hash = format!("hashtextextended(ROW({})::text, 0)", orig_row.join(", "));
-    let shadow_hash = format!("hashtextextended(ROW({})::text, 0)", shadow_row.join(", "));
+    let hash = |row: &[String]| match hashing {
+        Hashing::Typed => format!("hash_record_extended(ROW({}), 0)", row.join(", ")),
+        Hashing::Text => format!("hashtextextended(ROW({})::text, 0)", row.join(", ")),
+    };
+    let orig_hash = hash(&orig_row);
+    let shadow_hash = hash(&shadow_row);
+    // Every row holds its unique key, so no two rows are equal and XOR cannot cancel them.
+    let combine = |h: &str| {
+        if spec.table.server_version_num >= 140000 {
+            format!("coalesce(bit_xor({h}), 0)::text")
+        } else {
+            format!("coalesce(sum({h}::numeric), 0)::text")
+        }
+    };
     let orig_key_text = format!(
         "ARRAY[{}]",
         spec.key.iter().map(|k| format!("({})::text", k.to_shadow)).collect::<Vec<_>>().join(", ")
@@ -111,25 +130,22 @@ fn queries(spec: &Spec) -> Queries {
     let alias = ident(&spec.original.name);
     Queries {
         original_agg: make(&|lo, hi| {
-            format!(
-                "SELECT count(*), coalesce(sum({orig_hash}::numeric), 0)::text FROM ONLY {original} WHERE {}",
-                orig_filter(lo, hi)
-            )
+            format!("SELECT count(*), {} FROM ONLY {original} WHERE {}", combine(&orig_hash), orig_filter(lo, hi))
         }),
         shadow_agg: make(&|lo, hi| {
-            format!(
-                "SELECT count(*), coalesce(sum({shadow_hash}::numeric), 0)::text FROM {shadow} WHERE {}",
-                shadow_filter(lo, hi, 1)
-            )
+            format!("SELECT count(*), {} FROM {shadow} WHERE {}", combine(&shadow_hash), shadow_filter(lo, hi, 1))
         }),
         diff: make(&|lo, hi| {
             let after = 1 + n * (usize::from(lo) + usize::from(hi));
             format!(
-                "SELECT d.k, EXISTS (SELECT 1 FROM {log} AS {alias} WHERE ghostwire_truncated OR {orig_key_text} = d.k)
+                "SELECT d.k, t.truncated OR p.k IS NOT NULL
                    FROM (SELECT coalesce(o.k, s.k) AS k
                            FROM (SELECT {orig_key_text} AS k, {orig_hash} AS h FROM ONLY {original} WHERE {}) o
                            FULL JOIN (SELECT {shadow_key_text} AS k, {shadow_hash} AS h FROM {shadow} WHERE {}) s ON o.k = s.k
-                          WHERE o.h IS DISTINCT FROM s.h) d",
+                          WHERE o.h IS DISTINCT FROM s.h) d
+                   LEFT JOIN (SELECT DISTINCT {orig_key_text} AS k FROM {log} AS {alias} WHERE NOT ghostwire_truncated) p
+                          ON p.k = d.k
+                  CROSS JOIN (SELECT EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated) AS truncated) t",
                 orig_filter(lo, hi),
                 shadow_filter(lo, hi, after)
             )
@@ -147,15 +163,67 @@ fn queries(spec: &Spec) -> Queries {
     }
 }
 
-/// Range boundaries: every `every`-th key of the original, in key order.
-async fn boundaries(client: &Client, spec: &Spec, every: i64) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT k FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn FROM ONLY {}) x(k, rn) WHERE rn % $1 = 0 ORDER BY rn",
+/// Hands out ranges in key order: each is cut at the `every`-th key after the previous
+/// cut (an index-only walk), when a worker asks for it.
+struct Cursor {
+    lower: Bound,
+    finished: bool,
+    /// For a single integer key: ranges stepped by value.
+    stepper: Option<super::copy::Stepper>,
+}
+
+fn next_cut_sql(spec: &Spec, after: bool) -> String {
+    let filter =
+        if after { format!("WHERE ({}) > {}", spec.key_list(), spec.key_params(2, false)) } else { String::new() };
+    format!(
+        "SELECT {} FROM ONLY {} {filter} ORDER BY {} OFFSET $1 LIMIT 1",
         spec.key_as_text(""),
-        spec.key_list(),
-        spec.original.sql()
-    );
-    Ok(client.query(&sql, &[&every]).await?.iter().map(|r| r.get(0)).collect())
+        spec.original.sql(),
+        spec.key_list()
+    )
+}
+
+/// The next range to check, or None when the key space is covered.
+async fn next_range(
+    client: &Client,
+    spec: &Spec,
+    cursor: &tokio::sync::Mutex<Cursor>,
+    every: i64,
+) -> Result<Option<(Bound, Bound)>, tokio_postgres::Error> {
+    let mut c = cursor.lock().await;
+    if c.finished {
+        return Ok(None);
+    }
+    if let Some(st) = &c.stepper {
+        let lower = c.lower.as_ref().and_then(|l| l[0].parse::<i64>().ok());
+        // The last range is open-ended: shadow rows beyond the largest key are checked too.
+        let upper = st.upper(lower, every).filter(|u| lower.is_none_or(|l| *u > l));
+        let range = (c.lower.clone(), upper.map(|u| vec![u.to_string()]));
+        match upper {
+            Some(u) if range.1.is_some() && st.upper(Some(u), every).is_some() => c.lower = Some(vec![u.to_string()]),
+            _ => {
+                c.finished = true;
+                return Ok(Some((range.0, None)));
+            }
+        }
+        return Ok(Some(range));
+    }
+    let skip = every - 1;
+    let cut: Option<Vec<String>> = match &c.lower {
+        None => client.query_opt(&next_cut_sql(spec, false), &[&skip]).await?,
+        Some(lo) => {
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&skip];
+            params.extend(lo.iter().map(|v| v as &(dyn ToSql + Sync)));
+            client.query_opt(&next_cut_sql(spec, true), &params).await?
+        }
+    }
+    .map(|r| r.get(0));
+    let range = (c.lower.clone(), cut.clone());
+    match cut {
+        Some(cut) => c.lower = Some(cut),
+        None => c.finished = true,
+    }
+    Ok(Some(range))
 }
 
 struct RangeResult {
@@ -213,6 +281,17 @@ async fn check_range(
     result
 }
 
+/// Whether every compared column's type has a hash function (tried on one shadow row).
+async fn typed_hashing_works(client: &Client, spec: &Spec) -> bool {
+    if spec.table.server_version_num < 140000 {
+        return false;
+    }
+    let columns: Vec<String> = spec.columns.iter().filter(|c| c.compare).map(|c| ident(&c.shadow)).collect();
+    let sql =
+        format!("SELECT hash_record_extended(ROW({}), 0) FROM {} LIMIT 1", columns.join(", "), spec.shadow().sql());
+    client.query(&sql, &[]).await.is_ok()
+}
+
 /// Verifies the whole table with `parallel` workers, `range_rows` rows per range.
 pub async fn run(
     config: &Config,
@@ -222,31 +301,30 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Report, VerifyError> {
     let first = crate::db::connect(config).await?;
-    let cuts = boundaries(&first, spec, range_rows.max(1)).await?;
-    let mut ranges: VecDeque<(Bound, Bound)> = VecDeque::new();
-    let mut lo: Bound = None;
-    for cut in cuts {
-        ranges.push_back((lo.clone(), Some(cut.clone())));
-        lo = Some(cut);
-    }
-    ranges.push_back((lo, None));
-    let count = ranges.len();
-    let queue = Arc::new(Mutex::new(ranges));
+    let stepper = match spec.integer_key() {
+        true => super::copy::key_bounds(&first, spec).await?.map(|(min, max)| {
+            let estimate = spec.table.estimated_rows.max(1);
+            super::copy::Stepper::new(min, max, estimate)
+        }),
+        false => None,
+    };
+    let cursor = Arc::new(tokio::sync::Mutex::new(Cursor { lower: None, finished: false, stepper }));
+    let every = range_rows.max(1);
+    let hashing = if typed_hashing_works(&first, spec).await { Hashing::Typed } else { Hashing::Text };
     let spec = Arc::new(spec.clone());
-    let q = Arc::new(queries(&spec));
+    let q = Arc::new(queries(&spec, hashing));
     let mut workers = Vec::new();
     let mut first = Some(first);
-    for _ in 0..parallel.clamp(1, count) {
+    for _ in 0..parallel.max(1) {
         let client = match first.take() {
             Some(c) => c,
             None => crate::db::connect(config).await?,
         };
-        let (queue, spec, q, cancel) = (Arc::clone(&queue), Arc::clone(&spec), Arc::clone(&q), cancel.clone());
+        let (cursor, spec, q, cancel) = (Arc::clone(&cursor), Arc::clone(&spec), Arc::clone(&q), cancel.clone());
         workers.push(tokio::spawn(async move {
             let mut report = Report::default();
             loop {
-                let next = queue.lock().map(|mut q| q.pop_front()).unwrap_or(None);
-                let Some((lo, hi)) = next else { break };
+                let Some((lo, hi)) = next_range(&client, &spec, &cursor, every).await? else { break };
                 if cancel.is_cancelled() {
                     break;
                 }

@@ -1,0 +1,276 @@
+//! Copy throughput: `cargo bench --bench copy`.
+//!
+//! On a throwaway cluster, with `orders(id bigserial pk, customer_id int, status text,
+//! amount int, note text, created_at timestamptz)`, two secondary indexes and
+//! `GHOSTWIRE_BENCH_ROWS` rows (default 2,000,000), measures in one run, each on a freshly
+//! loaded table:
+//!   1. offline `ALTER TABLE orders ALTER COLUMN amount TYPE bigint` (the baseline),
+//!   2. a single `INSERT … SELECT` into a new table plus the index builds (the floor),
+//!   3. `ghostwire migrate` of the same change on an idle table,
+//!   4. the same without verification (`--verify none`),
+//!   5. the same (verified) under a steady write load of 400 writes/s.
+//!
+//! It prints rows/s and each time's ratio to the offline ALTER: medians of
+//! `GHOSTWIRE_BENCH_RUNS` interleaved runs (default 3).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
+use ghostwire::migrate::{self, Options, Silent};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+const CHANGE: &str = "ALTER TABLE orders ALTER COLUMN amount TYPE bigint";
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// Drops and reloads `orders` with `rows` rows, vacuumed, analyzed and checkpointed.
+async fn load(client: &Client, rows: i64) {
+    client
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS ghostwire CASCADE; DROP TABLE IF EXISTS orders, orders_new CASCADE;
+             CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
+                                  amount int NOT NULL, note text, created_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await
+        .expect("create");
+    client
+        .execute(
+            "INSERT INTO orders (customer_id, status, amount, note, created_at)
+             SELECT 1 + g % 50000, (ARRAY['new','paid','shipped','cancelled'])[1 + g % 4], g % 100000,
+                    'order note ' || g, timestamptz '2026-01-01' + make_interval(secs => g)
+               FROM generate_series(1, $1::bigint) g",
+            &[&rows],
+        )
+        .await
+        .expect("fill");
+    client
+        .batch_execute(
+            "CREATE INDEX orders_customer_id ON orders (customer_id);
+             CREATE INDEX orders_created_at ON orders (created_at);",
+        )
+        .await
+        .expect("index");
+    // One statement each: VACUUM cannot run inside the implicit transaction of a batch.
+    client.batch_execute("VACUUM ANALYZE orders").await.expect("vacuum");
+    client.batch_execute("CHECKPOINT").await.expect("checkpoint");
+}
+
+async fn timed(client: &Client, sql: &str) -> Duration {
+    let t = Instant::now();
+    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{e:?}\n{sql}"));
+    t.elapsed()
+}
+
+/// Steady writers: updates and inserts at about `rate` transactions per second in all.
+struct Load {
+    stop: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    max_us: Arc<AtomicU64>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn start_load(url: &str, writers: usize, rate: u64, rows: i64) -> Load {
+    let stop: Arc<AtomicBool> = Arc::default();
+    let (commits, errors, max_us): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) = Default::default();
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let (url, stop, commits, errors, max_us) =
+            (url.to_owned(), Arc::clone(&stop), Arc::clone(&commits), Arc::clone(&errors), Arc::clone(&max_us));
+        handles.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 * writers as u64 / rate.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut i = w as i64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                i += writers as i64;
+                let sql = if i % 3 == 0 {
+                    format!(
+                        "INSERT INTO orders (customer_id, status, amount, note) VALUES ({}, 'new', {}, 'bench')",
+                        i % 50000,
+                        i % 1000
+                    )
+                } else {
+                    format!(
+                        "UPDATE orders SET amount = amount + 1, status = 'paid' WHERE id = {}",
+                        1 + (i * 7919) % rows
+                    )
+                };
+                let t = Instant::now();
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {
+                        commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                max_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    Load { stop, commits, errors, max_us, handles }
+}
+
+async fn phase_times(client: &Client) -> String {
+    let rows = client
+        .query(
+            "SELECT phase, round(extract(epoch FROM lead(at) OVER (ORDER BY id) - at)::numeric, 2)::text
+               FROM ghostwire.events WHERE kind = 'phase' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| Some(format!("{} {}s", r.get::<_, String>(0), r.get::<_, Option<String>>(1)?)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn line(name: &str, took: Duration, rows: i64, baseline: Duration) {
+    println!(
+        "{name:<44} {:>8.2} s {:>12.0} rows/s {:>7.2}x",
+        took.as_secs_f64(),
+        rows as f64 / took.as_secs_f64(),
+        took.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let rows: i64 = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
+    let runs: usize = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let options = ClusterOptions::default().with_setting("shared_buffers", "1GB");
+    let cluster = Cluster::start(options).expect("a throwaway cluster");
+    let url = cluster.url("postgres");
+    let client = connect(&url).await;
+    println!(
+        "copy benchmark: {rows} rows, median of {runs} run(s), PostgreSQL {}",
+        client.query_one("SHOW server_version", &[]).await.unwrap().get::<_, String>(0)
+    );
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let opts = Options { yes: true, finish: true, ..Options::default() };
+    let (mut offline, mut insert, mut floor, mut idle, mut busy) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut unverified = vec![];
+    let no_verify = Options { verify: false, ..opts.clone() };
+    let mut last_idle = None;
+    let mut last_busy = None;
+    let mut phases = (String::new(), String::new());
+    let mut load_stats = (0, 0, 0.0);
+    for run in 0..runs {
+        // Interleaved, so drift on the machine touches every variant alike.
+        load(&client, rows).await;
+        if run == 0 {
+            let size: String =
+                client.query_one("SELECT pg_size_pretty(pg_total_relation_size('orders'))", &[]).await.unwrap().get(0);
+            println!("table with indexes: {size}");
+        }
+        offline.push(timed(&client, CHANGE).await);
+
+        load(&client, rows).await;
+        let t = Instant::now();
+        timed(
+            &client,
+            "CREATE TABLE orders_new (id bigint NOT NULL, customer_id int NOT NULL, status text NOT NULL, amount bigint NOT NULL,
+                                      note text, created_at timestamptz NOT NULL);
+             INSERT INTO orders_new SELECT id, customer_id, status, amount, note, created_at FROM orders;",
+        )
+        .await;
+        insert.push(t.elapsed());
+        timed(
+            &client,
+            "ALTER TABLE orders_new ADD PRIMARY KEY (id);
+             CREATE INDEX ON orders_new (customer_id); CREATE INDEX ON orders_new (created_at);",
+        )
+        .await;
+        floor.push(t.elapsed());
+
+        load(&client, rows).await;
+        let t = Instant::now();
+        let o = migrate::migrate(&config, CHANGE, &opts, &Silent, None, CancellationToken::new())
+            .await
+            .expect("migrate, idle");
+        idle.push(t.elapsed());
+        phases.0 = phase_times(&client).await;
+        last_idle = Some(o);
+
+        load(&client, rows).await;
+        let t = Instant::now();
+        migrate::migrate(&config, CHANGE, &no_verify, &Silent, None, CancellationToken::new())
+            .await
+            .expect("migrate, no verify");
+        unverified.push(t.elapsed());
+
+        load(&client, rows).await;
+        let writers = start_load(&url, 4, 400, rows);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        let o = migrate::migrate(&config, CHANGE, &opts, &Silent, None, CancellationToken::new())
+            .await
+            .expect("migrate, busy");
+        busy.push(t.elapsed());
+        writers.stop.store(true, Ordering::Relaxed);
+        for h in writers.handles {
+            let _ = h.await;
+        }
+        phases.1 = phase_times(&client).await;
+        load_stats = (
+            writers.commits.load(Ordering::Relaxed),
+            writers.errors.load(Ordering::Relaxed),
+            writers.max_us.load(Ordering::Relaxed) as f64 / 1e3,
+        );
+        last_busy = Some(o);
+    }
+    let base = median(offline.clone());
+    println!("\n{:<44} {:>10} {:>19} {:>8}", "", "time", "rate", "ratio");
+    line("offline ALTER TABLE … TYPE bigint", base, rows, base);
+    line("INSERT … SELECT (no indexes)", median(insert), rows, base);
+    line("INSERT … SELECT + index builds (floor)", median(floor), rows, base);
+    line("ghostwire migrate, idle", median(idle.clone()), rows, base);
+    line("ghostwire migrate, idle, --verify none", median(unverified.clone()), rows, base);
+    line("ghostwire migrate, 400 writes/s", median(busy.clone()), rows, base);
+    let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ");
+    println!(
+        "\nall runs (s): offline {}; idle {}; idle unverified {}; busy {}",
+        secs(&offline),
+        secs(&idle),
+        secs(&unverified),
+        secs(&busy)
+    );
+    if let Some(o) = last_idle {
+        println!("idle (last run): copy {:.2} s; phases: {}", o.copy_time.as_secs_f64(), phases.0);
+        if let Some(s) = o.swap {
+            println!(
+                "       swap: lock waited {:.1} ms, held {:.1} ms",
+                s.lock_wait.as_secs_f64() * 1e3,
+                s.lock_hold.as_secs_f64() * 1e3
+            );
+        }
+    }
+    if let Some(o) = last_busy {
+        println!("busy (last run): copy {:.2} s; phases: {}", o.copy_time.as_secs_f64(), phases.1);
+        if let Some(s) = o.swap {
+            println!(
+                "       swap after {} attempt(s): lock waited {:.1} ms, held {:.1} ms",
+                o.cutover_attempts,
+                s.lock_wait.as_secs_f64() * 1e3,
+                s.lock_hold.as_secs_f64() * 1e3
+            );
+        }
+    }
+    println!("       writers: {} commits, {} errors, slowest {:.1} ms", load_stats.0, load_stats.1, load_stats.2);
+    println!("\ntarget: idle migration within 1.3x of the offline ALTER");
+}
