@@ -286,3 +286,27 @@ async fn the_command_line_end_to_end() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no unfinished migration"));
 }
+
+#[tokio::test]
+async fn verification_catches_a_corrupted_shadow_and_stops() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let load = Workload::start(&db.url, shape(), 2, ROWS, 14);
+    load.wait_for_more(10).await;
+    let url = db.url.clone();
+    let hook = at_phase(Arc::clone(&load.counters), Phase::Verify, move || {
+        let url = url.clone();
+        async move {
+            // A change the capture never saw: exactly what verification exists to catch.
+            let c = common::connect(&url).await;
+            c.batch_execute("UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42").await.unwrap();
+        }
+    });
+    let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a corrupted shadow");
+    assert!(matches!(err, MigrateError::Mismatch { count: 1, .. }), "{err}");
+    assert!(err.to_string().contains("(42)") && err.to_string().contains("untouched"), "{err}");
+    load.stop().await;
+    let m = migration_row(&db.client).await;
+    assert_eq!(m.phase, Phase::Verify);
+    unchanged(&db).await;
+}

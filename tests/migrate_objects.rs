@@ -162,9 +162,11 @@ async fn dependent_views_are_repointed() {
 async fn row_level_security_and_grants() {
     let db = TestDb::new().await;
     let app = role(&db, "app");
+    let owner = role(&db, "owner");
     items(&db, "").await;
     db.exec(&format!(
-        "CREATE ROLE {app};
+        "CREATE ROLE {app}; CREATE ROLE {owner};
+         ALTER TABLE items OWNER TO {owner};
          GRANT SELECT, INSERT ON items TO {app};
          GRANT UPDATE (qty) ON items TO {app};
          ALTER TABLE items ENABLE ROW LEVEL SECURITY;
