@@ -66,6 +66,25 @@ pub enum Command {
         db: Database,
         table: String,
     },
+    /// Relay the PostgreSQL protocol to the database, with a drain gate for cut-overs.
+    Proxy {
+        /// Where clients connect (host:port).
+        #[arg(long)]
+        listen: String,
+        /// The database server: a postgres:// URL or host:port (clients bring their own user,
+        /// database and password).
+        #[arg(long)]
+        upstream: String,
+        /// Where the HTTP control API listens (drain, open, status, metrics).
+        #[arg(long)]
+        control: Option<String>,
+        /// The longest protocol message accepted, in bytes.
+        #[arg(long, default_value_t = ghostwire_proto::MAX_MESSAGE_LEN)]
+        max_message_size: u32,
+        /// On SIGINT/SIGTERM: how long to let sessions end before closing them.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        shutdown_timeout: Duration,
+    },
     /// Show ghostwire at work on a throwaway local cluster with a sample table.
     Demo {
         /// Rows in the sample table.
@@ -113,6 +132,14 @@ pub struct MigrateArgs {
     /// Attempts at the swap before giving up (with jittered pauses, catching up in between).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub cutover_attempts: u32,
+    /// The control API of a ghostwire proxy in front of the application (repeatable): each
+    /// swap attempt drains them all first, so clients wait a few milliseconds instead of
+    /// queueing behind locks.
+    #[arg(long = "proxy", value_name = "URL")]
+    pub proxies: Vec<String>,
+    /// How long proxies may hold new queries for one swap attempt.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub drain_timeout: Duration,
     /// Compare every row of the shadow with the original before the swap.
     #[arg(long, value_enum, default_value = "full")]
     pub verify: Verify,

@@ -6,9 +6,11 @@
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod control;
 pub mod db;
 pub mod ephemeral;
 pub mod migrate;
 pub mod plan;
+pub mod proxy;
 pub mod sql;
 pub mod state;

@@ -1,9 +1,10 @@
 //! `ghostwire demo`: the main job on a throwaway local cluster, for a new user.
 //!
 //! Creates a sample `orders` table, shows what `plan` says about three kinds of change,
-//! then migrates it (`ALTER COLUMN amount TYPE bigint`, which rewrites every row) while a
-//! steady read/write load runs, and reports rows copied, the swap's lock times, and what
-//! the load saw.
+//! starts a `ghostwire proxy` in front of the cluster, then migrates the table
+//! (`ALTER COLUMN amount TYPE bigint`, which rewrites every row) while a steady read/write
+//! load runs through the proxy, and reports rows copied, the swap's lock and stall times,
+//! and what the load saw.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,11 +12,15 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use tokio::net::TcpListener;
+
 use super::CommandError;
 use super::migrate::Lines;
+use crate::control;
 use crate::ephemeral::{Cluster, ClusterOptions};
 use crate::migrate::{self, Options};
 use crate::plan::{self, report};
+use crate::proxy::Proxy;
 
 /// The sample table: an `orders` table with two secondary indexes.
 pub const SAMPLE_TABLE: &str = "
@@ -129,14 +134,34 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     say!("$ ghostwire plan \"{change}\"");
     say!("{}", plan::render(&p));
 
-    say!("Now migrating it for real while 8 clients each run a transaction every 10 ms (a read and a write):");
-    say!("$ ghostwire migrate \"{change}\"");
+    // The proxy, as an application would run it beside itself.
+    let proxy = Proxy::new(&format!("127.0.0.1:{}", cluster.port()), ghostwire_proto::MAX_MESSAGE_LEN)
+        .map_err(CommandError::failed)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(CommandError::failed)?;
+    let ctl = TcpListener::bind("127.0.0.1:0").await.map_err(CommandError::failed)?;
+    let proxy_addr = listener.local_addr().map_err(CommandError::failed)?;
+    let control_url = format!("http://{}", ctl.local_addr().map_err(CommandError::failed)?);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+    let serving = proxy.clone();
+    let stopped = shutdown.clone();
+    tokio::spawn(async move { serving.serve(listener, stopped, Duration::from_secs(1)).await });
+    say!(
+        "$ ghostwire proxy --listen {proxy_addr} --upstream 127.0.0.1:{} --control {}",
+        cluster.port(),
+        control_url.trim_start_matches("http://")
+    );
+    say!(
+        "Now migrating for real while 8 clients, connected through the proxy, each run a transaction every 10 ms (a read and a write):"
+    );
+    say!("$ ghostwire migrate --proxy {control_url} \"{change}\"");
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(LoadStats::default());
-    let load = start_load(url.clone(), 8, Duration::from_millis(10), rows, Arc::clone(&stop), Arc::clone(&stats));
+    let through_proxy = format!("postgres://postgres@{proxy_addr}/postgres");
+    let load = start_load(through_proxy, 8, Duration::from_millis(10), rows, Arc::clone(&stop), Arc::clone(&stats));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let config = crate::db::config(Some(&url), "ghostwire demo")?;
-    let options = Options { yes: true, ..Options::default() };
+    let options = Options { yes: true, proxies: vec![control_url.clone()], ..Options::default() };
     let result = migrate::migrate(&config, change, &options, &Lines, None, CancellationToken::new()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -162,6 +187,9 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
             outcome.cutover_attempts
         );
     }
+    if let Some(held) = outcome.clients_held {
+        say!("  the proxy held new queries for {:.1} ms while the tables were swapped", held.as_secs_f64() * 1e3);
+    }
     let errors = stats.errors.load(Ordering::Relaxed);
     say!(
         "  the load ran {} transactions with {errors} error(s); the slowest took {:.1} ms",
@@ -173,13 +201,15 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     }
     say!();
     say!("To do the same on your own database:");
+    say!("  ghostwire plan --database-url postgres://user@host:5432/dbname \"ALTER TABLE …\"   # changes nothing");
+    say!("  ghostwire proxy --listen 0.0.0.0:6432 --upstream host:5432 --control 127.0.0.1:6433   # beside each app");
     say!(
-        "  ghostwire plan    --database-url postgres://user@host:5432/dbname \"ALTER TABLE …\"   # what it would do; changes nothing"
+        "  ghostwire migrate --database-url postgres://user@host:5432/dbname --proxy http://127.0.0.1:6433 \"ALTER TABLE …\""
     );
-    say!("  ghostwire migrate --database-url postgres://user@host:5432/dbname \"ALTER TABLE …\"");
-    say!("  ghostwire status  --database-url …                     # progress and events");
-    say!("  ghostwire finish  --database-url … TABLE               # drop the old table when you are happy");
+    say!("  ghostwire status --database-url …          # progress and events");
+    say!("  ghostwire finish --database-url … TABLE    # drop the old table when you are happy");
     say!("\nThe throwaway cluster is removed now.");
+    shutdown.cancel();
     drop(cluster);
     Ok(())
 }

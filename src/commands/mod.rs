@@ -14,6 +14,7 @@ mod cleanup;
 mod demo;
 mod migrate;
 mod plan;
+mod proxy;
 mod status;
 mod target;
 
@@ -64,6 +65,8 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
                 finish: options.finish,
                 yes: options.yes,
                 verify: options.verify == crate::cli::Verify::Full,
+                proxies: options.proxies,
+                drain_timeout: options.drain_timeout,
                 ..crate::migrate::Options::default()
             };
             migrate::run(db.database_url.as_deref(), &statement, opts).await
@@ -71,6 +74,9 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         Command::Status { db, json, table } => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
         Command::Abort { db, table } => cleanup::abort(db.database_url.as_deref(), &table).await,
         Command::Finish { db, table } => cleanup::finish(db.database_url.as_deref(), &table).await,
+        Command::Proxy { listen, upstream, control, max_message_size, shutdown_timeout } => {
+            proxy::run(&listen, &upstream, control.as_deref(), max_message_size, shutdown_timeout).await
+        }
         Command::Demo { rows } => demo::run(rows).await,
     }
 }

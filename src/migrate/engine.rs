@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
-use super::cutover::{self, Outcome as Attempt, Swapped};
+use super::cutover::Swapped;
 use super::error::{Context, MigrateError};
 use super::retry::{self, RetryPolicy};
 use super::spec::Spec;
@@ -47,6 +47,11 @@ pub struct Options {
     pub verify_range_rows: i64,
     /// Compare the shadow with the original before the swap.
     pub verify: bool,
+    /// Control APIs of the proxies to drain around each swap attempt.
+    pub proxies: Vec<String>,
+    /// How long a proxy may stay closed for one attempt (draining and swapping); the proxy
+    /// reopens by itself after it.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Options {
@@ -62,6 +67,8 @@ impl Default for Options {
             catchup_batch: 5_000,
             verify_range_rows: 50_000,
             verify: true,
+            proxies: Vec::new(),
+            drain_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -95,6 +102,8 @@ pub struct Outcome {
     pub finished: bool,
     /// Foreign keys left NOT VALID because validation failed after the swap.
     pub unvalidated: Vec<String>,
+    /// How long the proxies held clients for the swap (with `--proxy`).
+    pub clients_held: Option<Duration>,
 }
 
 /// The connection settings of every ghostwire session: named, and failing rather than
@@ -108,16 +117,16 @@ pub fn session_config(config: &Config, name: &str) -> Config {
     c
 }
 
-struct Run<'a> {
-    config: Config,
-    control: Client,
-    opts: &'a Options,
-    reporter: &'a dyn Reporter,
-    hook: Option<PhaseHook>,
-    cancel: CancellationToken,
-    retry: RetryPolicy,
-    id: i64,
-    phase: Phase,
+pub(super) struct Run<'a> {
+    pub(super) config: Config,
+    pub(super) control: Client,
+    pub(super) opts: &'a Options,
+    pub(super) reporter: &'a dyn Reporter,
+    pub(super) hook: Option<PhaseHook>,
+    pub(super) cancel: CancellationToken,
+    pub(super) retry: RetryPolicy,
+    pub(super) id: i64,
+    pub(super) phase: Phase,
 }
 
 /// Runs `statement` online. Refusals (bad input, another migration) come before anything
@@ -211,14 +220,20 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn check_cancelled(&self) -> Result<(), MigrateError> {
+    pub(super) fn check_cancelled(&self) -> Result<(), MigrateError> {
         if self.cancel.is_cancelled() {
             return Err(MigrateError::Aborted { id: self.id, table: String::new(), cleaned: false });
         }
         Ok(())
     }
 
-    async fn event(&self, kind: &str, message: &str, duration: Option<Duration>, details: Option<serde_json::Value>) {
+    pub(super) async fn event(
+        &self,
+        kind: &str,
+        message: &str,
+        duration: Option<Duration>,
+        details: Option<serde_json::Value>,
+    ) {
         let ms = duration.map(|d| d.as_secs_f64() * 1000.0);
         if let Err(e) = state::event(&self.control, self.id, self.phase, kind, message, ms, details).await {
             tracing::warn!("could not record an event: {e}");
@@ -238,6 +253,7 @@ impl Run<'_> {
             cutover_attempts: 0,
             finished: false,
             unvalidated: Vec::new(),
+            clients_held: None,
         };
         if plan.strategy == Strategy::Instant {
             self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
@@ -320,8 +336,9 @@ impl Run<'_> {
         }
 
         self.enter(Phase::Cutover, "swapping the tables").await?;
-        let (swapped, attempts) = self.cut_over(&work, &spec).await?;
+        let (swapped, attempts, held) = self.cut_over(&work, &spec).await?;
         outcome.swap = Some(swapped);
+        outcome.clients_held = held;
         outcome.cutover_attempts = attempts;
         self.phase = Phase::Swapped;
         self.reporter.phase(Phase::Swapped, "swapped");
@@ -405,7 +422,7 @@ impl Run<'_> {
 
     /// Applies change-log batches until a batch comes back short; returns the last batch's
     /// transaction id.
-    async fn catch_up(&self, work: &Client, spec: &Spec) -> Result<i64, MigrateError> {
+    pub(super) async fn catch_up(&self, work: &Client, spec: &Spec) -> Result<i64, MigrateError> {
         let mut applied = 0;
         loop {
             self.check_cancelled()?;
@@ -422,88 +439,6 @@ impl Run<'_> {
                 return Ok(b.xid.unwrap_or(0));
             }
         }
-    }
-
-    async fn cut_over(&mut self, work: &Client, spec: &Spec) -> Result<(Swapped, u32), MigrateError> {
-        let script = swap::script(spec);
-        let own: Vec<i32> = {
-            let mut pids = Vec::new();
-            for c in [&self.control, work] {
-                pids.push(
-                    c.query_one("SELECT pg_backend_pid()", &[])
-                        .await
-                        .during(self.id, Phase::Cutover, "identifying sessions")?
-                        .get(0),
-                );
-            }
-            pids
-        };
-        let mut reason = String::from("no attempt made");
-        for attempt in 1..=self.opts.cutover_attempts.max(1) {
-            let xid = self.catch_up(work, spec).await?;
-            let _ = self
-                .control
-                .execute(
-                    "UPDATE ghostwire.migrations SET cutover_attempts = $2 WHERE id = $1",
-                    &[&self.id, &(attempt as i32)],
-                )
-                .await;
-            let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own).await.during(
-                self.id,
-                Phase::Cutover,
-                "swapping the tables",
-            )?;
-            match result {
-                Attempt::Swapped(s) => {
-                    let (wait_ms, hold_ms) = (s.lock_wait.as_secs_f64() * 1000.0, s.lock_hold.as_secs_f64() * 1000.0);
-                    let _ = self
-                        .control
-                        .execute(
-                            "UPDATE ghostwire.migrations SET lock_wait_ms = $2, lock_hold_ms = $3 WHERE id = $1",
-                            &[&self.id, &wait_ms, &hold_ms],
-                        )
-                        .await;
-                    let details = json!({"attempt": attempt, "outcome": "swapped", "lock_wait_ms": wait_ms, "lock_hold_ms": hold_ms, "drained": s.drained});
-                    let msg = format!("attempt {attempt}: swapped; lock waited {wait_ms:.1} ms, held {hold_ms:.1} ms");
-                    self.phase = Phase::Swapped;
-                    self.event("cutover_attempt", &msg, Some(s.lock_hold), Some(details)).await;
-                    return Ok((s, attempt));
-                }
-                Attempt::LockNotGranted { waited } => {
-                    reason = format!("the lock was not granted within {:?}", self.opts.lock_timeout);
-                    let details = json!({"attempt": attempt, "outcome": "lock_timeout", "lock_wait_ms": waited.as_secs_f64() * 1000.0});
-                    self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), Some(waited), Some(details))
-                        .await;
-                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
-                    tokio::time::sleep(self.retry.pause(attempt)).await;
-                }
-                Attempt::Hazard { sessions, lock_wait } => {
-                    let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
-                    reason = format!("sessions {pids:?} hold snapshots older than the copy");
-                    let details = json!({"attempt": attempt, "outcome": "snapshot_hazard", "lock_wait_ms": lock_wait.as_secs_f64() * 1000.0, "sessions": sessions});
-                    self.event(
-                        "cutover_attempt",
-                        &format!("attempt {attempt}: {reason}; waiting for them"),
-                        None,
-                        Some(details),
-                    )
-                    .await;
-                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; waiting for them to finish"));
-                    cutover::wait_for_snapshots(&self.control, &pids, xid, Duration::from_secs(5)).await.during(
-                        self.id,
-                        Phase::Cutover,
-                        "waiting for old snapshots",
-                    )?;
-                }
-            }
-            self.check_cancelled()?;
-        }
-        Err(MigrateError::CutoverGaveUp {
-            id: self.id,
-            table: spec.original.to_string(),
-            attempts: self.opts.cutover_attempts,
-            reason,
-        })
     }
 
     /// Validates the foreign keys added NOT VALID during the swap; returns those that failed.

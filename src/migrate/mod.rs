@@ -5,6 +5,7 @@
 //! [`catchup`] → [`verify`] → [`cutover`] (with the statements of [`swap`]). State lives in
 //! the target database ([`crate::state`]); [`cleanup`] implements `abort` and `finish`.
 
+mod attempts;
 pub mod capture;
 pub mod catchup;
 pub mod cleanup;

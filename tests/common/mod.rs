@@ -44,6 +44,7 @@ pub fn role(db: &TestDb, base: &str) -> String {
     format!("{base}_{db_name}")
 }
 
+pub mod proxy;
 pub mod workload;
 
 use std::sync::Arc;

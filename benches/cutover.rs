@@ -1,0 +1,200 @@
+//! What clients see during a cut-over: `cargo bench --bench cutover`.
+//!
+//! pgbench (the real client) runs at a fixed rate through `ghostwire proxy` against the
+//! table being migrated, logging every transaction. Meanwhile `ghostwire migrate --proxy`
+//! changes `amount` from integer to bigint. Printed: errors (target: 0), p50/p99/max
+//! latency in steady state and around the cut-over, and the stall clients saw (target:
+//! under 100 ms). `GHOSTWIRE_BENCH_ROWS` (default 1,000,000) sets the table size,
+//! `GHOSTWIRE_BENCH_RATE` (default 400) the transactions per second.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ghostwire::control;
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
+use ghostwire::migrate::{self, Options, Silent};
+use ghostwire::proxy::Proxy;
+use tokio::net::TcpListener;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+const SCRIPT: &str = "\\set id random(1, :rows)
+BEGIN;
+SELECT amount FROM orders WHERE id = :id;
+UPDATE orders SET amount = amount + 1, status = 'paid' WHERE id = :id;
+END;
+";
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(name: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "{name:<34} {:>7} tx   p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v.last().copied().unwrap_or(0.0)
+    );
+}
+
+/// (end time in µs since the epoch, latency in ms) of every transaction in pgbench's logs.
+fn read_logs(dir: &Path) -> Vec<(u64, f64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("pgbench_log") {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path()).unwrap_or_default().lines() {
+            // client_id transaction_no time script_no time_epoch time_us [schedule_lag]
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 {
+                continue;
+            }
+            let (Ok(latency_us), Ok(epoch), Ok(us)) = (f[2].parse::<f64>(), f[4].parse::<u64>(), f[5].parse::<u64>())
+            else {
+                continue;
+            };
+            out.push((epoch * 1_000_000 + us, latency_us / 1000.0));
+        }
+    }
+    out
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let rows: i64 = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let rate: u32 = std::env::var("GHOSTWIRE_BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let cluster =
+        Cluster::start(ClusterOptions::default().with_setting("shared_buffers", "1GB")).expect("a throwaway cluster");
+    let (client, conn) = tokio_postgres::connect(&cluster.url("postgres"), NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
+                                  amount int NOT NULL, note text, created_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO orders (customer_id, status, amount, note)
+             SELECT 1 + g % 50000, 'new', g % 100000, 'order note ' || g FROM generate_series(1, $1::bigint) g",
+            &[&rows],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("CREATE INDEX ON orders (customer_id); CREATE INDEX ON orders (created_at);").await.unwrap();
+    client.batch_execute("VACUUM ANALYZE orders").await.unwrap();
+
+    // The proxy, in this process.
+    let proxy = Proxy::new(&format!("127.0.0.1:{}", cluster.port()), ghostwire_proto::MAX_MESSAGE_LEN).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ctl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let control_url = format!("http://{}", ctl.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+    let p = proxy.clone();
+    let s = shutdown.clone();
+    tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.sql"), SCRIPT).unwrap();
+    let seconds = 25;
+    let pgbench = tokio::process::Command::new(cluster.binaries().path("pgbench"))
+        .current_dir(dir.path())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-M", "simple"])
+        .args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-R", &rate.to_string(), "-l", "-f", "script.sql"])
+        .arg("-D")
+        .arg(format!("rows={rows}"))
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let started = now_us();
+    let config: tokio_postgres::Config = cluster.url("postgres").parse().unwrap();
+    let opts = Options { yes: true, finish: true, proxies: vec![control_url], ..Options::default() };
+    let outcome = migrate::migrate(
+        &config,
+        "ALTER TABLE orders ALTER COLUMN amount TYPE bigint",
+        &opts,
+        &Silent,
+        None,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("the migration");
+    let ended = now_us();
+    // The cut-over window: from the start of the last attempt to its end.
+    let window: Vec<String> = client
+        .query(
+            "SELECT (extract(epoch FROM at) * 1e6)::bigint::text, coalesce(details->>'stall_ms', '0')
+               FROM ghostwire.events WHERE kind = 'cutover_attempt' AND details->>'outcome' = 'swapped'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
+        .collect();
+    let out = pgbench.wait_with_output().await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    shutdown.cancel();
+
+    let swapped_at: u64 = window.first().and_then(|v| v.parse().ok()).unwrap_or(ended);
+    let stall_ms: f64 = window.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let cut_from = swapped_at.saturating_sub((stall_ms * 1000.0) as u64 + 50_000);
+    let cut_to = swapped_at + 50_000;
+    let log = read_logs(dir.path());
+    let steady: Vec<f64> = log.iter().filter(|(end, _)| *end < started).map(|(_, l)| *l).collect();
+    let during_migration: Vec<f64> =
+        log.iter().filter(|(end, _)| *end >= started && *end <= ended).map(|(_, l)| *l).collect();
+    let around_cutover: Vec<f64> = log
+        .iter()
+        .filter(|(end, l)| *end >= cut_from && end.saturating_sub((*l * 1000.0) as u64) <= cut_to)
+        .map(|(_, l)| *l)
+        .collect();
+    let aborted = text.matches("aborted").count();
+    let failed = text
+        .lines()
+        .find(|l| l.contains("number of failed transactions"))
+        .unwrap_or("number of failed transactions: ?")
+        .trim()
+        .to_owned();
+
+    println!(
+        "cut-over benchmark: {rows} rows, pgbench -R {rate} -c 8 (simple protocol) through ghostwire proxy, {seconds} s"
+    );
+    println!(
+        "migration: {:.1} s, copy {:.1} s; swap lock waited {:.1} ms, held {:.1} ms; proxy held clients {stall_ms:.1} ms",
+        outcome.total_time.as_secs_f64(),
+        outcome.copy_time.as_secs_f64(),
+        outcome.swap.map(|s| s.lock_wait.as_secs_f64() * 1e3).unwrap_or(0.0),
+        outcome.swap.map(|s| s.lock_hold.as_secs_f64() * 1e3).unwrap_or(0.0)
+    );
+    summary("steady state (before the migration)", steady);
+    summary("during the migration", during_migration);
+    summary("around the cut-over", around_cutover.clone());
+    let worst = around_cutover.iter().copied().fold(0.0, f64::max);
+    println!("errors: {failed}; clients aborted: {aborted}");
+    println!(
+        "stall clients saw at the cut-over (slowest transaction): {worst:.1} ms (target: under 100 ms, zero errors)"
+    );
+    if !out.status.success() {
+        println!("pgbench exited with {}:\n{text}", out.status);
+    }
+}

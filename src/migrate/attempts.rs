@@ -1,0 +1,183 @@
+//! The cut-over loop: attempts at the swap, with catch-up, proxy draining, jittered pauses
+//! and the snapshot-hazard wait in between; every attempt is an event with its timings.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use super::cutover::{self, Outcome as Attempt, Swapped};
+use super::engine::Run;
+use super::error::{Context, MigrateError};
+use super::spec::Spec;
+use super::swap;
+use crate::state::Phase;
+
+impl Run<'_> {
+    /// Returns the swap, its attempt number, and how long proxies held clients for it.
+    pub(super) async fn cut_over(
+        &mut self,
+        work: &Client,
+        spec: &Spec,
+    ) -> Result<(Swapped, u32, Option<Duration>), MigrateError> {
+        let script = swap::script(spec);
+        let mut own = Vec::new();
+        for c in [&self.control, work] {
+            own.push(
+                c.query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .during(self.id, Phase::Cutover, "identifying sessions")?
+                    .get(0),
+            );
+        }
+        let mut reason = String::from("no attempt made");
+        for attempt in 1..=self.opts.cutover_attempts.max(1) {
+            let xid = self.catch_up(work, spec).await?;
+            let _ = self
+                .control
+                .execute(
+                    "UPDATE ghostwire.migrations SET cutover_attempts = $2 WHERE id = $1",
+                    &[&self.id, &(attempt as i32)],
+                )
+                .await;
+            // With proxies: hold new work at every proxy first, so no client is inside a
+            // transaction (or holds a snapshot) while the swap runs.
+            let gated = Instant::now();
+            let drained = match self.drain_proxies().await {
+                Ok(d) => d,
+                Err(failures) => {
+                    reason = format!("a proxy did not drain in time ({failures})");
+                    let details = json!({"attempt": attempt, "outcome": "drain_failed", "failures": failures});
+                    self.event(
+                        "cutover_attempt",
+                        &format!("attempt {attempt}: {reason}"),
+                        Some(gated.elapsed()),
+                        Some(details),
+                    )
+                    .await;
+                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
+                    tokio::time::sleep(self.retry.pause(attempt)).await;
+                    self.check_cancelled()?;
+                    continue;
+                }
+            };
+            let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own).await;
+            let stall = match drained {
+                Some(_) => {
+                    self.open_proxies().await;
+                    Some(gated.elapsed())
+                }
+                None => None,
+            };
+            let result = result.during(self.id, Phase::Cutover, "swapping the tables")?;
+            let with_gate = |mut d: serde_json::Value| {
+                if let (Some(drain), Some(stall)) = (drained, stall) {
+                    d["drain_ms"] = json!(ms(drain));
+                    d["stall_ms"] = json!(ms(stall));
+                }
+                d
+            };
+            match result {
+                Attempt::Swapped(s) => {
+                    let (wait_ms, hold_ms) = (ms(s.lock_wait), ms(s.lock_hold));
+                    let _ = self
+                        .control
+                        .execute(
+                            "UPDATE ghostwire.migrations SET lock_wait_ms = $2, lock_hold_ms = $3 WHERE id = $1",
+                            &[&self.id, &wait_ms, &hold_ms],
+                        )
+                        .await;
+                    let details = with_gate(json!({"attempt": attempt, "outcome": "swapped", "lock_wait_ms": wait_ms,
+                                                   "lock_hold_ms": hold_ms, "drained": s.drained}));
+                    let held = stall.map(|d| format!("; clients held {:.1} ms", ms(d))).unwrap_or_default();
+                    let msg =
+                        format!("attempt {attempt}: swapped; lock waited {wait_ms:.1} ms, held {hold_ms:.1} ms{held}");
+                    self.phase = Phase::Swapped;
+                    self.event("cutover_attempt", &msg, Some(s.lock_hold), Some(details)).await;
+                    return Ok((s, attempt, stall));
+                }
+                Attempt::LockNotGranted { waited } => {
+                    reason = format!("the lock was not granted within {:?}", self.opts.lock_timeout);
+                    let details =
+                        with_gate(json!({"attempt": attempt, "outcome": "lock_timeout", "lock_wait_ms": ms(waited)}));
+                    self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), Some(waited), Some(details))
+                        .await;
+                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
+                    tokio::time::sleep(self.retry.pause(attempt)).await;
+                }
+                Attempt::Hazard { sessions, lock_wait } => {
+                    let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+                    reason = format!("sessions {pids:?} hold snapshots older than the copy");
+                    let details = with_gate(json!({"attempt": attempt, "outcome": "snapshot_hazard",
+                                                   "lock_wait_ms": ms(lock_wait), "sessions": sessions}));
+                    self.event(
+                        "cutover_attempt",
+                        &format!("attempt {attempt}: {reason}; waiting for them"),
+                        None,
+                        Some(details),
+                    )
+                    .await;
+                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; waiting for them to finish"));
+                    cutover::wait_for_snapshots(&self.control, &pids, xid, Duration::from_secs(5)).await.during(
+                        self.id,
+                        Phase::Cutover,
+                        "waiting for old snapshots",
+                    )?;
+                }
+            }
+            self.check_cancelled()?;
+        }
+        Err(MigrateError::CutoverGaveUp {
+            id: self.id,
+            table: spec.original.to_string(),
+            attempts: self.opts.cutover_attempts,
+            reason,
+        })
+    }
+
+    /// Drains every proxy; on any failure reopens them all. `Ok(None)` without proxies,
+    /// else how long draining took.
+    async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
+        if self.opts.proxies.is_empty() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let path = format!("/drain?deadline_ms={}", self.opts.drain_timeout.as_millis());
+        let timeout = self.opts.drain_timeout + Duration::from_secs(2);
+        let calls = self.opts.proxies.iter().map(|p| crate::control::call(p, "POST", &path, timeout));
+        let results = futures_util::future::join_all(calls).await;
+        let failures: Vec<String> = self
+            .opts
+            .proxies
+            .iter()
+            .zip(results)
+            .filter_map(|(p, r)| match r {
+                Ok((200, _)) => None,
+                Ok((status, body)) => Some(format!("{p}: {status} {body}")),
+                Err(e) => Some(format!("{p}: {e}")),
+            })
+            .collect();
+        if failures.is_empty() {
+            Ok(Some(started.elapsed()))
+        } else {
+            self.open_proxies().await;
+            Err(failures.join("; "))
+        }
+    }
+
+    /// Opens every proxy (one that cannot be reached reopens by itself at its deadline).
+    async fn open_proxies(&self) {
+        let calls = self.opts.proxies.iter().map(|p| crate::control::call(p, "POST", "/open", Duration::from_secs(5)));
+        for (p, r) in self.opts.proxies.iter().zip(futures_util::future::join_all(calls).await) {
+            match r {
+                Ok((200, _)) => {}
+                Ok((status, body)) => tracing::warn!("opening proxy {p}: {status} {body}"),
+                Err(e) => tracing::warn!("opening proxy {p}: {e}; it reopens by itself at its deadline"),
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

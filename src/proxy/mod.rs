@@ -1,0 +1,286 @@
+//! `ghostwire proxy`: a PostgreSQL wire-protocol relay with a drain gate (DESIGN.md §3).
+//!
+//! [`Proxy::serve`] accepts clients and runs a [`session`] for each; [`Proxy::control`] is
+//! the handler of its HTTP control API (`POST /drain`, `POST /open`, `GET /status`,
+//! `GET /metrics`). The engine drains every proxy, swaps the tables and opens them again.
+
+pub mod gate;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use serde_json::json;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::{self, Handler, Request, Response};
+use gate::{DrainError, Gate, GateStatus};
+use session::Session;
+
+/// The default deadline of a drain that names none.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("invalid upstream {0:?}: {1}")]
+    Upstream(String, String),
+}
+
+/// Proxy-wide state shared by the sessions.
+#[derive(Debug)]
+pub struct Shared {
+    pub gate: Arc<Gate>,
+    upstream: String,
+    pub max_message_len: u32,
+    sessions: DashMap<u64, Arc<Session>>,
+    /// (backend pid, secret key) → session, for cancel requests.
+    backends: DashMap<(i32, Vec<u8>), u64>,
+    next_id: AtomicU64,
+    connections: AtomicU64,
+    cancels: AtomicU64,
+}
+
+impl Shared {
+    async fn connect_upstream(&self) -> std::io::Result<TcpStream> {
+        let server = TcpStream::connect(&self.upstream).await?;
+        server.set_nodelay(true).ok();
+        Ok(server)
+    }
+
+    fn register(&self, client: String) -> Arc<Session> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let session = Arc::new(Session {
+            id,
+            client,
+            started: Instant::now(),
+            flags: Default::default(),
+            backend: Default::default(),
+        });
+        self.sessions.insert(id, Arc::clone(&session));
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ghostwire_proxy_connections_total").increment(1);
+        metrics::gauge!("ghostwire_proxy_sessions").set(self.sessions.len() as f64);
+        session
+    }
+
+    fn unregister(&self, session: &Session) {
+        if std::mem::take(&mut session.flags().busy) {
+            self.gate.leave();
+        }
+        if let Some(key) = session.backend.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.backends.remove(&key);
+        }
+        self.sessions.remove(&session.id);
+        metrics::gauge!("ghostwire_proxy_sessions").set(self.sessions.len() as f64);
+    }
+
+    fn remember_backend(&self, session: &Session, pid: i32, key: &[u8]) {
+        self.backends.insert((pid, key.to_vec()), session.id);
+        *session.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some((pid, key.to_vec()));
+    }
+
+    /// Passes a cancel request to the server if it names one of our sessions (the server
+    /// ignores a wrong one anyway; this keeps strangers from using us to reach it).
+    async fn forward_cancel(&self, pid: i32, key: &[u8], packet: &[u8]) {
+        if !self.backends.contains_key(&(pid, key.to_vec())) {
+            tracing::debug!("ignoring a cancel request for unknown backend {pid}");
+            return;
+        }
+        self.cancels.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ghostwire_proxy_cancels_total").increment(1);
+        match self.connect_upstream().await {
+            Ok(mut server) => {
+                if let Err(e) = server.write_all(packet).await {
+                    tracing::warn!("forwarding a cancel request: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("forwarding a cancel request: {e}"),
+        }
+    }
+}
+
+/// Everything `/status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub upstream: String,
+    pub sessions: usize,
+    pub in_transaction: usize,
+    pub gate: GateStatus,
+    pub connections_total: u64,
+    pub cancels_total: u64,
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// `upstream`: a libpq URL, or `host:port`. Only its host and port are used: clients
+    /// bring their own user, database and credentials.
+    pub fn new(upstream: &str, max_message_len: u32) -> Result<Proxy, ProxyError> {
+        let address = upstream_address(upstream)?;
+        control::metrics(); // record from the first connection on
+        Ok(Proxy {
+            shared: Arc::new(Shared {
+                gate: Arc::new(Gate::default()),
+                upstream: address,
+                max_message_len,
+                sessions: DashMap::new(),
+                backends: DashMap::new(),
+                next_id: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
+                cancels: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.shared.gate
+    }
+
+    /// Accepts clients until `shutdown`; then stops accepting, lets clients finish for up to
+    /// `grace`, and closes the sessions still open.
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken, grace: Duration) {
+        let tracker = TaskTracker::new();
+        let sessions_stop = CancellationToken::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tracker.spawn(session::run(Arc::clone(&self.shared), stream, sessions_stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        tracing::info!("shutting down: waiting up to {grace:?} for {} session(s) to end", self.shared.sessions.len());
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!("closing {} remaining session(s)", self.shared.sessions.len());
+            sessions_stop.cancel();
+            tracker.wait().await;
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let in_transaction = self
+            .shared
+            .sessions
+            .iter()
+            .filter(|s| {
+                let f = s.flags();
+                f.busy && f.status != Some(ghostwire_proto::TransactionStatus::Idle)
+            })
+            .count();
+        Status {
+            upstream: self.shared.upstream.clone(),
+            sessions: self.shared.sessions.len(),
+            in_transaction,
+            gate: self.shared.gate.status(),
+            connections_total: self.shared.connections.load(Ordering::Relaxed),
+            cancels_total: self.shared.cancels.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The control API's handler.
+    pub fn control(&self) -> Handler {
+        let proxy = self.clone();
+        Arc::new(move |req: Request| {
+            let proxy = proxy.clone();
+            Box::pin(async move { proxy.handle(req).await })
+        })
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("POST", "/drain") => {
+                let deadline = req.number("deadline_ms").map(Duration::from_millis).unwrap_or(DEFAULT_DRAIN_DEADLINE);
+                match self.shared.gate.drain(deadline).await {
+                    Ok(waited) => {
+                        metrics::counter!("ghostwire_proxy_drains_total", "outcome" => "drained").increment(1);
+                        Response::json(
+                            200,
+                            &json!({"state": "drained", "waited_ms": ms(waited), "status": self.status()}),
+                        )
+                    }
+                    Err(e) => {
+                        let outcome = if matches!(e, DrainError::Deadline { .. }) { "deadline" } else { "busy" };
+                        metrics::counter!("ghostwire_proxy_drains_total", "outcome" => outcome).increment(1);
+                        Response::json(409, &json!({"state": self.shared.gate.status().state, "error": e.to_string()}))
+                    }
+                }
+            }
+            ("POST", "/open") => {
+                let closed = self.shared.gate.open();
+                if let Some(d) = closed {
+                    metrics::histogram!("ghostwire_proxy_gate_closed_seconds").record(d.as_secs_f64());
+                }
+                Response::json(200, &json!({"state": "open", "closed_ms": closed.map(ms)}))
+            }
+            ("GET", "/status") => Response::json(200, &self.status()),
+            ("GET", "/metrics") => Response::text(200, control::metrics().render()),
+            _ => Response::not_found(),
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `postgres://…@host:port/…` or `host:port` → `host:port`.
+fn upstream_address(upstream: &str) -> Result<String, ProxyError> {
+    if !upstream.contains("://") && !upstream.contains('=') {
+        return match upstream.parse::<SocketAddr>() {
+            Ok(a) => Ok(a.to_string()),
+            Err(_) if upstream.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {
+                Ok(upstream.to_owned())
+            }
+            Err(_) => Err(ProxyError::Upstream(upstream.into(), "expected host:port or a postgres:// URL".into())),
+        };
+    }
+    let config: tokio_postgres::Config =
+        upstream.parse().map_err(|e: tokio_postgres::Error| ProxyError::Upstream(upstream.into(), e.to_string()))?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(_) => {
+            return Err(ProxyError::Upstream(
+                upstream.into(),
+                "Unix sockets are not supported yet; use host:port".into(),
+            ));
+        }
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_addresses() {
+        assert_eq!(upstream_address("postgres://u:p@db.example:6543/app").unwrap(), "db.example:6543");
+        assert_eq!(upstream_address("postgres://localhost/app").unwrap(), "localhost:5432");
+        assert_eq!(upstream_address("127.0.0.1:5432").unwrap(), "127.0.0.1:5432");
+        assert_eq!(upstream_address("db:5432").unwrap(), "db:5432");
+        assert!(upstream_address("nonsense").is_err());
+        assert!(upstream_address("postgres:///app?host=/var/run/postgresql").is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! An in-process ghostwire proxy (with its control API) in front of a test cluster.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ghostwire::control;
+use ghostwire::proxy::{Proxy, Status};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port` of the control API.
+    pub control: String,
+    pub proxy: Proxy,
+    shutdown: CancellationToken,
+}
+
+impl TestProxy {
+    /// A proxy relaying to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> TestProxy {
+        let proxy = Proxy::new(upstream, ghostwire_proto::MAX_MESSAGE_LEN).expect("proxy");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let control = format!("http://{}", ctl.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+        let p = proxy.clone();
+        let s = shutdown.clone();
+        tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(5)).await });
+        TestProxy { addr, control, proxy, shutdown }
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (auth, path) = rest.split_once('@').map(|(a, p)| (format!("{a}@"), p)).unwrap_or((String::new(), rest));
+        let db = path.split_once('/').map(|(_, d)| d).unwrap_or("");
+        format!("{scheme}://{auth}{}/{db}", self.addr)
+    }
+
+    pub fn status(&self) -> Status {
+        self.proxy.status()
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = control::call(&self.control, "POST", path, Duration::from_secs(30)).await.unwrap();
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Waits until `check` holds for the proxy's status (or panics after 20 s).
+    pub async fn wait_until(&self, what: &str, check: impl Fn(&Status) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check(&self.status()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}", self.status());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
