@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
 use tokio_postgres::{Client, NoTls};
-use tokio_util::sync::CancellationToken;
 
 const CHANGE: &str = "ALTER TABLE orders ALTER COLUMN amount TYPE bigint";
 
@@ -200,7 +199,7 @@ async fn main() {
 
         load(&client, rows).await;
         let t = Instant::now();
-        let o = migrate::migrate(&config, CHANGE, &opts, &Silent, None, CancellationToken::new())
+        let o = migrate::migrate(&config, CHANGE, &opts, &migrate::Context::new(&Silent, &opts))
             .await
             .expect("migrate, idle");
         idle.push(t.elapsed());
@@ -209,7 +208,7 @@ async fn main() {
 
         load(&client, rows).await;
         let t = Instant::now();
-        migrate::migrate(&config, CHANGE, &no_verify, &Silent, None, CancellationToken::new())
+        migrate::migrate(&config, CHANGE, &no_verify, &migrate::Context::new(&Silent, &no_verify))
             .await
             .expect("migrate, no verify");
         unverified.push(t.elapsed());
@@ -218,7 +217,7 @@ async fn main() {
         let writers = start_load(&url, 4, 400, rows);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let t = Instant::now();
-        let o = migrate::migrate(&config, CHANGE, &opts, &Silent, None, CancellationToken::new())
+        let o = migrate::migrate(&config, CHANGE, &opts, &migrate::Context::new(&Silent, &opts))
             .await
             .expect("migrate, busy");
         busy.push(t.elapsed());

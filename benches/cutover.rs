@@ -132,9 +132,7 @@ async fn main() {
         &config,
         "ALTER TABLE orders ALTER COLUMN amount TYPE bigint",
         &opts,
-        &Silent,
-        None,
-        CancellationToken::new(),
+        &migrate::Context::new(&Silent, &opts),
     )
     .await
     .expect("the migration");

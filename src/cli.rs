@@ -44,21 +44,56 @@ pub enum Command {
         #[command(flatten)]
         options: MigrateArgs,
     },
-    /// Show migrations: phase, progress, backlog, cut-over attempts and recent events.
+    /// Continue a stopped migration of TABLE from its last checkpoint, in whatever phase it
+    /// stopped; with --control ADDR and no TABLE: let a paused run go on.
+    Resume {
+        #[command(flatten)]
+        db: Database,
+        table: Option<String>,
+        #[command(flatten)]
+        options: MigrateArgs,
+    },
+    /// Show migrations: phase, progress, backlog, throttling, cut-over attempts and recent
+    /// events; with --control ADDR, the live status of a running migration.
     Status {
         #[command(flatten)]
         db: Database,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Ask a running migration's control API (host:port) instead of the database.
+        #[arg(long)]
+        control: Option<String>,
         /// Only this table (`orders`, `public.orders`, `'"Sales"."Order Items"'`).
         table: Option<String>,
     },
-    /// Stop a migration before its swap and remove its shadow table, triggers and change log.
+    /// Stop a migration before its swap and remove its shadow table, triggers and change log
+    /// (by TABLE, or through a running migration's --control ADDR).
     Abort {
         #[command(flatten)]
         db: Database,
-        table: String,
+        #[arg(long)]
+        control: Option<String>,
+        table: Option<String>,
+    },
+    /// Pause a running migration's copy and catch-up (through its control API).
+    Pause {
+        #[arg(long)]
+        control: String,
+    },
+    /// Allow a postponed cut-over (through the migration's control API).
+    Cutover {
+        #[arg(long)]
+        control: String,
+    },
+    /// Show or change a running migration's settings without a restart (through its control
+    /// API): `chunk_rows=5000 max_backlog=null throttle_query='SELECT …'`.
+    Settings {
+        #[arg(long)]
+        control: String,
+        /// NAME=VALUE pairs; VALUE is JSON (a number, null to clear a limit) or else a string.
+        #[arg(value_name = "NAME=VALUE")]
+        changes: Vec<String>,
     },
     /// After the swap: drop the old table and every trace of the migration.
     Finish {
@@ -146,9 +181,41 @@ pub struct MigrateArgs {
     /// Drop the old table right after the swap (no revert window).
     #[arg(long)]
     pub finish: bool,
-    /// Do not ask: consent to a change that cannot be reverted.
+    /// Do not ask: consent to a change that cannot be reverted, and to resuming an
+    /// unfinished migration of the same statement.
     #[arg(long)]
     pub yes: bool,
+    /// Serve the live control API here (host:port): status, pause, resume, cutover, abort,
+    /// settings, metrics.
+    #[arg(long)]
+    pub control: Option<String>,
+    /// After the copy, keep the shadow in step and wait for `ghostwire cutover --control`.
+    #[arg(long)]
+    pub postpone_cutover: bool,
+    /// Print progress as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Pause copy and catch-up while a replica replays further behind than this.
+    #[arg(long, value_parser = duration)]
+    pub max_replica_lag: Option<Duration>,
+    /// Pause the copy while more captured changes than this wait (catch-up runs meanwhile).
+    #[arg(long)]
+    pub max_backlog: Option<i64>,
+    /// Pause copy and catch-up while more client sessions than this are active.
+    #[arg(long)]
+    pub max_active: Option<i64>,
+    /// Pause copy and catch-up while this SQL returns true.
+    #[arg(long)]
+    pub throttle_query: Option<String>,
+    /// Stop the run (resumable) when a replica falls further behind than this.
+    #[arg(long, value_parser = duration)]
+    pub critical_replica_lag: Option<Duration>,
+    /// Stop the run (resumable) when more captured changes than this wait.
+    #[arg(long)]
+    pub critical_backlog: Option<i64>,
+    /// Stop the run (resumable) when more client sessions than this are active.
+    #[arg(long)]
+    pub critical_active: Option<i64>,
 }
 
 /// Exit statuses.

@@ -160,11 +160,23 @@ pub fn authority(base: &str) -> Result<String, ClientError> {
     Ok(host_port.to_owned())
 }
 
-/// Sends one request to the control API at `base`; returns the status and the body.
+/// Sends one request without a body to the control API at `base`; returns the status and
+/// the body.
 pub async fn call(
     base: &str,
     method: &str,
     path_and_query: &str,
+    timeout: Duration,
+) -> Result<(u16, String), ClientError> {
+    send(base, method, path_and_query, Bytes::new(), timeout).await
+}
+
+/// Sends one request with `body` (JSON) to the control API at `base`.
+pub async fn send(
+    base: &str,
+    method: &str,
+    path_and_query: &str,
+    body: Bytes,
     timeout: Duration,
 ) -> Result<(u16, String), ClientError> {
     let addr = authority(base)?;
@@ -182,7 +194,8 @@ pub async fn call(
             .method(method)
             .uri(path_and_query)
             .header(hyper::header::HOST, addr.as_str())
-            .body(Full::new(Bytes::new()))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
             .map_err(|_| ClientError::Address(base.to_owned()))?;
         let res = sender.send_request(req).await.map_err(|source| ClientError::Http { addr: addr.clone(), source })?;
         let status = res.status().as_u16();

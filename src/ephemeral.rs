@@ -63,6 +63,21 @@ pub enum EphemeralError {
     Connect(#[from] tokio_postgres::Error),
 }
 
+/// A new, empty folder for a cluster's data, owned by `user` and private to it.
+fn new_dir(kind: &str, user: Option<RunAs>) -> Result<PathBuf, EphemeralError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{DIR_PREFIX}{}-{kind}{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err("make the cluster folder private"))?;
+    chown(&dir, user)?;
+    Ok(dir)
+}
+
 fn io_err(action: impl Into<String>) -> impl FnOnce(io::Error) -> EphemeralError {
     let action = action.into();
     move |source| EphemeralError::Io { action, source }
@@ -337,29 +352,66 @@ impl Cluster {
         sweep_stale_dirs();
         let binaries = Binaries::find()?;
         let user = run_as()?;
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod the cluster folder"))?;
-        chown(&dir, user)?;
+        let dir = new_dir("", user)?;
         let mut cluster =
             Cluster { binaries, dir, port: 0, user, postmaster: Mutex::new(None), next_db: AtomicU64::new(0) };
         cluster.initdb(&options)?;
-        // A port found free can be taken before the server binds it: try a few.
+        cluster.launch_on_a_free_port()?;
+        Ok(cluster)
+    }
+
+    /// Starts the server on a free port. A port found free can be taken before the server
+    /// binds it: tries a few.
+    fn launch_on_a_free_port(&mut self) -> Result<(), EphemeralError> {
         let mut last = None;
         for _ in 0..5 {
-            cluster.port = free_port()?;
-            match cluster.launch() {
-                Ok(()) => return Ok(cluster),
+            self.port = free_port()?;
+            match self.launch() {
+                Ok(()) => return Ok(()),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or(EphemeralError::Start { reason: "no attempt".into(), log: String::new() }))
+    }
+
+    /// A streaming standby of this cluster (`pg_basebackup -R`), running in hot standby on a
+    /// port of its own.
+    pub fn start_standby(&self) -> Result<Cluster, EphemeralError> {
+        let dir = new_dir("standby", self.user)?;
+        let mut standby = Cluster {
+            binaries: self.binaries.clone(),
+            dir,
+            port: 0,
+            user: self.user,
+            postmaster: Mutex::new(None),
+            next_db: AtomicU64::new(0),
+        };
+        let mut cmd = Command::new(self.binaries.path("pg_basebackup"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-D",
+        ])
+        .arg(standby.data_dir())
+        .stdin(Stdio::null());
+        configure(&mut cmd, self.user, false);
+        let out = cmd.output().map_err(io_err("run pg_basebackup"))?;
+        if !out.status.success() {
+            let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            return Err(EphemeralError::Start { reason: "pg_basebackup failed".into(), log: output });
+        }
+        append(&standby.data_dir().join("postgresql.conf"), "hot_standby = on\nhot_standby_feedback = on\n")?;
+        standby.launch_on_a_free_port()?;
+        Ok(standby)
     }
 
     /// The process-wide shared cluster with default options, started on first use and
@@ -441,8 +493,11 @@ impl Cluster {
             if let Some(status) = pm.has_exited() {
                 return Err(EphemeralError::Start { reason: format!("postgres {status}"), log: self.log_tail() });
             }
-            // pg_ctl's own readiness test: the postmaster writes "ready" as the 8th line.
-            if fs::read_to_string(&pid_file).is_ok_and(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready")) {
+            // pg_ctl's own readiness test: the postmaster writes "ready" (or "standby") as the
+            // 8th line of its pid file.
+            if fs::read_to_string(&pid_file)
+                .is_ok_and(|s| s.lines().nth(7).is_some_and(|l| matches!(l.trim(), "ready" | "standby")))
+            {
                 break;
             }
             if Instant::now() > deadline {

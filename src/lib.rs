@@ -9,6 +9,7 @@ pub mod commands;
 pub mod control;
 pub mod db;
 pub mod ephemeral;
+pub mod failpoint;
 pub mod migrate;
 pub mod plan;
 pub mod proxy;

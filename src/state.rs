@@ -16,7 +16,7 @@ use tokio_postgres::{Client, GenericClient};
 use crate::sql::QualifiedName;
 
 /// The version of the state schema this ghostwire writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS ghostwire;
@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS ghostwire.events (
     details jsonb
 );
 CREATE INDEX IF NOT EXISTS events_by_migration ON ghostwire.events (migration_id, id);
+-- Version 2: the copy's last key (fixed once capture is on), and live throttling state.
+ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS copy_end text[];
+ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS throttled text;
 "#;
 
 /// Where a migration is. Recorded before each phase starts; a failed run keeps the phase it
@@ -143,7 +146,7 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), tokio_postgres::Er
     tx.batch_execute(SCHEMA_SQL).await?;
     let current: Option<i32> =
         tx.query_opt("SELECT max(version) FROM ghostwire.schema_version", &[]).await?.and_then(|r| r.get(0));
-    if current.is_none() {
+    if current.is_none_or(|v| v < SCHEMA_VERSION) {
         tx.execute("INSERT INTO ghostwire.schema_version VALUES ($1)", &[&SCHEMA_VERSION]).await?;
     }
     tx.commit().await
@@ -199,17 +202,25 @@ pub struct Migration {
     pub lock_wait_ms: Option<f64>,
     pub lock_hold_ms: Option<f64>,
     pub error: Option<String>,
+    /// Why the run is throttled right now, if it is.
+    pub throttled: Option<String>,
     pub started_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
     #[serde(skip)]
     pub spec: Option<Value>,
+    /// The last copied key, as text.
+    #[serde(skip)]
+    pub checkpoint: Option<Vec<String>>,
+    /// The copy's last key, fixed when the copy starts.
+    #[serde(skip)]
+    pub copy_end: Option<Vec<String>>,
 }
 
 const MIGRATION_COLUMNS: &str = "id, table_schema, table_name, statement, strategy, phase, work_schema, archive_schema,
     rows_estimated, rows_copied, cutover_attempts, lock_wait_ms, lock_hold_ms, error,
     to_char(started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
-    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec";
+    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec, checkpoint, copy_end, throttled";
 
 fn migration_from(row: &tokio_postgres::Row) -> Migration {
     Migration {
@@ -230,6 +241,9 @@ fn migration_from(row: &tokio_postgres::Row) -> Migration {
         updated_at: row.get(15),
         finished_at: row.get(16),
         spec: row.get(17),
+        checkpoint: row.get(18),
+        copy_end: row.get(19),
+        throttled: row.get(20),
     }
 }
 
@@ -273,6 +287,35 @@ pub async fn active_migration(
           WHERE table_schema = $1 AND table_name = $2 AND phase NOT IN ('finished', 'aborted')"
     );
     Ok(client.query_opt(&sql, &[&table.schema, &table.name]).await?.as_ref().map(migration_from))
+}
+
+/// The unfinished migration of the table named `name` (in `schema`, if given): Ok(Err(why))
+/// when there is none or the name is ambiguous.
+pub async fn find_active(
+    client: &impl GenericClient,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<Result<Migration, String>, tokio_postgres::Error> {
+    let candidates: Vec<Migration> = list(client, None, 0)
+        .await?
+        .into_iter()
+        .filter(|m| !m.phase.is_done() && m.table.name == name && schema.is_none_or(|s| s == m.table.schema))
+        .collect();
+    let shown = match schema {
+        Some(s) => QualifiedName::new(s, name).to_string(),
+        None => crate::sql::display_ident(name),
+    };
+    Ok(match candidates.len() {
+        1 => Ok(candidates.into_iter().next().ok_or_else(String::new).unwrap_or_else(|_| unreachable!())),
+        0 => Err(format!("there is no unfinished migration of {shown}; `ghostwire status` lists the migrations")),
+        _ => {
+            let names: Vec<String> = candidates.iter().map(|m| m.table.to_string()).collect();
+            Err(format!(
+                "{shown} is ambiguous: unfinished migrations exist for {}; qualify it with its schema",
+                names.join(" and ")
+            ))
+        }
+    })
 }
 
 pub async fn migration(client: &impl GenericClient, id: i64) -> Result<Option<Migration>, tokio_postgres::Error> {

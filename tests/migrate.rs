@@ -24,21 +24,6 @@ async fn items(db: &TestDb, qty_type: &str) {
     .await;
 }
 
-fn items_shape() -> Shape {
-    Shape {
-        table: "items".into(),
-        oracle: "oracle".into(),
-        key: vec!["id".into()],
-        identity: false,
-        qty: Some("qty".into()),
-        note: Some("note".into()),
-        payload: Some("payload".into()),
-        key_updates: true,
-        deletes: true,
-        after_insert: None,
-    }
-}
-
 async fn column_type(db: &TestDb, table: &str, column: &str) -> String {
     strings(&db.client, &format!("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attname = '{column}'"))
         .await
@@ -52,7 +37,7 @@ async fn type_change_with_using_under_writes() {
     items(&db, "text").await;
     let (outcome, commits) = migrate_under_load(
         &db,
-        items_shape(),
+        Shape::items(),
         ROWS,
         "ALTER TABLE items ALTER COLUMN qty TYPE int USING qty::int",
         &test_options(),
@@ -83,7 +68,7 @@ async fn volatile_default_is_evaluated_per_row() {
     items(&db, "int").await;
     let (outcome, _) = migrate_under_load(
         &db,
-        items_shape(),
+        Shape::items(),
         ROWS,
         "ALTER TABLE items ADD COLUMN r float8 NOT NULL DEFAULT random()",
         &test_options(),
@@ -112,7 +97,7 @@ async fn volatile_default_is_evaluated_per_row() {
 async fn drop_column_through_the_shadow() {
     let db = TestDb::new().await;
     items(&db, "int").await;
-    let shape = Shape { note: None, ..items_shape() };
+    let shape = Shape { note: None, ..Shape::items() };
     let (outcome, _) = migrate_under_load(
         &db,
         shape,
@@ -142,7 +127,7 @@ async fn composite_key_with_key_updates() {
         table: "events".into(),
         oracle: "events_oracle".into(),
         key: vec!["tenant".into(), "seq".into()],
-        ..items_shape()
+        ..Shape::items()
     };
     let (outcome, _) =
         migrate_under_load(&db, shape, ROWS, "ALTER TABLE events ALTER COLUMN qty TYPE bigint", &test_options()).await;
@@ -179,7 +164,7 @@ async fn quoted_schema_table_and_columns() {
         key: vec![r#""Item ID""#.into()],
         qty: Some(r#""Qty""#.into()),
         note: Some(r#""Note""#.into()),
-        ..items_shape()
+        ..Shape::items()
     };
     let statement = r#"ALTER TABLE "Sales"."Order Items" ALTER COLUMN "Qty" TYPE bigint, ADD COLUMN "Added At" timestamptz DEFAULT clock_timestamp()"#;
     let (outcome, _) = migrate_under_load(&db, shape, ROWS, statement, &test_options()).await;
@@ -218,7 +203,7 @@ async fn identity_and_generated_columns() {
         oracle: "tickets_oracle".into(),
         identity: true,
         key_updates: false,
-        ..items_shape()
+        ..Shape::items()
     };
     // (PostgreSQL refuses to retype a column a generated column uses: force the copy otherwise.)
     let statement = "ALTER TABLE tickets ADD COLUMN r float8 DEFAULT random()";
@@ -252,7 +237,7 @@ async fn catalog_only_change_runs_in_place() {
     let oid_before = strings(&db.client, "SELECT 'items'::regclass::oid::text").await;
     let (outcome, _) = migrate_under_load(
         &db,
-        items_shape(),
+        Shape::items(),
         ROWS,
         "ALTER TABLE items ADD COLUMN flag boolean DEFAULT false",
         &test_options(),

@@ -28,21 +28,6 @@ async fn items(db: &TestDb) {
     .await;
 }
 
-fn shape() -> Shape {
-    Shape {
-        table: "items".into(),
-        oracle: "oracle".into(),
-        key: vec!["id".into()],
-        identity: false,
-        qty: Some("qty".into()),
-        note: Some("note".into()),
-        payload: Some("payload".into()),
-        key_updates: true,
-        deletes: true,
-        after_insert: None,
-    }
-}
-
 async fn unchanged(db: &TestDb) {
     let t = strings(&db.client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'qty'").await;
     assert_eq!(t, ["integer"], "the table was changed");
@@ -80,7 +65,7 @@ async fn migration_row(client: &Client) -> state::Migration {
 async fn a_long_lock_makes_the_cutover_retry_then_give_up_cleanly() {
     let db = TestDb::new().await;
     items(&db).await;
-    let load = Workload::start(&db.url, shape(), 2, ROWS, 11);
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 11);
     load.wait_for_more(20).await;
     let holder: Arc<Mutex<Option<Client>>> = Arc::new(Mutex::new(None));
     let (h, url) = (Arc::clone(&holder), db.url.clone());
@@ -128,7 +113,7 @@ async fn a_long_lock_makes_the_cutover_retry_then_give_up_cleanly() {
 async fn an_open_repeatable_read_transaction_delays_the_swap_until_it_ends() {
     let db = TestDb::new().await;
     items(&db).await;
-    let load = Workload::start(&db.url, shape(), 2, ROWS, 12);
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 12);
     load.wait_for_more(20).await;
     let rr: Arc<Mutex<Option<Client>>> = Arc::new(Mutex::new(None));
     let (r, url) = (Arc::clone(&rr), db.url.clone());
@@ -186,7 +171,7 @@ async fn abort_from_every_phase_before_the_swap_leaves_nothing_behind() {
     {
         let db = TestDb::new().await;
         items(&db).await;
-        let load = Workload::start(&db.url, shape(), 2, ROWS, 13);
+        let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 13);
         load.wait_for_more(10).await;
         let url = db.url.clone();
         let hook = at_phase(Arc::clone(&load.counters), phase, move || {
@@ -291,7 +276,7 @@ async fn the_command_line_end_to_end() {
 async fn verification_catches_a_corrupted_shadow_and_stops() {
     let db = TestDb::new().await;
     items(&db).await;
-    let load = Workload::start(&db.url, shape(), 2, ROWS, 14);
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 14);
     load.wait_for_more(10).await;
     let url = db.url.clone();
     let hook = at_phase(Arc::clone(&load.counters), Phase::Verify, move || {

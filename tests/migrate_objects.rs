@@ -19,21 +19,6 @@ async fn items(db: &TestDb, extra_columns: &str) {
     .await;
 }
 
-fn shape() -> Shape {
-    Shape {
-        table: "items".into(),
-        oracle: "oracle".into(),
-        key: vec!["id".into()],
-        identity: false,
-        qty: Some("qty".into()),
-        note: Some("note".into()),
-        payload: Some("payload".into()),
-        key_updates: true,
-        deletes: true,
-        after_insert: None,
-    }
-}
-
 async fn oracle_matches(db: &TestDb) {
     assert_same_rows(
         &db.client,
@@ -63,7 +48,7 @@ async fn foreign_keys_in_both_directions() {
          INSERT INTO shipments (item_id) SELECT id FROM items WHERE id % 3 = 0;",
     )
     .await;
-    let shape = Shape { after_insert: Some("INSERT INTO shipments (item_id) VALUES ({key})".into()), ..shape() };
+    let shape = Shape { after_insert: Some("INSERT INTO shipments (item_id) VALUES ({key})".into()), ..Shape::items() };
     let (outcome, _) = migrate_under_load(&db, shape, ROWS, RETYPE, &test_options()).await;
     assert!(outcome.swap.is_some() && outcome.unvalidated.is_empty());
     oracle_matches(&db).await;
@@ -121,7 +106,7 @@ async fn dependent_views_are_repointed() {
     ))
     .await;
     let notes_oid = strings(&db.client, "SELECT 'items_notes'::regclass::oid::text").await;
-    let (outcome, _) = migrate_under_load(&db, shape(), ROWS, RETYPE, &test_options()).await;
+    let (outcome, _) = migrate_under_load(&db, Shape::items(), ROWS, RETYPE, &test_options()).await;
     assert!(outcome.swap.is_some());
     oracle_matches(&db).await;
     for (view, expected) in [
@@ -176,7 +161,7 @@ async fn row_level_security_and_grants() {
          CREATE POLICY app_updates_all ON items FOR UPDATE TO {app} USING (true);"
     ))
     .await;
-    let (outcome, _) = migrate_under_load(&db, shape(), ROWS, RETYPE, &test_options()).await;
+    let (outcome, _) = migrate_under_load(&db, Shape::items(), ROWS, RETYPE, &test_options()).await;
     assert!(outcome.swap.is_some());
     oracle_matches(&db).await;
     let flags = strings(
@@ -228,7 +213,7 @@ async fn user_triggers_fire_after_the_swap_and_not_during_the_copy() {
          COMMENT ON TRIGGER items_audit ON items IS 'who inserted';",
     )
     .await;
-    let shape = Shape { key_updates: false, ..shape() };
+    let shape = Shape { key_updates: false, ..Shape::items() };
     let (outcome, _) = migrate_under_load(&db, shape, ROWS, RETYPE, &test_options()).await;
     assert!(outcome.swap.is_some());
     oracle_matches(&db).await;
@@ -285,7 +270,7 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     )
     .await;
     // note is NOT NULL now: the writers leave it to its default.
-    let shape = Shape { note: None, ..shape() };
+    let shape = Shape { note: None, ..Shape::items() };
     let (outcome, _) = migrate_under_load(&db, shape, ROWS, RETYPE, &test_options()).await;
     assert!(outcome.swap.is_some());
     oracle_matches(&db).await;

@@ -92,29 +92,14 @@ async fn items(db: &TestDb) {
     .await;
 }
 
-fn shape() -> Shape {
-    Shape {
-        table: "items".into(),
-        oracle: "oracle".into(),
-        key: vec!["id".into()],
-        identity: false,
-        qty: Some("qty".into()),
-        note: Some("note".into()),
-        payload: Some("payload".into()),
-        key_updates: true,
-        deletes: true,
-        after_insert: None,
-    }
-}
-
 #[tokio::test]
 async fn a_migration_through_two_proxies_under_load_has_no_client_errors() {
     let db = TestDb::new().await;
     items(&db).await;
     let (a, b) = (TestProxy::start(&upstream(&db)).await, TestProxy::start(&upstream(&db)).await);
     // Writers through both proxies (two application instances).
-    let first = Workload::start(&a.url_for(&db.url), shape(), 2, 3000, 21);
-    let second = Workload::start(&b.url_for(&db.url), shape(), 2, 1_000_000, 22);
+    let first = Workload::start(&a.url_for(&db.url), Shape::items(), 2, 3000, 21);
+    let second = Workload::start(&b.url_for(&db.url), Shape::items(), 2, 1_000_000, 22);
     first.wait_for_more(20).await;
     second.wait_for_more(20).await;
     let opts = Options { proxies: vec![a.control.clone(), b.control.clone()], ..test_options() };

@@ -162,7 +162,7 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let config = crate::db::config(Some(&url), "ghostwire demo")?;
     let options = Options { yes: true, proxies: vec![control_url.clone()], ..Options::default() };
-    let result = migrate::migrate(&config, change, &options, &Lines, None, CancellationToken::new()).await;
+    let result = migrate::migrate(&config, change, &options, &migrate::Context::new(&Lines, &options)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for h in load {

@@ -1,17 +1,21 @@
-//! `ghostwire migrate`.
+//! `ghostwire migrate` and `ghostwire resume TABLE`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use serde_json::json;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::CommandError;
-use crate::migrate::{self, MigrateError, Options, Reporter};
+use super::progress::{JsonLines, reporter};
+use crate::cli::{Capture, MigrateArgs, Verify};
+use crate::migrate::{self, Context, MigrateError, Options, Outcome, Reporter};
 use crate::plan::report::thousands;
-use crate::state::Phase;
-use crate::{db, plan};
+use crate::state::{self, Phase};
+use crate::{control, db, plan};
 
-/// Prints what the run does, one line at a time.
+/// Prints what the run does, one line at a time (when stdout is not a terminal).
 pub struct Lines;
 
 impl Reporter for Lines {
@@ -39,6 +43,30 @@ impl Reporter for Lines {
     }
 }
 
+/// The engine's options from the command line.
+pub fn options(a: &MigrateArgs) -> Options {
+    Options {
+        chunk_time: a.chunk_time,
+        chunk_rows: a.chunk_rows,
+        lock_timeout: a.lock_timeout,
+        cutover_attempts: a.cutover_attempts,
+        finish: a.finish,
+        yes: a.yes,
+        verify: a.verify == Verify::Full,
+        proxies: a.proxies.clone(),
+        drain_timeout: a.drain_timeout,
+        postpone_cutover: a.postpone_cutover,
+        max_replica_lag: a.max_replica_lag,
+        max_backlog: a.max_backlog,
+        max_active: a.max_active,
+        throttle_query: a.throttle_query.clone(),
+        critical_replica_lag: a.critical_replica_lag,
+        critical_backlog: a.critical_backlog,
+        critical_active: a.critical_active,
+        ..Options::default()
+    }
+}
+
 /// Asks on the terminal whether to go on; false when stdin is not a terminal.
 fn confirm(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
@@ -49,40 +77,116 @@ fn confirm(question: &str) -> bool {
     std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
 }
 
-pub async fn run(url: Option<&str>, statement: &str, mut options: Options) -> Result<(), CommandError> {
-    plan::parse::parse(statement).map_err(CommandError::refused)?;
-    let config = db::config(url, "ghostwire migrate")?;
-    if !options.yes {
-        // A change that cannot be reverted needs consent: asked here, or --yes.
-        let mut client = db::connect(&config).await?;
-        let p = plan::plan(&mut client, statement)
-            .await
-            .map_err(|e| if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) })?;
-        if !p.revertible {
-            say!("{}", plan::render(&p).trim_end());
-            if confirm("This change cannot be reverted. Run it?") {
-                options.yes = true;
-            }
-        }
+fn classify(e: MigrateError) -> CommandError {
+    if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) }
+}
+
+/// What to run: a new statement, or the unfinished migration of a table.
+pub enum Target<'a> {
+    Statement(&'a str),
+    Resume(&'a str),
+}
+
+pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> Result<(), CommandError> {
+    if args.capture == Capture::Logical {
+        return Err(CommandError::refused("--capture logical is not available yet; use the default trigger capture"));
     }
-    let cancel = CancellationToken::new();
-    let on_signal = cancel.clone();
+    if let Target::Statement(statement) = target {
+        plan::parse::parse(statement).map_err(CommandError::refused)?;
+    }
+    let config = db::config(url, "ghostwire migrate")?;
+    let mut opts = options(args);
+    if let Target::Statement(statement) = target
+        && !opts.yes
+    {
+        opts.yes = ask_consent(&config, statement).await?;
+    }
+    let out = reporter(args.json);
+    let ctx = Context::new(out.as_ref(), &opts);
+    let on_signal = ctx.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping at the next safe point…");
+            eprintln!("interrupted: stopping at the next safe point (the migration stays resumable)…");
             on_signal.cancel();
         }
     });
-    let outcome =
-        migrate::migrate(&config, statement, &options, &Lines, None, cancel).await.map_err(|e: MigrateError| {
-            if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) }
-        })?;
+    let shutdown = CancellationToken::new();
+    if let Some(addr) = &args.control {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| CommandError::failed(format!("cannot listen on {addr} for the control API: {e}")))?;
+        control::metrics();
+        out.note(&format!(
+            "control API on http://{}",
+            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        ));
+        tokio::spawn(control::serve(listener, ctx.live.control(), shutdown.clone()));
+    }
+    let result = match target {
+        Target::Statement(statement) => migrate::migrate(&config, statement, &opts, &ctx).await,
+        Target::Resume(table) => migrate::resume(&config, table, &opts, &ctx).await,
+    };
+    shutdown.cancel();
+    out.close();
+    let outcome = result.map_err(classify)?;
+    if args.json {
+        JsonLines::emit(summary_json(&outcome));
+    } else {
+        summary(&outcome);
+    }
+    Ok(())
+}
+
+/// Plans the statement and asks for consent where it is needed: a change that cannot be
+/// reverted, or resuming an unfinished migration of the same statement.
+async fn ask_consent(config: &tokio_postgres::Config, statement: &str) -> Result<bool, CommandError> {
+    let mut client = db::connect(config).await?;
+    let p = plan::plan(&mut client, statement)
+        .await
+        .map_err(|e| if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) })?;
+    if !p.revertible {
+        say!("{}", plan::render(&p).trim_end());
+        if !confirm("This change cannot be reverted. Run it?") {
+            return Ok(false);
+        }
+        return Ok(true);
+    }
+    if state::schema_exists(&client).await.map_err(CommandError::failed)?
+        && let Some(m) = state::active_migration(&client, &p.table).await.map_err(CommandError::failed)?
+        && m.phase.before_swap()
+    {
+        return Ok(confirm(&format!(
+            "Migration #{} of {} is unfinished (phase {}). Resume it?",
+            m.id, m.table, m.phase
+        )));
+    }
+    Ok(false)
+}
+
+fn summary_json(o: &Outcome) -> serde_json::Value {
+    json!({
+        "event": "done", "migration_id": o.id, "table": o.table.to_string(), "strategy": o.strategy.as_str(),
+        "rows_copied": o.rows_copied, "copy_seconds": o.copy_time.as_secs_f64(), "total_seconds": o.total_time.as_secs_f64(),
+        "lock_wait_ms": o.swap.map(|s| ms(s.lock_wait)), "lock_hold_ms": o.swap.map(|s| ms(s.lock_hold)),
+        "clients_held_ms": o.clients_held.map(ms), "cutover_attempts": o.cutover_attempts, "finished": o.finished,
+        "resumed_from": o.resumed_from, "unvalidated_foreign_keys": o.unvalidated,
+    })
+}
+
+fn summary(outcome: &Outcome) {
     say!();
     match outcome.swap {
+        None if outcome.strategy == crate::plan::Strategy::Instant => {
+            say!(
+                "Done: {} changed in place (catalog only) in {:.2} s.",
+                outcome.table,
+                outcome.total_time.as_secs_f64()
+            )
+        }
         None => say!(
-            "Done: {} changed in place (catalog only) in {:.2} s.",
+            "Done: {} was already swapped; nothing left to do but `ghostwire finish {}`.",
             outcome.table,
-            outcome.total_time.as_secs_f64()
+            outcome.table
         ),
         Some(s) => {
             let rate = outcome.rows_copied as f64 / outcome.copy_time.as_secs_f64().max(1e-3);
@@ -97,6 +201,9 @@ pub async fn run(url: Option<&str>, statement: &str, mut options: Options) -> Re
                 ms(s.lock_hold),
                 outcome.total_time.as_secs_f64()
             );
+            if let Some(held) = outcome.clients_held {
+                say!("The proxies held new queries for {:.1} ms during the swap.", ms(held));
+            }
             for fk in &outcome.unvalidated {
                 say!("Warning: {fk} could not be validated and stays NOT VALID.");
             }
@@ -112,7 +219,6 @@ pub async fn run(url: Option<&str>, statement: &str, mut options: Options) -> Re
             }
         }
     }
-    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {

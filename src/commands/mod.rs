@@ -12,13 +12,17 @@ macro_rules! say {
 
 mod cleanup;
 mod demo;
+mod live;
 mod migrate;
 mod plan;
+mod progress;
 mod proxy;
 mod status;
 mod target;
 
 use std::fmt;
+
+pub use progress::LogWriter;
 
 use crate::cli::{Command, exit};
 
@@ -52,27 +56,31 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
     match command {
         Command::Plan { db, json, statement } => plan::run(db.database_url.as_deref(), json, &statement).await,
         Command::Migrate { db, statement, options } => {
-            if options.capture == crate::cli::Capture::Logical {
-                return Err(CommandError::refused(
-                    "--capture logical is not available yet; use the default trigger capture",
-                ));
-            }
-            let opts = crate::migrate::Options {
-                chunk_time: options.chunk_time,
-                chunk_rows: options.chunk_rows,
-                lock_timeout: options.lock_timeout,
-                cutover_attempts: options.cutover_attempts,
-                finish: options.finish,
-                yes: options.yes,
-                verify: options.verify == crate::cli::Verify::Full,
-                proxies: options.proxies,
-                drain_timeout: options.drain_timeout,
-                ..crate::migrate::Options::default()
-            };
-            migrate::run(db.database_url.as_deref(), &statement, opts).await
+            migrate::run(db.database_url.as_deref(), migrate::Target::Statement(&statement), &options).await
         }
-        Command::Status { db, json, table } => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
-        Command::Abort { db, table } => cleanup::abort(db.database_url.as_deref(), &table).await,
+        Command::Resume { db, table, options } => match (table, &options.control) {
+            (Some(table), _) => {
+                migrate::run(db.database_url.as_deref(), migrate::Target::Resume(&table), &options).await
+            }
+            (None, Some(addr)) => live::command(addr, "/resume").await,
+            (None, None) => Err(CommandError::refused(
+                "name the table whose migration to resume (ghostwire resume TABLE), or a running migration's --control ADDR",
+            )),
+        },
+        Command::Status { db, json, control, table } => match control {
+            Some(addr) => live::status(&addr, json).await,
+            None => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
+        },
+        Command::Abort { db, control, table } => match (table, control) {
+            (Some(table), _) => cleanup::abort(db.database_url.as_deref(), &table).await,
+            (None, Some(addr)) => live::command(&addr, "/abort").await,
+            (None, None) => Err(CommandError::refused(
+                "name the table whose migration to abort, or a running migration's --control ADDR",
+            )),
+        },
+        Command::Pause { control } => live::command(&control, "/pause").await,
+        Command::Cutover { control } => live::command(&control, "/cutover").await,
+        Command::Settings { control, changes } => live::settings(&control, &changes).await,
         Command::Finish { db, table } => cleanup::finish(db.database_url.as_deref(), &table).await,
         Command::Proxy { listen, upstream, control, max_message_size, shutdown_timeout } => {
             proxy::run(&listen, &upstream, control.as_deref(), max_message_size, shutdown_timeout).await

@@ -80,6 +80,9 @@ pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(
         if let Some(b) = backlog(&client, m).await {
             say!("    change backlog: {b}");
         }
+        if let Some(t) = m.throttled.as_deref().filter(|_| !m.phase.is_done()) {
+            say!("    throttled: {t}");
+        }
         if m.cutover_attempts > 0 {
             let times = match (m.lock_wait_ms, m.lock_hold_ms) {
                 (Some(w), Some(h)) => format!("; lock waited {w:.1} ms, held {h:.1} ms"),

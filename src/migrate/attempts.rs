@@ -7,8 +7,8 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use super::cutover::{self, Outcome as Attempt, Swapped};
-use super::engine::Run;
 use super::error::{Context, MigrateError};
+use super::run::Run;
 use super::spec::Spec;
 use super::swap;
 use crate::state::Phase;
@@ -46,6 +46,7 @@ impl Run<'_> {
             let drained = match self.drain_proxies().await {
                 Ok(d) => d,
                 Err(failures) => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "drain_failed").increment(1);
                     reason = format!("a proxy did not drain in time ({failures})");
                     let details = json!({"attempt": attempt, "outcome": "drain_failed", "failures": failures});
                     self.event(
@@ -61,6 +62,7 @@ impl Run<'_> {
                     continue;
                 }
             };
+            self.live.update(|p| p.cutover_attempts = attempt);
             let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own).await;
             let stall = match drained {
                 Some(_) => {
@@ -79,6 +81,9 @@ impl Run<'_> {
             };
             match result {
                 Attempt::Swapped(s) => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "swapped").increment(1);
+                    metrics::histogram!("ghostwire_lock_wait_seconds").record(s.lock_wait.as_secs_f64());
+                    metrics::histogram!("ghostwire_lock_hold_seconds").record(s.lock_hold.as_secs_f64());
                     let (wait_ms, hold_ms) = (ms(s.lock_wait), ms(s.lock_hold));
                     let _ = self
                         .control
@@ -97,6 +102,8 @@ impl Run<'_> {
                     return Ok((s, attempt, stall));
                 }
                 Attempt::LockNotGranted { waited } => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "lock_timeout").increment(1);
+                    metrics::histogram!("ghostwire_lock_wait_seconds").record(waited.as_secs_f64());
                     reason = format!("the lock was not granted within {:?}", self.opts.lock_timeout);
                     let details =
                         with_gate(json!({"attempt": attempt, "outcome": "lock_timeout", "lock_wait_ms": ms(waited)}));
@@ -106,6 +113,7 @@ impl Run<'_> {
                     tokio::time::sleep(self.retry.pause(attempt)).await;
                 }
                 Attempt::Hazard { sessions, lock_wait } => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "snapshot_hazard").increment(1);
                     let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
                     reason = format!("sessions {pids:?} hold snapshots older than the copy");
                     let details = with_gate(json!({"attempt": attempt, "outcome": "snapshot_hazard",

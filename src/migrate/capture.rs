@@ -35,7 +35,7 @@ pub fn log_sql(spec: &Spec) -> String {
         .collect();
     let keys = spec.key_list();
     let mut sql = format!(
-        "CREATE TABLE {log} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+        "CREATE TABLE IF NOT EXISTS {log} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
          ghostwire_truncated boolean NOT NULL DEFAULT false, {});\n",
         columns.join(", ")
     );
@@ -51,7 +51,7 @@ pub fn log_sql(spec: &Spec) -> String {
             _ => format!("INSERT INTO {log} (ghostwire_truncated) VALUES (true);"),
         };
         sql.push_str(&format!(
-            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
              SET search_path = pg_catalog, pg_temp AS {};\n",
             trigger_function(spec.migration_id, event).sql(),
             dollar_quoted(&format!("BEGIN {body} RETURN NULL; END"))
@@ -102,10 +102,26 @@ pub fn drop_log_sql(id: i64) -> String {
     sql
 }
 
-/// Creates the change log and installs the triggers on the original table.
+/// Creates the change log and installs the triggers on the original table. Idempotent: a
+/// resumed run finds them there (they are created in one transaction: all or none).
 pub async fn install(client: &Client, spec: &Spec, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
     super::retry::in_transaction(client, &log_sql(spec)).await?;
+    if installed(client, spec).await? {
+        return Ok(());
+    }
     ddl(client, retry, "installing the capture triggers", &trigger_sql(spec, &spec.original)).await
+}
+
+/// Whether all the capture triggers are on the original table.
+pub async fn installed(client: &Client, spec: &Spec) -> Result<bool, tokio_postgres::Error> {
+    let names: Vec<String> = CAPTURE_EVENTS.iter().map(|e| trigger_name(spec.migration_id, e)).collect();
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)",
+            &[&spec.original.sql(), &names],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) == names.len() as i64)
 }
 
 /// Rows waiting in the change log.

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
-use tokio_util::sync::CancellationToken;
 
 use super::spec::Spec;
 
@@ -45,14 +44,12 @@ impl ChunkSizer {
     }
 }
 
-/// The statements of the copy, prepared once.
+/// The statements of the copy, prepared once. Key parameters are text.
 struct Statements {
-    /// `$1` = n-1, then the lower bound (when there is one): the chunk's upper key, as text.
+    /// `$1` = n-1, then the copy's end, then the lower bound (when there is one): the
+    /// chunk's upper key, when at least n rows remain before the end.
     upper_from_start: Statement,
     upper_after: Statement,
-    /// The table's current largest key (beyond the lower bound, when there is one), as text.
-    last_key: Statement,
-    last_key_after: Statement,
     /// Copies a range: the upper bound, then the lower bound (when there is one).
     copy_from_start: Statement,
     copy_after: Statement,
@@ -81,22 +78,17 @@ impl Statements {
         let original = spec.original.sql();
         let keys = spec.key_list();
         let key_text = spec.key_as_text("");
+        let n = spec.key.len();
         let upper = |after: bool| {
-            let filter = if after { format!("WHERE ({keys}) > {}", spec.key_params(2, false)) } else { String::new() };
-            format!("SELECT {key_text} FROM ONLY {original} {filter} ORDER BY {keys} OFFSET $1 LIMIT 1")
+            let mut filter = format!("({keys}) <= {}", spec.key_params(2, false));
+            if after {
+                filter.push_str(&format!(" AND ({keys}) > {}", spec.key_params(2 + n, false)));
+            }
+            format!("SELECT {key_text} FROM ONLY {original} WHERE {filter} ORDER BY {keys} OFFSET $1 LIMIT 1")
         };
-        let desc: Vec<String> = spec.key.iter().map(|k| format!("{} DESC", crate::sql::ident(&k.name))).collect();
         Ok(Statements {
             upper_from_start: client.prepare(&upper(false)).await?,
             upper_after: client.prepare(&upper(true)).await?,
-            last_key: client.prepare(&format!("SELECT {key_text} FROM ONLY {original} ORDER BY {} LIMIT 1", desc.join(", "))).await?,
-            last_key_after: client
-                .prepare(&format!(
-                    "SELECT {key_text} FROM ONLY {original} WHERE ({keys}) > {} ORDER BY {} LIMIT 1",
-                    spec.key_params(1, false),
-                    desc.join(", ")
-                ))
-                .await?,
             copy_from_start: client.prepare(&range_insert_sql(spec, false)).await?,
             copy_after: client.prepare(&range_insert_sql(spec, true)).await?,
             checkpoint: client
@@ -107,6 +99,18 @@ impl Statements {
                 .await?,
         })
     }
+}
+
+/// The table's largest key now, as text (None: empty).
+pub async fn last_key(client: &Client, spec: &Spec) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+    let desc: Vec<String> = spec.key.iter().map(|k| format!("{} DESC", crate::sql::ident(&k.name))).collect();
+    let sql = format!(
+        "SELECT {} FROM ONLY {} ORDER BY {} LIMIT 1",
+        spec.key_as_text(""),
+        spec.original.sql(),
+        desc.join(", ")
+    );
+    Ok(client.query_opt(&sql, &[]).await?.map(|r| r.get(0)))
 }
 
 fn params<'a>(head: Vec<&'a (dyn ToSql + Sync)>, keys: &[&'a Vec<String>]) -> Vec<&'a (dyn ToSql + Sync)> {
@@ -154,6 +158,10 @@ impl Stepper {
         }
     }
 
+    pub fn min_key(&self) -> i64 {
+        self.min
+    }
+
     /// Learns the density from a range of `span` key values that held `rows` rows.
     pub fn observe(&mut self, span: i64, rows: i64) {
         self.span = self.span.saturating_add(span.max(1));
@@ -173,86 +181,115 @@ pub async fn key_bounds(client: &Client, spec: &Spec) -> Result<Option<(i64, i64
     Ok(row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1)))
 }
 
-/// The next chunk's upper key (as text) and whether it is the last chunk.
-async fn next_upper(
-    client: &Client,
-    s: &Statements,
-    stepper: Option<&Stepper>,
-    checkpoint: &Option<Vec<String>>,
-    rows: i64,
-) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
-    if let Some(st) = stepper {
-        let lower = checkpoint.as_ref().map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
-        return Ok(st.upper(lower, rows).map(|u| (vec![u.to_string()], u >= st.max)));
-    }
-    let skip = rows - 1;
-    let upper = match checkpoint {
-        None => client.query_opt(&s.upper_from_start, &[&skip]).await?,
-        Some(lo) => client.query_opt(&s.upper_after, &params(vec![&skip], &[lo])).await?,
-    };
-    if let Some(row) = upper {
-        return Ok(Some((row.get(0), false)));
-    }
-    // Fewer than n rows left: the last chunk ends at the largest key beyond the checkpoint.
-    let last = match checkpoint {
-        None => client.query_opt(&s.last_key, &[]).await?,
-        Some(lo) => client.query_opt(&s.last_key_after, &params(vec![], &[lo])).await?,
-    };
-    Ok(last.map(|row| (row.get(0), true)))
+/// The copy in progress: the engine asks for one chunk at a time, so that throttling,
+/// live settings and catch-up can run in between.
+pub struct Copier {
+    statements: Statements,
+    pub sizer: ChunkSizer,
+    stepper: Option<Stepper>,
+    /// The last key copied.
+    pub checkpoint: Option<Vec<String>>,
+    /// The last key to copy: the largest once capture was on (fixed for the whole copy,
+    /// resumes included; rows written beyond it are captured).
+    pub end: Vec<String>,
+    done: bool,
+    pub total: i64,
 }
 
-/// Copies from `checkpoint` (None: from the start) to the end of the table. Calls
-/// `on_chunk` after each chunk; returns the rows copied, or early when cancelled.
-pub async fn run(
-    client: &mut Client,
-    spec: &Spec,
-    mut checkpoint: Option<Vec<String>>,
-    sizer: &mut ChunkSizer,
-    estimated_rows: i64,
-    cancel: &CancellationToken,
-    mut on_chunk: impl FnMut(&Chunk),
-) -> Result<i64, tokio_postgres::Error> {
-    let s = Statements::prepare(client, spec).await?;
-    let mut stepper = match spec.integer_key() {
-        true => match key_bounds(client, spec).await? {
-            Some((min, max)) => Some(Stepper::new(min, max, estimated_rows)),
-            None => return Ok(0), // empty: everything from now on is captured
-        },
-        false => None,
-    };
-    let id = spec.migration_id;
-    let mut total = 0;
-    while !cancel.is_cancelled() {
+impl Copier {
+    /// `end`: the copy's last key when resuming, else None (it is read now). Returns None
+    /// when there is nothing to copy.
+    pub async fn start(
+        client: &Client,
+        spec: &Spec,
+        checkpoint: Option<Vec<String>>,
+        end: Option<Vec<String>>,
+        sizer: ChunkSizer,
+        estimated_rows: i64,
+    ) -> Result<Option<Copier>, tokio_postgres::Error> {
+        let Some(end) = (match end {
+            Some(e) => Some(e),
+            None => last_key(client, spec).await?,
+        }) else {
+            return Ok(None);
+        };
+        let stepper = match spec.integer_key() {
+            true => {
+                let k = crate::sql::ident(&spec.key[0].name);
+                let min: Option<i64> = client
+                    .query_one(&format!("SELECT min({k})::int8 FROM ONLY {}", spec.original.sql()), &[])
+                    .await?
+                    .get(0);
+                let max = end[0].parse::<i64>().unwrap_or(i64::MAX);
+                Some(Stepper::new(min.unwrap_or(max).min(max), max, estimated_rows))
+            }
+            false => None,
+        };
+        Ok(Some(Copier {
+            statements: Statements::prepare(client, spec).await?,
+            sizer,
+            stepper,
+            checkpoint,
+            end,
+            done: false,
+            total: 0,
+        }))
+    }
+
+    /// The next chunk's upper key and whether it is the last chunk.
+    async fn upper(&self, client: &Client) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
+        if let Some(st) = &self.stepper {
+            let lower = self.checkpoint.as_ref().map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
+            return Ok(st.upper(lower, self.sizer.rows).map(|u| (vec![u.to_string()], u >= st.max)));
+        }
+        let skip = self.sizer.rows - 1;
+        let s = &self.statements;
+        let upper = match &self.checkpoint {
+            None => client.query_opt(&s.upper_from_start, &params(vec![&skip], &[&self.end])).await?,
+            Some(lo) => client.query_opt(&s.upper_after, &params(vec![&skip], &[&self.end, lo])).await?,
+        };
+        Ok(Some(match upper {
+            Some(row) => (row.get(0), false),
+            None => (self.end.clone(), true), // fewer than n rows left: up to the end
+        }))
+    }
+
+    /// Copies the next chunk; None when the copy is complete.
+    pub async fn next(&mut self, client: &mut Client, spec: &Spec) -> Result<Option<Chunk>, tokio_postgres::Error> {
+        if self.done {
+            return Ok(None);
+        }
         let started = Instant::now();
-        let Some((upper, last_chunk)) = next_upper(client, &s, stepper.as_ref(), &checkpoint, sizer.rows).await? else {
-            break;
+        let Some((upper, last_chunk)) = self.upper(client).await? else {
+            self.done = true;
+            return Ok(None);
         };
         // The chunk and its checkpoint commit together.
         let tx = client.transaction().await?;
-        let copied = match &checkpoint {
+        let s = &self.statements;
+        let copied = match &self.checkpoint {
             None => tx.execute(&s.copy_from_start, &params(vec![], &[&upper])).await?,
             Some(lo) => tx.execute(&s.copy_after, &params(vec![], &[&upper, lo])).await?,
         };
         let rows = copied as i64;
-        tx.execute(&s.checkpoint, &[&id, &upper, &rows]).await?;
+        crate::failpoint::hit("copy.in_chunk");
+        tx.execute(&s.checkpoint, &[&spec.migration_id, &upper, &rows]).await?;
         tx.commit().await?;
+        crate::failpoint::hit("copy.chunk");
         let took = started.elapsed();
-        total += rows;
+        self.total += rows;
         metrics::counter!("ghostwire_rows_copied_total").increment(rows as u64);
         metrics::histogram!("ghostwire_chunk_seconds").record(took.as_secs_f64());
-        if let Some(st) = stepper.as_mut() {
-            let lo = checkpoint.as_ref().and_then(|c| c[0].parse::<i64>().ok()).unwrap_or(st.min - 1);
+        if let Some(st) = self.stepper.as_mut() {
+            let lo = self.checkpoint.as_ref().and_then(|c| c[0].parse::<i64>().ok()).unwrap_or(st.min_key() - 1);
             let hi = upper[0].parse::<i64>().unwrap_or(lo);
             st.observe(hi.saturating_sub(lo), rows);
         }
-        checkpoint = Some(upper);
-        sizer.observe(rows, took);
-        on_chunk(&Chunk { rows, took, next_size: sizer.rows });
-        if last_chunk {
-            break;
-        }
+        self.checkpoint = Some(upper);
+        self.sizer.observe(rows, took);
+        self.done = last_chunk;
+        Ok(Some(Chunk { rows, took, next_size: self.sizer.rows }))
     }
-    Ok(total)
 }
 
 #[cfg(test)]

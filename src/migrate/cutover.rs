@@ -109,6 +109,7 @@ pub async fn attempt(
     match result {
         Ok(Ok(drained)) => {
             client.batch_execute("COMMIT").await?;
+            crate::failpoint::hit("cutover.committed");
             Ok(Outcome::Swapped(Swapped { lock_wait, lock_hold: granted.elapsed(), drained }))
         }
         Ok(Err(sessions)) => {
@@ -131,6 +132,7 @@ async fn swap(
     own: &[i32],
 ) -> Result<Result<i64, Vec<HazardSession>>, tokio_postgres::Error> {
     let drained = catchup::drain_in_transaction(client, spec).await?;
+    crate::failpoint::hit("cutover.locked");
     let sessions = hazards(client, last_xid, own).await?;
     if !sessions.is_empty() {
         return Ok(Err(sessions));
@@ -159,6 +161,9 @@ async fn swap(
             &[&spec.migration_id],
         )
         .await?;
+    crate::state::event(client, spec.migration_id, crate::state::Phase::Swapped, "phase", "tables swapped", None, None)
+        .await?;
+    crate::failpoint::hit("cutover.before_commit");
     Ok(Ok(drained))
 }
 

@@ -1,29 +1,25 @@
-//! The orchestrator: an explicit state machine over the phases of DESIGN.md §2.
-//!
-//! planned → shadow → capture → copy → index → catchup → verify → cutover → swapped
-//! (→ finished with `--finish`). Each phase is recorded in `ghostwire.migrations` before it
-//! starts; a failure is recorded with the phase it happened in. The engine owns the one
-//! cancellation token; connections of a run are named `ghostwire migrate #<id>` so that
-//! `abort` can find and stop them.
+//! Entry points of the engine: [`migrate`] starts a migration (or resumes the unfinished one
+//! of the same statement, with consent), [`resume`] continues one from its last checkpoint
+//! in whatever phase it stopped. Both refuse, before changing anything, what they cannot do.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::Swapped;
-use super::error::{Context, MigrateError};
-use super::retry::{self, RetryPolicy};
-use super::spec::Spec;
-use super::{capture, catchup, cleanup, copy, index, shadow, swap, verify};
+use super::error::{Context as _, MigrateError};
+use super::live::{Live, Settings};
+use super::run::Run;
+use super::spec::{self, Spec};
 use crate::db;
-use crate::plan::{self, Plan, Strategy};
+use crate::plan::{self, Strategy};
 use crate::sql::{QualifiedName, literal};
-use crate::state::{self, Phase};
+use crate::state::{self, Migration, Phase};
 
 /// How a migration runs.
 #[derive(Debug, Clone)]
@@ -37,7 +33,8 @@ pub struct Options {
     pub cutover_attempts: u32,
     /// Drop the old table right after the swap.
     pub finish: bool,
-    /// Consent to a change that cannot be reverted.
+    /// Consent to a change that cannot be reverted, and to resuming an unfinished migration
+    /// of the same statement.
     pub yes: bool,
     /// Concurrent index builds and verification workers.
     pub parallel: usize,
@@ -52,6 +49,15 @@ pub struct Options {
     /// How long a proxy may stay closed for one attempt (draining and swapping); the proxy
     /// reopens by itself after it.
     pub drain_timeout: Duration,
+    /// Wait after the copy, keeping the shadow in step, until the cut-over is allowed.
+    pub postpone_cutover: bool,
+    pub max_replica_lag: Option<Duration>,
+    pub max_backlog: Option<i64>,
+    pub max_active: Option<i64>,
+    pub throttle_query: Option<String>,
+    pub critical_replica_lag: Option<Duration>,
+    pub critical_backlog: Option<i64>,
+    pub critical_active: Option<i64>,
 }
 
 impl Default for Options {
@@ -69,6 +75,32 @@ impl Default for Options {
             verify: true,
             proxies: Vec::new(),
             drain_timeout: Duration::from_secs(2),
+            postpone_cutover: false,
+            max_replica_lag: None,
+            max_backlog: None,
+            max_active: None,
+            throttle_query: None,
+            critical_replica_lag: None,
+            critical_backlog: None,
+            critical_active: None,
+        }
+    }
+}
+
+impl Options {
+    /// The settings that can change while the migration runs, as they start.
+    pub fn settings(&self) -> Settings {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        Settings {
+            chunk_time_ms: self.chunk_time.as_millis().max(1) as u64,
+            chunk_rows: self.chunk_rows.max(1),
+            max_replica_lag_ms: ms(self.max_replica_lag),
+            max_backlog: self.max_backlog,
+            max_active: self.max_active,
+            throttle_query: self.throttle_query.clone(),
+            critical_replica_lag_ms: ms(self.critical_replica_lag),
+            critical_backlog: self.critical_backlog,
+            critical_active: self.critical_active,
         }
     }
 }
@@ -78,6 +110,8 @@ pub trait Reporter: Send + Sync {
     fn phase(&self, _phase: Phase, _message: &str) {}
     fn progress(&self, _phase: Phase, _done: i64, _total: i64, _rows_per_second: f64) {}
     fn note(&self, _message: &str) {}
+    /// The run is over: leave the output ready for what the command prints next.
+    fn close(&self) {}
 }
 
 /// A reporter that says nothing.
@@ -86,6 +120,32 @@ impl Reporter for Silent {}
 
 /// Called as each phase starts (tests use it to write during every phase).
 pub type PhaseHook = Arc<dyn Fn(Phase) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What drives a run from outside: its reporter, a test hook, Ctrl-C, and the live state
+/// the control API shares.
+pub struct Context<'a> {
+    pub reporter: &'a dyn Reporter,
+    pub hook: Option<PhaseHook>,
+    /// Stops the run at the next safe point, leaving it resumable.
+    pub cancel: CancellationToken,
+    pub live: Arc<Live>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(reporter: &'a dyn Reporter, opts: &Options) -> Context<'a> {
+        Context {
+            reporter,
+            hook: None,
+            cancel: CancellationToken::new(),
+            live: Live::new(opts.settings(), opts.postpone_cutover),
+        }
+    }
+
+    pub fn with_hook(mut self, hook: Option<PhaseHook>) -> Self {
+        self.hook = hook;
+        self
+    }
+}
 
 /// What a finished run did.
 #[derive(Debug, Clone)]
@@ -104,6 +164,8 @@ pub struct Outcome {
     pub unvalidated: Vec<String>,
     /// How long the proxies held clients for the swap (with `--proxy`).
     pub clients_held: Option<Duration>,
+    /// The phase this run started in (not `planned` when it resumed).
+    pub resumed_from: Option<Phase>,
 }
 
 /// The connection settings of every ghostwire session: named, and failing rather than
@@ -117,27 +179,42 @@ pub fn session_config(config: &Config, name: &str) -> Config {
     c
 }
 
-pub(super) struct Run<'a> {
-    pub(super) config: Config,
-    pub(super) control: Client,
-    pub(super) opts: &'a Options,
-    pub(super) reporter: &'a dyn Reporter,
-    pub(super) hook: Option<PhaseHook>,
-    pub(super) cancel: CancellationToken,
-    pub(super) retry: RetryPolicy,
-    pub(super) id: i64,
-    pub(super) phase: Phase,
+fn state_err(e: tokio_postgres::Error) -> MigrateError {
+    MigrateError::Plan(e.into())
+}
+
+/// How long a held table lock is waited for before the run is refused: the server session
+/// of a ghostwire process that just died keeps the lock until the server notices.
+const LOCK_GRACE: Duration = Duration::from_secs(3);
+
+/// Takes the table's advisory lock for this session, or says who holds it.
+async fn lock_table(control: &Client, table: &QualifiedName) -> Result<(), MigrateError> {
+    let deadline = tokio::time::Instant::now() + LOCK_GRACE;
+    loop {
+        if state::try_lock_table(control, table).await.map_err(state_err)? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let pid = state::lock_holder(control, table).await.ok().flatten().unwrap_or(0);
+            return Err(MigrateError::Busy { table: table.to_string(), pid });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Statements compared as the parser sees them (spacing and a trailing `;` do not matter).
+fn same_statement(a: &str, b: &str) -> bool {
+    let norm = |s: &str| pg_query::normalize(s).unwrap_or_else(|_| s.split_whitespace().collect::<Vec<_>>().join(" "));
+    norm(a) == norm(b)
 }
 
 /// Runs `statement` online. Refusals (bad input, another migration) come before anything
-/// is changed.
+/// is changed. An unfinished migration of the same statement is resumed with `opts.yes`.
 pub async fn migrate(
     config: &Config,
     statement: &str,
     opts: &Options,
-    reporter: &dyn Reporter,
-    hook: Option<PhaseHook>,
-    cancel: CancellationToken,
+    ctx: &Context<'_>,
 ) -> Result<Outcome, MigrateError> {
     let mut control = db::connect(&session_config(config, "ghostwire migrate")).await?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
@@ -148,12 +225,19 @@ pub async fn migrate(
             plan.revert_notes.join("; ")
         )));
     }
-    state::ensure_schema(&mut control).await.map_err(|e| MigrateError::Plan(e.into()))?;
-    if !state::try_lock_table(&control, &plan.table).await.map_err(|e| MigrateError::Plan(e.into()))? {
-        let pid = state::lock_holder(&control, &plan.table).await.ok().flatten().unwrap_or(0);
-        return Err(MigrateError::Busy { table: plan.table.to_string(), pid });
-    }
-    if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(|e| MigrateError::Plan(e.into()))? {
+    state::ensure_schema(&mut control).await.map_err(state_err)?;
+    lock_table(&control, &plan.table).await?;
+    if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(state_err)? {
+        if same_statement(&m.statement, &plan.statement) && m.phase.before_swap() {
+            if opts.yes {
+                return continue_migration(config, control, m, opts, ctx).await;
+            }
+            return Err(MigrateError::NeedsConsent(format!(
+                "migration #{} of {} with this statement is unfinished (phase {}): pass --yes to resume it, or run \
+                 `ghostwire resume {}`",
+                m.id, m.table, m.phase, m.table
+            )));
+        }
         return Err(MigrateError::Unfinished { table: m.table.to_string(), id: m.id, phase: m.phase, error: m.error });
     }
     let settings = json!({
@@ -173,289 +257,119 @@ pub async fn migrate(
     )
     .await
     .during(0, Phase::Planned, "recording the migration")?;
+    name_session(&control, id).await?;
+    state::event(&control, id, Phase::Planned, "plan", &plan.summary, None, Some(json!({ "steps": plan.steps.len() })))
+        .await
+        .during(id, Phase::Planned, "recording the plan")?;
+    let mut run = Run::new(config, control, opts, ctx, id, plan.table.clone(), plan.strategy);
+    let result = run.drive(Phase::Shadow, Some(&plan), None, None).await;
+    run.finish_up(result).await
+}
+
+async fn name_session(control: &Client, id: i64) -> Result<(), MigrateError> {
     control
         .batch_execute(&format!("SET application_name = {}", literal(&format!("ghostwire migrate #{id}"))))
         .await
-        .during(id, Phase::Planned, "naming the session")?;
-    let retry = RetryPolicy {
-        lock_timeout: opts.lock_timeout,
-        attempts: opts.cutover_attempts.max(1),
-        ..RetryPolicy::default()
-    };
-    let mut run =
-        Run { config: config.clone(), control, opts, reporter, hook, cancel, retry, id, phase: Phase::Planned };
-    state::event(
-        &run.control,
-        id,
-        Phase::Planned,
-        "plan",
-        &plan.summary,
-        None,
-        Some(json!({ "steps": plan.steps.len() })),
-    )
-    .await
-    .during(id, Phase::Planned, "recording the plan")?;
-    let result = run.execute(&plan).await;
-    if let Err(e) = &result
-        && !matches!(e, MigrateError::Aborted { .. })
-    {
-        let _ = state::set_error(&run.control, id, run.phase, &e.to_string()).await;
-    }
-    result
+        .during(id, Phase::Planned, "naming the session")
 }
 
-impl Run<'_> {
-    fn session(&self) -> Config {
-        session_config(&self.config, &format!("ghostwire migrate #{}", self.id))
+/// Continues the unfinished migration of `table` (`orders`, `public.orders`,
+/// `"Sales"."Order Items"`) from where it stopped.
+pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<'_>) -> Result<Outcome, MigrateError> {
+    let mut control = db::connect(&session_config(config, "ghostwire resume")).await?;
+    let (schema, name) = plan::parse::table_name(table).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    if !state::schema_exists(&control).await.map_err(state_err)? {
+        return Err(MigrateError::Refused(format!(
+            "no ghostwire migration has run in this database (looking for {table})"
+        )));
     }
-
-    async fn enter(&mut self, phase: Phase, message: &str) -> Result<(), MigrateError> {
-        self.check_cancelled()?;
-        self.phase = phase;
-        state::set_phase(&self.control, self.id, phase, message).await.during(self.id, phase, "recording the phase")?;
-        self.reporter.phase(phase, message);
-        if let Some(hook) = &self.hook {
-            hook(phase).await;
-        }
-        Ok(())
-    }
-
-    pub(super) fn check_cancelled(&self) -> Result<(), MigrateError> {
-        if self.cancel.is_cancelled() {
-            return Err(MigrateError::Aborted { id: self.id, table: String::new(), cleaned: false });
-        }
-        Ok(())
-    }
-
-    pub(super) async fn event(
-        &self,
-        kind: &str,
-        message: &str,
-        duration: Option<Duration>,
-        details: Option<serde_json::Value>,
-    ) {
-        let ms = duration.map(|d| d.as_secs_f64() * 1000.0);
-        if let Err(e) = state::event(&self.control, self.id, self.phase, kind, message, ms, details).await {
-            tracing::warn!("could not record an event: {e}");
-        }
-    }
-
-    async fn execute(&mut self, plan: &Plan) -> Result<Outcome, MigrateError> {
-        let started = Instant::now();
-        let mut outcome = Outcome {
-            id: self.id,
-            table: plan.table.clone(),
-            strategy: plan.strategy,
-            rows_copied: 0,
-            copy_time: Duration::ZERO,
-            total_time: Duration::ZERO,
-            swap: None,
-            cutover_attempts: 0,
-            finished: false,
-            unvalidated: Vec::new(),
-            clients_held: None,
-        };
-        if plan.strategy == Strategy::Instant {
-            self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
-            let t = Instant::now();
-            retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text).await.during(
-                self.id,
-                Phase::Cutover,
-                "running the statement",
-            )?;
-            self.event("statement", "statement run", Some(t.elapsed()), None).await;
-            self.enter(Phase::Finished, "finished").await?;
-            outcome.finished = true;
-            outcome.total_time = started.elapsed();
-            return Ok(outcome);
-        }
-
-        self.enter(Phase::Shadow, "building the shadow table with the change applied").await?;
-        let spec = shadow::create(&self.control, plan, self.id, &self.retry).await?;
-        let spec_json = serde_json::to_value(&spec).unwrap_or_default();
-        state::set_spec(&self.control, self.id, &spec.work_schema, &spec.archive_schema, &spec_json).await.during(
-            self.id,
-            Phase::Shadow,
-            "recording the spec",
-        )?;
-
-        self.enter(Phase::Capture, "installing the capture triggers").await?;
-        capture::install(&self.control, &spec, &self.retry).await.during(
-            self.id,
-            Phase::Capture,
-            "installing the capture triggers",
-        )?;
-
-        self.enter(Phase::Copy, "copying rows in keyset chunks").await?;
-        let mut work = db::connect(&self.session()).await?;
-        // A chunk and its checkpoint commit together, so an asynchronous commit lost in a
-        // crash loses both: safe, and no flush wait per chunk.
-        work.batch_execute("SET synchronous_commit = off").await.during(
-            self.id,
-            Phase::Copy,
-            "preparing the copy session",
-        )?;
-        let t = Instant::now();
-        outcome.rows_copied = self.copy(&mut work, &spec, plan.estimated_rows).await?;
-        outcome.copy_time = t.elapsed();
-        self.event("copy_done", &format!("copied {} rows", outcome.rows_copied), Some(outcome.copy_time), None).await;
-
-        self.enter(Phase::Index, &format!("building {} index(es)", spec.deferred_indexes.len())).await?;
-        let t = Instant::now();
-        let built = index::build(&self.session(), &spec.deferred_indexes, self.opts.parallel, &self.cancel)
-            .await
-            .map_err(|e| match e {
-                index::IndexError::Connect(c) => MigrateError::Connect(c),
-                index::IndexError::Build { index, source } => MigrateError::Database {
-                    id: self.id,
-                    phase: Phase::Index,
-                    context: format!("building index {index}"),
-                    source,
-                },
-                index::IndexError::Worker(w) => MigrateError::Refused(w),
-            })?;
-        self.check_cancelled()?;
-        let details =
-            json!(built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>());
-        self.event("index_done", &format!("built {} index(es)", built.len()), Some(t.elapsed()), Some(details)).await;
-
-        self.enter(Phase::Catchup, "applying captured changes").await?;
-        catchup::prepare(&work, &spec).await.during(self.id, Phase::Catchup, "preparing catch-up")?;
-        self.catch_up(&work, &spec).await?;
-        work.batch_execute(&format!("ANALYZE {}", spec.shadow().sql())).await.during(
-            self.id,
-            Phase::Catchup,
-            "analyzing the shadow",
-        )?;
-        self.catch_up(&work, &spec).await?;
-
-        if self.opts.verify {
-            self.verify(&spec).await?;
-        } else {
-            self.event("verify_skipped", "verification skipped (--verify none)", None, None).await;
-        }
-
-        self.enter(Phase::Cutover, "swapping the tables").await?;
-        let (swapped, attempts, held) = self.cut_over(&work, &spec).await?;
-        outcome.swap = Some(swapped);
-        outcome.clients_held = held;
-        outcome.cutover_attempts = attempts;
-        self.phase = Phase::Swapped;
-        self.reporter.phase(Phase::Swapped, "swapped");
-        if let Some(hook) = &self.hook {
-            hook(Phase::Swapped).await;
-        }
-        outcome.unvalidated = self.validate(&spec).await;
-        if self.opts.finish {
-            let m = state::migration(&self.control, self.id).await.during(
-                self.id,
-                Phase::Swapped,
-                "reading the migration",
-            )?;
-            if let Some(m) = m {
-                cleanup::finish(&self.control, &m).await.map_err(|e| MigrateError::Refused(e.to_string()))?;
-                outcome.finished = true;
-                self.phase = Phase::Finished;
-            }
-        }
-        outcome.total_time = started.elapsed();
-        Ok(outcome)
-    }
-
-    async fn verify(&mut self, spec: &Spec) -> Result<(), MigrateError> {
-        self.enter(Phase::Verify, "comparing the original and the shadow").await?;
-        let t = Instant::now();
-        let report = verify::run(&self.session(), spec, self.opts.verify_range_rows, self.opts.parallel, &self.cancel)
-            .await
-            .map_err(|e| match e {
-                verify::VerifyError::Connect(c) => MigrateError::Connect(c),
-                verify::VerifyError::Database(d) => {
-                    MigrateError::Database { id: self.id, phase: Phase::Verify, context: "verifying".into(), source: d }
-                }
-                verify::VerifyError::Worker(w) => MigrateError::Refused(w),
-            })?;
-        self.check_cancelled()?;
-        let details = json!({"ranges": report.ranges, "rows": report.rows, "pending": report.pending,
-                             "unexplained": report.unexplained.len(), "matched_by_key": report.matched_by_key});
-        self.event(
-            "verify_done",
-            &format!("verified {} rows in {} ranges", report.rows, report.ranges),
-            Some(t.elapsed()),
-            Some(details),
-        )
-        .await;
-        if !report.unexplained.is_empty() {
-            let sample: Vec<String> =
-                report.unexplained.iter().take(5).map(|k| format!("({})", k.join(", "))).collect();
-            return Err(MigrateError::Mismatch {
-                id: self.id,
-                table: spec.original.to_string(),
-                count: report.unexplained.len(),
-                sample: sample.join(", "),
-            });
-        }
-
-        Ok(())
-    }
-
-    async fn copy(&mut self, work: &mut Client, spec: &Spec, estimated: i64) -> Result<i64, MigrateError> {
-        let mut sizer = copy::ChunkSizer::new(self.opts.chunk_time, self.opts.chunk_rows);
-        let started = Instant::now();
-        let mut done = 0i64;
-        let mut last_report = Instant::now();
-        let reporter = self.reporter;
-        let total = copy::run(work, spec, None, &mut sizer, estimated, &self.cancel, |chunk| {
-            done += chunk.rows;
-            if last_report.elapsed() >= Duration::from_millis(500) {
-                last_report = Instant::now();
-                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                reporter.progress(Phase::Copy, done, estimated.max(done), rate);
-            }
-        })
+    state::ensure_schema(&mut control).await.map_err(state_err)?;
+    let found = state::find_active(&control, schema.as_deref(), &name).await.map_err(state_err)?;
+    let m = found.map_err(MigrateError::Refused)?;
+    lock_table(&control, &m.table).await?;
+    // Read again under the lock: a runner that just finished has moved it on.
+    let m = state::migration(&control, m.id)
         .await
-        .during(self.id, Phase::Copy, "copying rows")?;
-        self.check_cancelled()?;
-        let rate = total as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        self.reporter.progress(Phase::Copy, total, total, rate);
-        Ok(total)
-    }
+        .map_err(state_err)?
+        .ok_or_else(|| MigrateError::Refused("the migration vanished".into()))?;
+    continue_migration(config, control, m, opts, ctx).await
+}
 
-    /// Applies change-log batches until a batch comes back short; returns the last batch's
-    /// transaction id.
-    pub(super) async fn catch_up(&self, work: &Client, spec: &Spec) -> Result<i64, MigrateError> {
-        let mut applied = 0;
-        loop {
-            self.check_cancelled()?;
-            let b = catchup::batch(work, spec, self.opts.catchup_batch).await.during(
-                self.id,
-                self.phase,
-                "applying captured changes",
-            )?;
-            applied += b.entries;
-            if b.entries < self.opts.catchup_batch {
-                if applied > 0 {
-                    self.reporter.note(&format!("applied {applied} captured change(s)"));
-                }
-                return Ok(b.xid.unwrap_or(0));
-            }
+async fn continue_migration(
+    config: &Config,
+    mut control: Client,
+    m: Migration,
+    opts: &Options,
+    ctx: &Context<'_>,
+) -> Result<Outcome, MigrateError> {
+    if m.phase.is_done() {
+        return Err(MigrateError::Refused(format!("migration #{} of {} is already {}", m.id, m.table, m.phase)));
+    }
+    name_session(&control, m.id).await?;
+    let spec: Option<Spec> = m.spec.clone().and_then(|v| serde_json::from_value(v).ok());
+    let strategy = match m.strategy.as_str() {
+        "instant" => Strategy::Instant,
+        "online" => Strategy::Online,
+        _ => Strategy::Copy,
+    };
+    // Where to pick up, and whether what that needs is still there.
+    let (from, plan) = match (&spec, m.phase) {
+        (None, _) => {
+            // Nothing built yet, or a shadow that never got its spec: start over from the plan.
+            let plan = plan::plan(&mut control, &m.statement).await?;
+            control
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                    crate::sql::ident(&spec::work_schema(m.id))
+                ))
+                .await
+                .during(m.id, m.phase, "removing a half-built shadow")?;
+            (Phase::Shadow, Some(plan))
+        }
+        (Some(_), Phase::Planned | Phase::Shadow) => (Phase::Capture, None),
+        (Some(s), phase) => {
+            check_resumable(&control, &m, s).await?;
+            (if phase == Phase::Verify { Phase::Catchup } else { phase }, None)
+        }
+    };
+    state::event(&control, m.id, m.phase, "resume", &format!("resuming in phase {from}"), None, None).await.during(
+        m.id,
+        m.phase,
+        "recording the resume",
+    )?;
+    ctx.reporter.note(&format!("resuming migration #{} of {} in phase {from}", m.id, m.table));
+    let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
+    run.rows_before = m.rows_copied;
+    let result = run.drive(from, plan.as_ref(), spec, Some(&m)).await;
+    let mut outcome = run.finish_up(result).await?;
+    outcome.resumed_from = Some(m.phase);
+    Ok(outcome)
+}
+
+/// A migration can go on only if what it built is still there.
+async fn check_resumable(client: &Client, m: &Migration, s: &Spec) -> Result<(), MigrateError> {
+    let gone = |what: String| {
+        MigrateError::Refused(format!(
+            "migration #{} of {} cannot be resumed: {what}. Run `ghostwire abort {}` to clean up and start again",
+            m.id, m.table, m.table
+        ))
+    };
+    let exists = |name: String| async move {
+        client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).await.map(|r| r.get::<_, bool>(0))
+    };
+    if m.phase == Phase::Swapped {
+        return Ok(());
+    }
+    if m.phase >= Phase::Copy && !exists(s.shadow().sql()).await.map_err(state_err)? {
+        return Err(gone(format!("its shadow table {} is gone (dropped by hand?)", s.shadow())));
+    }
+    if m.phase >= Phase::Capture {
+        if !exists(s.log_table().sql()).await.map_err(state_err)? {
+            return Err(gone(format!("its change log {} is gone, so writes since then are lost to it", s.log_table())));
+        }
+        if m.phase > Phase::Capture && !super::capture::installed(client, s).await.map_err(state_err)? {
+            return Err(gone(format!("its capture triggers on {} are gone, so writes were not recorded", s.original)));
         }
     }
-
-    /// Validates the foreign keys added NOT VALID during the swap; returns those that failed.
-    async fn validate(&self, spec: &Spec) -> Vec<String> {
-        let mut failed = Vec::new();
-        for (what, sql) in swap::script(spec).validations {
-            let t = Instant::now();
-            match retry::ddl(&self.control, &self.retry, &format!("validating {what}"), &sql).await {
-                Ok(()) => self.event("validate", &format!("validated {what}"), Some(t.elapsed()), None).await,
-                Err(e) => {
-                    let msg = format!("could not validate {what} ({e}); it stays NOT VALID");
-                    self.reporter.note(&msg);
-                    self.event("validate", &msg, Some(t.elapsed()), None).await;
-                    failed.push(what);
-                }
-            }
-        }
-        failed
-    }
+    Ok(())
 }

@@ -41,6 +41,12 @@ pub enum MigrateError {
     CutoverGaveUp { id: i64, table: String, attempts: u32, reason: String },
     #[error("migration #{id} of {table} was aborted{}", if *.cleaned { "; its shadow table, triggers and change log are removed" } else { "" })]
     Aborted { id: i64, table: String, cleaned: bool },
+    #[error(
+        "migration #{id} of {table} stopped at a safe point in phase {phase}; `ghostwire resume {table}` continues it, `ghostwire abort {table}` removes it"
+    )]
+    Interrupted { id: i64, table: String, phase: Phase },
+    #[error("migration #{id} of {table} was aborted in phase {phase}: {reason}. {}", if *.cleaned { "Its shadow table, triggers and change log are removed and the table is as it was; run the migration again once the cause is gone" } else { "Its shadow table and triggers are still there: `ghostwire abort {table}` removes them" })]
+    Critical { id: i64, table: String, phase: Phase, reason: String, cleaned: bool },
 }
 
 fn next_step(phase: Phase) -> &'static str {

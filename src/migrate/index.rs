@@ -22,6 +22,21 @@ pub enum IndexError {
     Worker(String),
 }
 
+/// The indexes the shadow has now (a resumed run builds only the others).
+pub async fn existing(
+    client: &tokio_postgres::Client,
+    spec: &super::spec::Spec,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = $1::text::regclass",
+            &[&spec.shadow().sql()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Builds `indexes` on `parallel` connections; returns each index's build time.
 pub async fn build(
     config: &Config,
@@ -54,6 +69,7 @@ pub async fn build(
                     return Err(IndexError::Build { index: index.name, source });
                 }
                 tracing::debug!("built index {} in {:.1?}", index.name, started.elapsed());
+                crate::failpoint::hit("index.built");
                 built.push((index.name, started.elapsed()));
             }
             Ok(built)

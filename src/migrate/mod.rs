@@ -1,9 +1,11 @@
-//! `ghostwire migrate`: the engine, one module per phase (DESIGN.md §2, §4, §5).
+//! `ghostwire migrate`: the engine, one module per phase (DESIGN.md §2, §4, §5, §6).
 //!
 //! [`migrate`] plans the statement, then either runs it directly (catalog-only changes) or
 //! goes through the shadow table: [`shadow`] → [`capture`] → [`copy`] → [`index`] →
-//! [`catchup`] → [`verify`] → [`cutover`] (with the statements of [`swap`]). State lives in
-//! the target database ([`crate::state`]); [`cleanup`] implements `abort` and `finish`.
+//! [`catchup`] → [`verify`] → [`cutover`] (with the statements of [`swap`]); [`resume`]
+//! continues a stopped one. State lives in the target database ([`crate::state`]);
+//! [`cleanup`] implements `abort` and `finish`; [`live`] and [`throttle`] are the operator's
+//! controls.
 
 mod attempts;
 pub mod capture;
@@ -14,11 +16,15 @@ pub mod cutover;
 mod engine;
 mod error;
 pub mod index;
+pub mod live;
 pub mod retry;
+mod run;
 pub mod shadow;
 pub mod spec;
 pub mod swap;
+pub mod throttle;
 pub mod verify;
 
-pub use engine::{Options, Outcome, PhaseHook, Reporter, Silent, migrate, session_config};
+pub use engine::{Context, Options, Outcome, PhaseHook, Reporter, Silent, migrate, resume, session_config};
 pub use error::MigrateError;
+pub use live::{Live, Progress, Settings};

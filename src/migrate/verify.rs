@@ -329,6 +329,7 @@ pub async fn run(
                     break;
                 }
                 let r = check_range(&client, &spec, &q, &lo, &hi).await?;
+                crate::failpoint::hit("verify.range");
                 report.ranges += 1;
                 report.rows += r.rows;
                 report.pending += r.pending;

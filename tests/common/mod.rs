@@ -44,14 +44,15 @@ pub fn role(db: &TestDb, base: &str) -> String {
     format!("{base}_{db_name}")
 }
 
+pub mod items;
 pub mod proxy;
+pub mod running;
 pub mod workload;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ghostwire::migrate::{self, MigrateError, Options, Outcome, PhaseHook, Silent};
-use tokio_util::sync::CancellationToken;
 use workload::{Counters, Shape, Workload};
 
 /// Options for small test tables: many small chunks and batches, so writes interleave.
@@ -87,7 +88,8 @@ pub async fn run_migration(
     opts: &Options,
     hook: Option<PhaseHook>,
 ) -> Result<Outcome, MigrateError> {
-    migrate::migrate(&config(url), statement, opts, &Silent, hook, CancellationToken::new()).await
+    let ctx = migrate::Context::new(&Silent, opts).with_hook(hook);
+    migrate::migrate(&config(url), statement, opts, &ctx).await
 }
 
 /// Runs a migration while writers change the table in every phase (and after the swap);
@@ -151,4 +153,13 @@ pub async fn debris(client: &Client, id: i64) -> Vec<String> {
         ),
     )
     .await
+}
+
+/// Polls `sql` (one boolean) until it returns true; fails the test after a minute.
+pub async fn wait_for(client: &Client, sql: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !client.query_one(sql, &[]).await.map(|r| r.get::<_, bool>(0)).unwrap_or(false) {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {sql}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

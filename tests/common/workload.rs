@@ -37,6 +37,25 @@ pub struct Shape {
     pub after_insert: Option<String>,
 }
 
+impl Shape {
+    /// The usual test table: `items (id bigint PRIMARY KEY, qty int, note text, payload
+    /// text)` and its `oracle`, with key updates and deletes.
+    pub fn items() -> Shape {
+        Shape {
+            table: "items".into(),
+            oracle: "oracle".into(),
+            key: vec!["id".into()],
+            identity: false,
+            qty: Some("qty".into()),
+            note: Some("note".into()),
+            payload: Some("payload".into()),
+            key_updates: true,
+            deletes: true,
+            after_insert: None,
+        }
+    }
+}
+
 /// Counts shared by the writers.
 #[derive(Default)]
 pub struct Counters {
@@ -172,13 +191,23 @@ impl Shape {
 impl Workload {
     /// Starts `writers` writer tasks against `url`. `first_key` is where new keys start.
     pub fn start(url: &str, shape: Shape, writers: usize, first_key: i64, seed: u64) -> Workload {
+        Self::start_with(url, shape, writers, first_key, seed, false)
+    }
+
+    /// Like `start`, but writers that lose their connection (a server restart) reconnect
+    /// and go on instead of failing; each transaction is still atomic on both tables.
+    pub fn start_tolerant(url: &str, shape: Shape, writers: usize, first_key: i64, seed: u64) -> Workload {
+        Self::start_with(url, shape, writers, first_key, seed, true)
+    }
+
+    fn start_with(url: &str, shape: Shape, writers: usize, first_key: i64, seed: u64, tolerant: bool) -> Workload {
         let counters = Arc::new(Counters { next_key: AtomicI64::new(first_key), ..Counters::default() });
         let shape = Arc::new(shape);
         let mut handles = Vec::new();
         for w in 0..writers {
             let (url, shape, counters) = (url.to_owned(), Arc::clone(&shape), Arc::clone(&counters));
             handles.push(tokio::spawn(async move {
-                let client = super::connect(&url).await;
+                let mut client = super::connect(&url).await;
                 let mut rng = StdRng::seed_from_u64(seed + w as u64);
                 while !counters.stop.load(Ordering::Relaxed) {
                     let op = shape.operation(&mut rng, &counters);
@@ -189,6 +218,17 @@ impl Workload {
                         Ok(()) => {
                             counters.commits.fetch_add(1, Ordering::Relaxed);
                             counters.notify.notify_waiters();
+                        }
+                        Err(_) if tolerant && client.is_closed() => {
+                            // The server went away: reconnect (backing off) and carry on.
+                            loop {
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                                if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                                    tokio::spawn(conn);
+                                    client = c;
+                                    break;
+                                }
+                            }
                         }
                         Err(e) => {
                             let _ = client.batch_execute("ROLLBACK").await;

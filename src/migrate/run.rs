@@ -1,0 +1,626 @@
+//! The orchestrator: an explicit state machine over the phases of DESIGN.md §2, entered at
+//! any phase (a resumed run picks up where the last one stopped).
+//!
+//! planned → shadow → capture → copy → index → catchup → verify → cutover → swapped
+//! (→ finished with `--finish`). Each phase is recorded before it starts; a failure is
+//! recorded with its phase. Copy and catch-up ask the throttle before each chunk or batch;
+//! when the change backlog grows during the copy, catch-up runs between chunks.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_postgres::{Client, Config};
+
+use super::engine::{Context, Options, Outcome, PhaseHook, Reporter, session_config};
+use super::error::{Context as _, MigrateError};
+use super::live::Live;
+use super::retry::{self, RetryPolicy};
+use super::spec::Spec;
+use super::throttle::{self, Verdict};
+use super::{capture, catchup, cleanup, copy, index, shadow, verify};
+use crate::db;
+use crate::plan::{Plan, Strategy};
+use crate::sql::QualifiedName;
+use crate::state::{self, Migration, Phase};
+
+pub(super) struct Run<'a> {
+    pub(super) config: Config,
+    pub(super) control: Client,
+    pub(super) opts: &'a Options,
+    pub(super) reporter: &'a dyn Reporter,
+    hook: Option<PhaseHook>,
+    cancel: tokio_util::sync::CancellationToken,
+    pub(super) live: std::sync::Arc<Live>,
+    pub(super) retry: RetryPolicy,
+    pub(super) id: i64,
+    pub(super) phase: Phase,
+    table: QualifiedName,
+    strategy: Strategy,
+    /// Rows a previous run copied (resume).
+    pub(super) rows_before: i64,
+    /// The current throttle, if any.
+    throttled: Option<Throttled>,
+}
+
+/// Why the run is held back, since when, and the time not yet added to the
+/// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
+struct Throttled {
+    reason: String,
+    since: Instant,
+    accounted: Instant,
+    carry: f64,
+}
+
+impl Throttled {
+    fn new(reason: String) -> Throttled {
+        let now = Instant::now();
+        Throttled { reason, since: now, accounted: now, carry: 0.0 }
+    }
+
+    /// Adds the time since the last call to the counter, keeping the fraction for later.
+    fn account(&mut self) {
+        let now = Instant::now();
+        self.carry += now.duration_since(self.accounted).as_secs_f64();
+        self.accounted = now;
+        let whole = self.carry.floor();
+        if whole >= 1.0 {
+            metrics::counter!("ghostwire_throttled_seconds_total", "reason" => reason_kind(&self.reason))
+                .increment(whole as u64);
+            self.carry -= whole;
+        }
+    }
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn new(
+        config: &Config,
+        control: Client,
+        opts: &'a Options,
+        ctx: &Context<'a>,
+        id: i64,
+        table: QualifiedName,
+        strategy: Strategy,
+    ) -> Run<'a> {
+        super::live::register_metrics();
+        let retry = RetryPolicy {
+            lock_timeout: opts.lock_timeout,
+            attempts: opts.cutover_attempts.max(1),
+            ..RetryPolicy::default()
+        };
+        ctx.live.update(|p| {
+            p.migration_id = id;
+            p.table = table.to_string();
+        });
+        Run {
+            config: config.clone(),
+            control,
+            opts,
+            reporter: ctx.reporter,
+            hook: ctx.hook.clone(),
+            cancel: ctx.cancel.clone(),
+            live: std::sync::Arc::clone(&ctx.live),
+            retry,
+            id,
+            phase: Phase::Planned,
+            table,
+            strategy,
+            rows_before: 0,
+            throttled: None,
+        }
+    }
+
+    fn session(&self) -> Config {
+        session_config(&self.config, &format!("ghostwire migrate #{}", self.id))
+    }
+
+    async fn enter(&mut self, phase: Phase, message: &str) -> Result<(), MigrateError> {
+        self.check_cancelled()?;
+        self.phase = phase;
+        self.live.update(|p| p.phase = phase.as_str().to_owned());
+        state::set_phase(&self.control, self.id, phase, message).await.during(self.id, phase, "recording the phase")?;
+        self.reporter.phase(phase, message);
+        if let Some(hook) = &self.hook {
+            hook(phase).await;
+        }
+        Ok(())
+    }
+
+    /// Stops at a safe point when Ctrl-C or the control API asked.
+    pub(super) fn check_cancelled(&self) -> Result<(), MigrateError> {
+        if self.live.abort_requested() {
+            return Err(MigrateError::Aborted { id: self.id, table: self.table.to_string(), cleaned: false });
+        }
+        if self.cancel.is_cancelled() {
+            return Err(MigrateError::Interrupted { id: self.id, table: self.table.to_string(), phase: self.phase });
+        }
+        Ok(())
+    }
+
+    pub(super) async fn event(
+        &self,
+        kind: &str,
+        message: &str,
+        duration: Option<Duration>,
+        details: Option<serde_json::Value>,
+    ) {
+        let ms = duration.map(|d| d.as_secs_f64() * 1000.0);
+        if let Err(e) = state::event(&self.control, self.id, self.phase, kind, message, ms, details).await {
+            tracing::warn!("could not record an event: {e}");
+        }
+    }
+
+    /// Records how a run ended: an abort requested through the control API, or a critical
+    /// limit crossed, removes everything (the capture triggers' overhead included); any
+    /// other failure stays on the migration (it is resumable).
+    pub(super) async fn finish_up(&mut self, result: Result<Outcome, MigrateError>) -> Result<Outcome, MigrateError> {
+        match result {
+            Ok(o) => Ok(o),
+            Err(MigrateError::Aborted { .. }) if self.phase.before_swap() => {
+                self.remove_everything().await?;
+                Err(MigrateError::Aborted { id: self.id, table: self.table.to_string(), cleaned: true })
+            }
+            Err(MigrateError::Critical { id, table, phase, reason, .. }) if self.phase.before_swap() => {
+                self.remove_everything().await?;
+                let _ = state::set_error(&self.control, self.id, self.phase, &format!("critical: {reason}")).await;
+                Err(MigrateError::Critical { id, table, phase, reason, cleaned: true })
+            }
+            Err(e) => {
+                let _ = state::set_error(&self.control, self.id, self.phase, &e.to_string()).await;
+                let _ = self
+                    .control
+                    .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn remove_everything(&self) -> Result<(), MigrateError> {
+        if let Ok(Some(m)) = state::migration(&self.control, self.id).await {
+            cleanup::abort(&self.control, &m, &self.retry).await.map_err(|e| MigrateError::Refused(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the phases from `from` on. `plan` is needed from the shadow phase, `spec` after
+    /// it; `resumed` is the migration as the last run left it.
+    pub(super) async fn drive(
+        &mut self,
+        from: Phase,
+        plan: Option<&Plan>,
+        spec: Option<Spec>,
+        resumed: Option<&Migration>,
+    ) -> Result<Outcome, MigrateError> {
+        let started = Instant::now();
+        let mut outcome = Outcome {
+            id: self.id,
+            table: self.table.clone(),
+            strategy: self.strategy,
+            rows_copied: self.rows_before,
+            copy_time: Duration::ZERO,
+            total_time: Duration::ZERO,
+            swap: None,
+            cutover_attempts: 0,
+            finished: false,
+            unvalidated: Vec::new(),
+            clients_held: None,
+            resumed_from: None,
+        };
+        if self.strategy == Strategy::Instant {
+            let plan =
+                plan.ok_or_else(|| MigrateError::Refused("nothing to resume in a catalog-only change".into()))?;
+            self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
+            let t = Instant::now();
+            retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text).await.during(
+                self.id,
+                Phase::Cutover,
+                "running the statement",
+            )?;
+            self.event("statement", "statement run", Some(t.elapsed()), None).await;
+            self.enter(Phase::Finished, "finished").await?;
+            outcome.finished = true;
+            outcome.total_time = started.elapsed();
+            return Ok(outcome);
+        }
+        let spec = match spec {
+            Some(s) => s,
+            None => {
+                let plan =
+                    plan.ok_or_else(|| MigrateError::Refused("cannot rebuild the shadow without the plan".into()))?;
+                self.enter(Phase::Shadow, "building the shadow table with the change applied").await?;
+                let spec = shadow::create(&self.control, plan, self.id, &self.retry).await?;
+                let spec_json = serde_json::to_value(&spec).unwrap_or_default();
+                state::set_spec(&self.control, self.id, &spec.work_schema, &spec.archive_schema, &spec_json)
+                    .await
+                    .during(self.id, Phase::Shadow, "recording the spec")?;
+                spec
+            }
+        };
+        self.live.update(|p| p.rows_estimated = spec.table.estimated_rows);
+        if from <= Phase::Capture {
+            self.enter(Phase::Capture, "installing the capture triggers").await?;
+            capture::install(&self.control, &spec, &self.retry).await.during(
+                self.id,
+                Phase::Capture,
+                "installing the capture triggers",
+            )?;
+        }
+        let mut work = db::connect(&self.session()).await?;
+        // A chunk and its checkpoint (a batch and its log deletions) commit together, so an
+        // asynchronous commit lost in a crash loses both: safe, and no flush wait each time.
+        work.batch_execute("SET synchronous_commit = off").await.during(
+            self.id,
+            self.phase,
+            "preparing the work session",
+        )?;
+        catchup::prepare(&work, &spec).await.during(self.id, self.phase, "preparing catch-up")?;
+        if from <= Phase::Copy {
+            self.enter(Phase::Copy, "copying rows in keyset chunks").await?;
+            let t = Instant::now();
+            let copied = self.copy(&mut work, &spec, resumed.filter(|m| m.phase == Phase::Copy)).await?;
+            outcome.rows_copied += copied;
+            outcome.copy_time = t.elapsed();
+            self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), None).await;
+        }
+        if from <= Phase::Index {
+            self.build_indexes(&work, &spec).await?;
+        }
+        if from <= Phase::Catchup {
+            self.enter(Phase::Catchup, "applying captured changes").await?;
+            self.catch_up(&work, &spec).await?;
+            work.batch_execute(&format!("ANALYZE {}", spec.shadow().sql())).await.during(
+                self.id,
+                Phase::Catchup,
+                "analyzing the shadow",
+            )?;
+            self.catch_up(&work, &spec).await?;
+            if self.opts.verify {
+                self.verify(&spec).await?;
+            } else {
+                self.event("verify_skipped", "verification skipped (--verify none)", None, None).await;
+            }
+            self.wait_for_cutover(&work, &spec).await?;
+        }
+        if from <= Phase::Cutover {
+            self.enter(Phase::Cutover, "swapping the tables").await?;
+            let (swapped, attempts, held) = self.cut_over(&work, &spec).await?;
+            outcome.swap = Some(swapped);
+            outcome.cutover_attempts = attempts;
+            outcome.clients_held = held;
+        }
+        self.phase = Phase::Swapped;
+        self.live.update(|p| p.phase = Phase::Swapped.as_str().to_owned());
+        self.reporter.phase(Phase::Swapped, "swapped");
+        if let Some(hook) = &self.hook {
+            hook(Phase::Swapped).await;
+        }
+        outcome.unvalidated = self.validate(&spec).await;
+        if self.opts.finish {
+            let m = state::migration(&self.control, self.id).await.during(
+                self.id,
+                Phase::Swapped,
+                "reading the migration",
+            )?;
+            if let Some(m) = m {
+                cleanup::finish(&self.control, &m).await.map_err(|e| MigrateError::Refused(e.to_string()))?;
+                outcome.finished = true;
+                self.phase = Phase::Finished;
+            }
+        }
+        outcome.total_time = started.elapsed();
+        Ok(outcome)
+    }
+
+    async fn copy(&mut self, work: &mut Client, spec: &Spec, resumed: Option<&Migration>) -> Result<i64, MigrateError> {
+        let settings = self.live.settings();
+        let sizer = copy::ChunkSizer::new(settings.chunk_time(), settings.chunk_rows);
+        let checkpoint = resumed.and_then(|m| m.checkpoint.clone());
+        let end = resumed.and_then(|m| m.copy_end.clone());
+        let estimated = spec.table.estimated_rows;
+        let copier = copy::Copier::start(work, spec, checkpoint, end.clone(), sizer, estimated).await.during(
+            self.id,
+            Phase::Copy,
+            "starting the copy",
+        )?;
+        let Some(mut copier) = copier else { return Ok(0) };
+        if end.is_none() {
+            self.control
+                .execute("UPDATE ghostwire.migrations SET copy_end = $2 WHERE id = $1", &[&self.id, &copier.end])
+                .await
+                .during(self.id, Phase::Copy, "recording the copy's end")?;
+        }
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let before = self.rows_before;
+        loop {
+            self.throttle(work, spec, Some(&copier)).await?;
+            let s = self.live.settings();
+            copier.sizer.target = s.chunk_time();
+            copier.sizer.max_rows = s.chunk_rows;
+            copier.sizer.rows = copier.sizer.rows.clamp(1, s.chunk_rows);
+            let Some(chunk) = copier.next(work, spec).await.during(self.id, Phase::Copy, "copying rows")? else {
+                break;
+            };
+            let done = before + copier.total;
+            let rate = copier.total as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let total = estimated.max(done);
+            self.live.update(|p| {
+                p.rows_copied = done;
+                p.rows_per_second = rate;
+                p.chunk_rows = chunk.next_size;
+                p.eta_seconds = (rate > 0.0).then(|| (total - done).max(0) as f64 / rate);
+            });
+            if last_report.elapsed() >= Duration::from_millis(500) {
+                last_report = Instant::now();
+                self.reporter.progress(Phase::Copy, done, total, rate);
+            }
+            self.check_cancelled()?;
+        }
+        let done = before + copier.total;
+        let rate = copier.total as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        self.reporter.progress(Phase::Copy, done, done, rate);
+        Ok(copier.total)
+    }
+
+    async fn build_indexes(&mut self, work: &Client, spec: &Spec) -> Result<(), MigrateError> {
+        let have = index::existing(work, spec).await.during(self.id, Phase::Index, "listing the shadow's indexes")?;
+        let missing: Vec<_> = spec.deferred_indexes.iter().filter(|d| !have.contains(&d.name)).cloned().collect();
+        self.enter(Phase::Index, &format!("building {} index(es)", missing.len())).await?;
+        let t = Instant::now();
+        let built =
+            index::build(&self.session(), &missing, self.opts.parallel, &self.cancel).await.map_err(|e| match e {
+                index::IndexError::Connect(c) => MigrateError::Connect(c),
+                index::IndexError::Build { index, source } => MigrateError::Database {
+                    id: self.id,
+                    phase: Phase::Index,
+                    context: format!("building index {index}"),
+                    source,
+                },
+                index::IndexError::Worker(w) => MigrateError::Refused(w),
+            })?;
+        self.check_cancelled()?;
+        let details =
+            json!(built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>());
+        self.event("index_done", &format!("built {} index(es)", built.len()), Some(t.elapsed()), Some(details)).await;
+        Ok(())
+    }
+
+    /// Applies change-log batches until one comes back short; returns the last batch's
+    /// transaction id. Asks the throttle before each batch.
+    pub(super) async fn catch_up(&mut self, work: &Client, spec: &Spec) -> Result<i64, MigrateError> {
+        let mut applied = 0;
+        loop {
+            self.throttle(work, spec, None).await?;
+            let b = catchup::batch(work, spec, self.opts.catchup_batch).await.during(
+                self.id,
+                self.phase,
+                "applying captured changes",
+            )?;
+            applied += b.entries;
+            if b.entries < self.opts.catchup_batch {
+                if applied > 0 {
+                    self.reporter.note(&format!("applied {applied} captured change(s)"));
+                }
+                return Ok(b.xid.unwrap_or(0));
+            }
+        }
+    }
+
+    /// With `--postpone-cutover`: keeps the shadow in step until the cut-over is allowed.
+    async fn wait_for_cutover(&mut self, work: &Client, spec: &Spec) -> Result<(), MigrateError> {
+        if self.live.cutover_allowed() {
+            return Ok(());
+        }
+        self.enter(Phase::Catchup, "cut-over postponed: keeping the shadow in step until it is allowed").await?;
+        self.event("cutover_postponed", "cut-over postponed", None, None).await;
+        self.reporter
+            .note("cut-over postponed: keeping the shadow in step (allow it with `ghostwire cutover --control ADDR`)");
+        let waited = Instant::now();
+        self.live.update(|p| p.awaiting_cutover = true);
+        while !self.live.cutover_allowed() {
+            self.catch_up(work, spec).await?;
+            self.live.wait_for_change(Duration::from_millis(500)).await;
+            self.check_cancelled()?;
+        }
+        self.live.update(|p| p.awaiting_cutover = false);
+        self.event("cutover_allowed", "cut-over allowed", Some(waited.elapsed()), None).await;
+        Ok(())
+    }
+
+    /// Waits while a throttle signal is over its limit. During the copy, a growing change
+    /// backlog is applied between chunks (the shadow's key index is built for that first).
+    async fn throttle(
+        &mut self,
+        work: &Client,
+        spec: &Spec,
+        copier: Option<&copy::Copier>,
+    ) -> Result<(), MigrateError> {
+        loop {
+            self.check_cancelled()?;
+            let settings = self.live.settings();
+            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
+            self.live.update(|p| p.backlog = backlog);
+            metrics::gauge!("ghostwire_backlog").set(backlog as f64);
+            let verdict = throttle::assess(&self.control, &settings, backlog, self.live.paused()).await;
+            // During the copy, a large backlog is applied between chunks (unless the operator
+            // paused everything, or another signal holds the run back).
+            let interleave_at = settings.max_backlog.map(|m| m / 2).unwrap_or(200_000).max(1);
+            let backlog_only = match &verdict {
+                Verdict::Go => true,
+                Verdict::Throttle(reason) => throttle::is_backlog(reason),
+                Verdict::Critical(_) => false,
+            };
+            if let Some(c) = copier
+                && backlog_only
+                && backlog >= interleave_at
+            {
+                self.note_throttle(&verdict).await;
+                self.apply_during_copy(work, spec, c, interleave_at).await?;
+                continue;
+            }
+            match verdict {
+                Verdict::Go => {
+                    if let Some(mut t) = self.throttled.take() {
+                        t.account();
+                        let (reason, d) = (t.reason, t.since.elapsed());
+                        self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
+                        let _ = self
+                            .control
+                            .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
+                            .await;
+                        self.live.update(|p| p.throttled = None);
+                        self.reporter.note(&format!("no longer throttled after {:.1} s", d.as_secs_f64()));
+                    }
+                    return Ok(());
+                }
+                Verdict::Critical(reason) => {
+                    self.event("critical", &reason, None, None).await;
+                    return Err(MigrateError::Critical {
+                        id: self.id,
+                        table: self.table.to_string(),
+                        phase: self.phase,
+                        reason,
+                        cleaned: false,
+                    });
+                }
+                Verdict::Throttle(reason) => {
+                    self.note_throttle(&Verdict::Throttle(reason.clone())).await;
+                    if let Some(t) = self.throttled.as_mut() {
+                        t.account();
+                    }
+                    if throttle::is_backlog(&reason) && copier.is_none() {
+                        return Ok(()); // catch-up itself is what brings the backlog down
+                    }
+                    self.live.wait_for_change(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Records that the run is throttled (once per reason: an event, the state, the status).
+    async fn note_throttle(&mut self, verdict: &Verdict) {
+        let Verdict::Throttle(reason) = verdict else { return };
+        if self.throttled.as_ref().map(|t| &t.reason) == Some(reason) {
+            return;
+        }
+        if let Some(mut old) = self.throttled.take() {
+            old.account();
+        }
+        self.event("throttle_start", &format!("throttled: {reason}"), None, Some(json!({ "reason": reason }))).await;
+        let _ = self
+            .control
+            .execute("UPDATE ghostwire.migrations SET throttled = $2 WHERE id = $1", &[&self.id, reason])
+            .await;
+        self.live.update(|p| p.throttled = Some(reason.clone()));
+        self.reporter.note(&format!("throttled: {reason}"));
+        self.throttled = Some(Throttled::new(reason.clone()));
+    }
+
+    /// Catch-up between copy chunks, until the backlog is down to half of `at`.
+    async fn apply_during_copy(
+        &mut self,
+        work: &Client,
+        spec: &Spec,
+        c: &copy::Copier,
+        at: i64,
+    ) -> Result<(), MigrateError> {
+        let have = index::existing(work, spec).await.during(self.id, Phase::Copy, "listing the shadow's indexes")?;
+        if !have.contains(&spec.key_index) {
+            let key = spec.deferred_indexes.iter().find(|d| d.name == spec.key_index).cloned();
+            if let Some(key) = key {
+                self.reporter
+                    .note("the change backlog is growing: building the shadow's key index to apply it during the copy");
+                let t = Instant::now();
+                work.batch_execute(&key.sql).await.during(self.id, Phase::Copy, "building the shadow's key index")?;
+                self.event(
+                    "index_done",
+                    &format!("built the key index {} during the copy", key.name),
+                    Some(t.elapsed()),
+                    None,
+                )
+                .await;
+            }
+        }
+        loop {
+            let b = catchup::batch_during_copy(work, spec, self.opts.catchup_batch, c.checkpoint.as_deref(), &c.end)
+                .await
+                .during(self.id, Phase::Copy, "applying captured changes during the copy")?;
+            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
+            self.live.update(|p| p.backlog = backlog);
+            if b.entries < self.opts.catchup_batch || backlog < at / 2 {
+                return Ok(());
+            }
+            self.check_cancelled()?;
+        }
+    }
+
+    async fn verify(&mut self, spec: &Spec) -> Result<(), MigrateError> {
+        self.enter(Phase::Verify, "comparing the original and the shadow").await?;
+        let t = Instant::now();
+        let report = verify::run(&self.session(), spec, self.opts.verify_range_rows, self.opts.parallel, &self.cancel)
+            .await
+            .map_err(|e| match e {
+                verify::VerifyError::Connect(c) => MigrateError::Connect(c),
+                verify::VerifyError::Database(d) => {
+                    MigrateError::Database { id: self.id, phase: Phase::Verify, context: "verifying".into(), source: d }
+                }
+                verify::VerifyError::Worker(w) => MigrateError::Refused(w),
+            })?;
+        self.check_cancelled()?;
+        let details = json!({"ranges": report.ranges, "rows": report.rows, "pending": report.pending,
+                             "unexplained": report.unexplained.len(), "matched_by_key": report.matched_by_key});
+        self.event(
+            "verify_done",
+            &format!("verified {} rows in {} ranges", report.rows, report.ranges),
+            Some(t.elapsed()),
+            Some(details),
+        )
+        .await;
+        if !report.unexplained.is_empty() {
+            let sample: Vec<String> =
+                report.unexplained.iter().take(5).map(|k| format!("({})", k.join(", "))).collect();
+            return Err(MigrateError::Mismatch {
+                id: self.id,
+                table: spec.original.to_string(),
+                count: report.unexplained.len(),
+                sample: sample.join(", "),
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates the foreign keys added NOT VALID during the swap; returns those that failed.
+    async fn validate(&self, spec: &Spec) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (what, sql) in super::swap::script(spec).validations {
+            let t = Instant::now();
+            match retry::ddl(&self.control, &self.retry, &format!("validating {what}"), &sql).await {
+                Ok(()) => self.event("validate", &format!("validated {what}"), Some(t.elapsed()), None).await,
+                Err(e) => {
+                    let msg = format!("could not validate {what} ({}); it stays NOT VALID", db::describe(&e));
+                    self.reporter.note(&msg);
+                    self.event("validate", &msg, Some(t.elapsed()), None).await;
+                    failed.push(what);
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// A short label for a throttle reason (the metric's `reason`).
+fn reason_kind(reason: &str) -> &'static str {
+    if reason.contains("replica") {
+        "replica_lag"
+    } else if reason.contains("active sessions") {
+        "active_sessions"
+    } else if throttle::is_backlog(reason) {
+        "backlog"
+    } else if reason.contains("throttle query") {
+        "throttle_query"
+    } else if reason.contains("paused") {
+        "paused"
+    } else {
+        "other"
+    }
+}

@@ -1,0 +1,200 @@
+//! Crashes at any point lose no row and duplicate none: the ghostwire process is killed
+//! (SIGKILL, through failpoints) at many points, PostgreSQL is restarted under it once, and
+//! Ctrl-C stops it; each time `ghostwire resume` finishes the job, checked against the
+//! oracle, with writers running throughout.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::items::{RETYPE, ROWS, assert_matches_oracle, assert_swapped_then_finish, ghostwire};
+use common::workload::{Shape, Workload};
+use common::{TestDb, debris, strings};
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
+use tokio::process::Command;
+
+async fn items(client: &tokio_postgres::Client) {
+    common::items::create(client, ROWS).await;
+}
+
+const SMALL_CHUNKS: [&str; 4] = ["--chunk-rows", "200", "--chunk-time", "5ms"];
+
+async fn resumed_to_the_end(db_url: &str, client: &tokio_postgres::Client, load: Workload) {
+    load.wait_for_more(20).await; // writes while nothing runs
+    let out = ghostwire(db_url, &["resume", "items"], None).await;
+    assert!(
+        out.status.success(),
+        "resume failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    load.wait_for_more(20).await;
+    load.stop().await;
+    assert_matches_oracle(client).await;
+    assert_swapped_then_finish(db_url, client).await;
+}
+
+/// Kills the migration at `point`, then resumes it.
+async fn killed_at(point: &str, expected_phase: &str) {
+    let db = TestDb::new().await;
+    items(&db.client).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 31);
+    load.wait_for_more(20).await;
+    let mut args = vec!["migrate"];
+    args.extend(SMALL_CHUNKS);
+    args.push(RETYPE);
+    let out = ghostwire(&db.url, &args, Some(point)).await;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: not killed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let phase = strings(&db.client, "SELECT phase FROM ghostwire.migrations").await;
+    assert_eq!(phase, [expected_phase], "{point}");
+    resumed_to_the_end(&db.url, &db.client, load).await;
+}
+
+#[tokio::test]
+async fn killed_between_copy_chunks() {
+    killed_at("copy.chunk:5", "copy").await;
+}
+
+#[tokio::test]
+async fn killed_between_a_chunk_and_its_checkpoint() {
+    killed_at("copy.in_chunk:4", "copy").await;
+}
+
+#[tokio::test]
+async fn killed_during_the_index_builds() {
+    killed_at("index.built:1", "index").await;
+}
+
+#[tokio::test]
+async fn killed_during_catch_up() {
+    killed_at("catchup.batch:2", "catchup").await;
+}
+
+#[tokio::test]
+async fn killed_during_verification() {
+    killed_at("verify.range:1", "verify").await;
+}
+
+#[tokio::test]
+async fn killed_inside_a_cutover_attempt_holding_the_lock() {
+    killed_at("cutover.locked:1", "cutover").await;
+}
+
+#[tokio::test]
+async fn killed_just_before_the_swap_commits() {
+    killed_at("cutover.before_commit:1", "cutover").await;
+}
+
+#[tokio::test]
+async fn killed_right_after_the_swap_committed() {
+    killed_at("cutover.committed:1", "swapped").await;
+}
+
+#[tokio::test]
+async fn postgres_restarted_mid_copy() {
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().unwrap());
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    items(&client).await;
+    let load = Workload::start_tolerant(&url, Shape::items(), 2, ROWS, 32);
+    load.wait_for_more(20).await;
+    let url2 = url.clone();
+    let migration = tokio::spawn(async move {
+        let mut args = vec!["migrate", "--chunk-rows", "100", "--chunk-time", "5ms"];
+        args.push(RETYPE);
+        ghostwire(&url2, &args, None).await
+    });
+    // Restart (as a crash: immediate shutdown) once the copy is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copied: i64 = client
+            .query_opt("SELECT rows_copied FROM ghostwire.migrations WHERE phase = 'copy'", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if copied >= 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
+    let out = migration.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the run should fail when its server goes away: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = common::connect(&url).await;
+    resumed_to_the_end(&url, &client, load).await;
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_at_a_safe_point_and_the_run_resumes() {
+    let db = TestDb::new().await;
+    items(&db.client).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 33);
+    load.wait_for_more(20).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_ghostwire"))
+        .args(["migrate", "--chunk-rows", "50", "--chunk-time", "5ms", RETYPE])
+        .env("DATABASE_URL", &db.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db
+        .client
+        .query_opt("SELECT rows_copied FROM ghostwire.migrations WHERE phase = 'copy' AND rows_copied > 0", &[])
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the copy never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped at a safe point") && stderr.contains("ghostwire resume"), "{stderr}");
+    resumed_to_the_end(&db.url, &db.client, load).await;
+}
+
+#[tokio::test]
+async fn a_migration_whose_shadow_was_dropped_cannot_resume_and_says_to_abort() {
+    let db = TestDb::new().await;
+    items(&db.client).await;
+    let out = ghostwire(&db.url, &["migrate", "--chunk-rows", "200", RETYPE], Some("copy.chunk:3")).await;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    db.exec("DROP TABLE ghostwire_1.items").await;
+    let out = ghostwire(&db.url, &["resume", "items"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be resumed") && stderr.contains("ghostwire abort"), "{stderr}");
+    let out = ghostwire(&db.url, &["abort", "items"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(debris(&db.client, 1).await.is_empty());
+    // The same statement again, after a crash: resumed with --yes.
+    let out = ghostwire(&db.url, &["migrate", "--chunk-rows", "200", RETYPE], Some("copy.chunk:2")).await;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    let out = ghostwire(&db.url, &["migrate", RETYPE], None).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes to resume"));
+    let out = ghostwire(&db.url, &["migrate", "--yes", RETYPE], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Done:"));
+}
