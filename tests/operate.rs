@@ -258,6 +258,9 @@ async fn a_paused_copy_stops_and_catch_up_keeps_the_backlog_bounded_once_resumed
     assert!(ended.status.success(), "{}", ended.output());
     load.stop().await;
     assert_matches_oracle(&db.client).await;
+    let reasons =
+        strings(&db.client, "SELECT details->>'reason' FROM ghostwire.events WHERE kind = 'throttle_start'").await;
+    assert!(reasons.iter().any(|r| r.contains("captured changes waiting (limit 300)")), "{reasons:?}");
     let during =
         strings(&db.client, "SELECT message FROM ghostwire.events WHERE kind = 'index_done' AND phase = 'copy'").await;
     assert_eq!(during.len(), 1, "the key index is built once, during the copy: {during:?}");
@@ -370,4 +373,29 @@ async fn plain_lines_when_piped_and_bars_on_a_terminal() {
     // Each finished phase and each note is a line of its own; the summary starts a line.
     assert!(tty.contains("[verify] comparing") && tty.contains("\nDone:"), "{tty}");
     assert!(!tty.contains(" of ~"), "plain lines on a terminal: {tty}");
+}
+
+#[tokio::test]
+async fn abort_through_the_control_api_removes_everything() {
+    let db = TestDb::new().await;
+    items::create(&db.client, 4000).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, 4000, 48);
+    let mut run = Running::start(
+        &db.url,
+        &["migrate", "--chunk-rows", "100", "--chunk-time", "5ms", "--postpone-cutover", RETYPE],
+    )
+    .await;
+    run.wait_until("the postponed cut-over", |p| p["awaiting_cutover"] == true).await;
+    assert!(run.cli(&["abort"]).await.contains("abort requested"));
+    let ended = run.wait().await;
+    assert_eq!(ended.status.code(), Some(1), "{}", ended.output());
+    assert!(ended.stderr.contains("was aborted") && ended.stderr.contains("removed"), "{}", ended.output());
+    assert_eq!(strings(&db.client, "SELECT phase FROM ghostwire.migrations").await, ["aborted"]);
+    assert!(common::debris(&db.client, 1).await.is_empty(), "{:?}", common::debris(&db.client, 1).await);
+    load.wait_for_more(50).await;
+    load.stop().await;
+    // The table is untouched: the old type, every row as the writers left it.
+    let ty = strings(&db.client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'qty'").await;
+    assert_eq!(ty, ["integer"]);
+    assert_same_rows(&db.client, "SELECT * FROM items", "SELECT * FROM oracle").await;
 }

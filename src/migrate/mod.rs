@@ -17,6 +17,7 @@ mod engine;
 mod error;
 pub mod index;
 pub mod live;
+mod pacing;
 pub mod retry;
 mod run;
 pub mod shadow;

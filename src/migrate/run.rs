@@ -14,9 +14,9 @@ use tokio_postgres::{Client, Config};
 use super::engine::{Context, Options, Outcome, PhaseHook, Reporter, session_config};
 use super::error::{Context as _, MigrateError};
 use super::live::Live;
+use super::pacing::Throttled;
 use super::retry::{self, RetryPolicy};
 use super::spec::Spec;
-use super::throttle::{self, Verdict};
 use super::{capture, catchup, cleanup, copy, index, shadow, verify};
 use crate::db;
 use crate::plan::{Plan, Strategy};
@@ -29,46 +29,17 @@ pub(super) struct Run<'a> {
     pub(super) opts: &'a Options,
     pub(super) reporter: &'a dyn Reporter,
     hook: Option<PhaseHook>,
-    cancel: tokio_util::sync::CancellationToken,
+    pub(super) cancel: tokio_util::sync::CancellationToken,
     pub(super) live: std::sync::Arc<Live>,
     pub(super) retry: RetryPolicy,
     pub(super) id: i64,
     pub(super) phase: Phase,
-    table: QualifiedName,
+    pub(super) table: QualifiedName,
     strategy: Strategy,
     /// Rows a previous run copied (resume).
     pub(super) rows_before: i64,
     /// The current throttle, if any.
-    throttled: Option<Throttled>,
-}
-
-/// Why the run is held back, since when, and the time not yet added to the
-/// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
-struct Throttled {
-    reason: String,
-    since: Instant,
-    accounted: Instant,
-    carry: f64,
-}
-
-impl Throttled {
-    fn new(reason: String) -> Throttled {
-        let now = Instant::now();
-        Throttled { reason, since: now, accounted: now, carry: 0.0 }
-    }
-
-    /// Adds the time since the last call to the counter, keeping the fraction for later.
-    fn account(&mut self) {
-        let now = Instant::now();
-        self.carry += now.duration_since(self.accounted).as_secs_f64();
-        self.accounted = now;
-        let whole = self.carry.floor();
-        if whole >= 1.0 {
-            metrics::counter!("ghostwire_throttled_seconds_total", "reason" => reason_kind(&self.reason))
-                .increment(whole as u64);
-            self.carry -= whole;
-        }
-    }
+    pub(super) throttled: Option<Throttled>,
 }
 
 impl<'a> Run<'a> {
@@ -113,7 +84,7 @@ impl<'a> Run<'a> {
         session_config(&self.config, &format!("ghostwire migrate #{}", self.id))
     }
 
-    async fn enter(&mut self, phase: Phase, message: &str) -> Result<(), MigrateError> {
+    pub(super) async fn enter(&mut self, phase: Phase, message: &str) -> Result<(), MigrateError> {
         self.check_cancelled()?;
         self.phase = phase;
         self.live.update(|p| p.phase = phase.as_str().to_owned());
@@ -427,133 +398,6 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Waits while a throttle signal is over its limit. During the copy, a growing change
-    /// backlog is applied between chunks (the shadow's key index is built for that first).
-    async fn throttle(
-        &mut self,
-        work: &Client,
-        spec: &Spec,
-        copier: Option<&copy::Copier>,
-    ) -> Result<(), MigrateError> {
-        loop {
-            self.check_cancelled()?;
-            let settings = self.live.settings();
-            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
-            self.live.update(|p| p.backlog = backlog);
-            metrics::gauge!("ghostwire_backlog").set(backlog as f64);
-            let verdict = throttle::assess(&self.control, &settings, backlog, self.live.paused()).await;
-            // During the copy, a large backlog is applied between chunks (unless the operator
-            // paused everything, or another signal holds the run back).
-            let interleave_at = settings.max_backlog.map(|m| m / 2).unwrap_or(200_000).max(1);
-            let backlog_only = match &verdict {
-                Verdict::Go => true,
-                Verdict::Throttle(reason) => throttle::is_backlog(reason),
-                Verdict::Critical(_) => false,
-            };
-            if let Some(c) = copier
-                && backlog_only
-                && backlog >= interleave_at
-            {
-                self.note_throttle(&verdict).await;
-                self.apply_during_copy(work, spec, c, interleave_at).await?;
-                continue;
-            }
-            match verdict {
-                Verdict::Go => {
-                    if let Some(mut t) = self.throttled.take() {
-                        t.account();
-                        let (reason, d) = (t.reason, t.since.elapsed());
-                        self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
-                        let _ = self
-                            .control
-                            .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
-                            .await;
-                        self.live.update(|p| p.throttled = None);
-                        self.reporter.note(&format!("no longer throttled after {:.1} s", d.as_secs_f64()));
-                    }
-                    return Ok(());
-                }
-                Verdict::Critical(reason) => {
-                    self.event("critical", &reason, None, None).await;
-                    return Err(MigrateError::Critical {
-                        id: self.id,
-                        table: self.table.to_string(),
-                        phase: self.phase,
-                        reason,
-                        cleaned: false,
-                    });
-                }
-                Verdict::Throttle(reason) => {
-                    self.note_throttle(&Verdict::Throttle(reason.clone())).await;
-                    if let Some(t) = self.throttled.as_mut() {
-                        t.account();
-                    }
-                    if throttle::is_backlog(&reason) && copier.is_none() {
-                        return Ok(()); // catch-up itself is what brings the backlog down
-                    }
-                    self.live.wait_for_change(Duration::from_millis(250)).await;
-                }
-            }
-        }
-    }
-
-    /// Records that the run is throttled (once per reason: an event, the state, the status).
-    async fn note_throttle(&mut self, verdict: &Verdict) {
-        let Verdict::Throttle(reason) = verdict else { return };
-        if self.throttled.as_ref().map(|t| &t.reason) == Some(reason) {
-            return;
-        }
-        if let Some(mut old) = self.throttled.take() {
-            old.account();
-        }
-        self.event("throttle_start", &format!("throttled: {reason}"), None, Some(json!({ "reason": reason }))).await;
-        let _ = self
-            .control
-            .execute("UPDATE ghostwire.migrations SET throttled = $2 WHERE id = $1", &[&self.id, reason])
-            .await;
-        self.live.update(|p| p.throttled = Some(reason.clone()));
-        self.reporter.note(&format!("throttled: {reason}"));
-        self.throttled = Some(Throttled::new(reason.clone()));
-    }
-
-    /// Catch-up between copy chunks, until the backlog is down to half of `at`.
-    async fn apply_during_copy(
-        &mut self,
-        work: &Client,
-        spec: &Spec,
-        c: &copy::Copier,
-        at: i64,
-    ) -> Result<(), MigrateError> {
-        let have = index::existing(work, spec).await.during(self.id, Phase::Copy, "listing the shadow's indexes")?;
-        if !have.contains(&spec.key_index) {
-            let key = spec.deferred_indexes.iter().find(|d| d.name == spec.key_index).cloned();
-            if let Some(key) = key {
-                self.reporter
-                    .note("the change backlog is growing: building the shadow's key index to apply it during the copy");
-                let t = Instant::now();
-                work.batch_execute(&key.sql).await.during(self.id, Phase::Copy, "building the shadow's key index")?;
-                self.event(
-                    "index_done",
-                    &format!("built the key index {} during the copy", key.name),
-                    Some(t.elapsed()),
-                    None,
-                )
-                .await;
-            }
-        }
-        loop {
-            let b = catchup::batch_during_copy(work, spec, self.opts.catchup_batch, c.checkpoint.as_deref(), &c.end)
-                .await
-                .during(self.id, Phase::Copy, "applying captured changes during the copy")?;
-            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
-            self.live.update(|p| p.backlog = backlog);
-            if b.entries < self.opts.catchup_batch || backlog < at / 2 {
-                return Ok(());
-            }
-            self.check_cancelled()?;
-        }
-    }
-
     async fn verify(&mut self, spec: &Spec) -> Result<(), MigrateError> {
         self.enter(Phase::Verify, "comparing the original and the shadow").await?;
         let t = Instant::now();
@@ -605,22 +449,5 @@ impl<'a> Run<'a> {
             }
         }
         failed
-    }
-}
-
-/// A short label for a throttle reason (the metric's `reason`).
-fn reason_kind(reason: &str) -> &'static str {
-    if reason.contains("replica") {
-        "replica_lag"
-    } else if reason.contains("active sessions") {
-        "active_sessions"
-    } else if throttle::is_backlog(reason) {
-        "backlog"
-    } else if reason.contains("throttle query") {
-        "throttle_query"
-    } else if reason.contains("paused") {
-        "paused"
-    } else {
-        "other"
     }
 }

@@ -1,0 +1,190 @@
+//! Pacing a run: waiting while a throttle signal is over its limit (DESIGN.md §6), saying
+//! why in the status, the state and the events, counting the time held back by reason; and,
+//! during the copy, applying a growing change backlog between chunks.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use super::error::{Context as _, MigrateError};
+use super::run::Run;
+use super::spec::Spec;
+use super::throttle::{self, Verdict};
+use super::{catchup, copy, index};
+use crate::state::Phase;
+
+/// Why the run is held back, since when, and the time not yet added to the
+/// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
+pub(super) struct Throttled {
+    reason: String,
+    since: Instant,
+    accounted: Instant,
+    carry: f64,
+}
+
+impl Throttled {
+    pub(super) fn new(reason: String) -> Throttled {
+        let now = Instant::now();
+        Throttled { reason, since: now, accounted: now, carry: 0.0 }
+    }
+
+    /// Adds the time since the last call to the counter, keeping the fraction for later.
+    pub(super) fn account(&mut self) {
+        let now = Instant::now();
+        self.carry += now.duration_since(self.accounted).as_secs_f64();
+        self.accounted = now;
+        let whole = self.carry.floor();
+        if whole >= 1.0 {
+            metrics::counter!("ghostwire_throttled_seconds_total", "reason" => reason_kind(&self.reason))
+                .increment(whole as u64);
+            self.carry -= whole;
+        }
+    }
+}
+
+impl Run<'_> {
+    /// Waits while a throttle signal is over its limit. During the copy, a growing change
+    /// backlog is applied between chunks (the shadow's key index is built for that first).
+    pub(super) async fn throttle(
+        &mut self,
+        work: &Client,
+        spec: &Spec,
+        copier: Option<&copy::Copier>,
+    ) -> Result<(), MigrateError> {
+        loop {
+            self.check_cancelled()?;
+            let settings = self.live.settings();
+            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
+            self.live.update(|p| p.backlog = backlog);
+            metrics::gauge!("ghostwire_backlog").set(backlog as f64);
+            let verdict = throttle::assess(&self.control, &settings, backlog, self.live.paused()).await;
+            // During the copy, a large backlog is applied between chunks (unless the operator
+            // paused everything, or another signal holds the run back).
+            let interleave_at = settings.max_backlog.map(|m| m / 2).unwrap_or(200_000).max(1);
+            let backlog_only = match &verdict {
+                Verdict::Go => true,
+                Verdict::Throttle(reason) => throttle::is_backlog(reason),
+                Verdict::Critical(_) => false,
+            };
+            if let Some(c) = copier
+                && backlog_only
+                && backlog >= interleave_at
+            {
+                self.note_throttle(&verdict).await;
+                self.apply_during_copy(work, spec, c, interleave_at).await?;
+                continue;
+            }
+            match verdict {
+                Verdict::Go => {
+                    if let Some(mut t) = self.throttled.take() {
+                        t.account();
+                        let (reason, d) = (t.reason, t.since.elapsed());
+                        self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
+                        let _ = self
+                            .control
+                            .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
+                            .await;
+                        self.live.update(|p| p.throttled = None);
+                        self.reporter.note(&format!("no longer throttled after {:.1} s", d.as_secs_f64()));
+                    }
+                    return Ok(());
+                }
+                Verdict::Critical(reason) => {
+                    self.event("critical", &reason, None, None).await;
+                    return Err(MigrateError::Critical {
+                        id: self.id,
+                        table: self.table.to_string(),
+                        phase: self.phase,
+                        reason,
+                        cleaned: false,
+                    });
+                }
+                Verdict::Throttle(reason) => {
+                    self.note_throttle(&Verdict::Throttle(reason.clone())).await;
+                    if let Some(t) = self.throttled.as_mut() {
+                        t.account();
+                    }
+                    if throttle::is_backlog(&reason) && copier.is_none() {
+                        return Ok(()); // catch-up itself is what brings the backlog down
+                    }
+                    self.live.wait_for_change(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Records that the run is throttled (once per reason: an event, the state, the status).
+    async fn note_throttle(&mut self, verdict: &Verdict) {
+        let Verdict::Throttle(reason) = verdict else { return };
+        if self.throttled.as_ref().map(|t| &t.reason) == Some(reason) {
+            return;
+        }
+        if let Some(mut old) = self.throttled.take() {
+            old.account();
+        }
+        self.event("throttle_start", &format!("throttled: {reason}"), None, Some(json!({ "reason": reason }))).await;
+        let _ = self
+            .control
+            .execute("UPDATE ghostwire.migrations SET throttled = $2 WHERE id = $1", &[&self.id, reason])
+            .await;
+        self.live.update(|p| p.throttled = Some(reason.clone()));
+        self.reporter.note(&format!("throttled: {reason}"));
+        self.throttled = Some(Throttled::new(reason.clone()));
+    }
+
+    /// Catch-up between copy chunks, until the backlog is down to half of `at`.
+    async fn apply_during_copy(
+        &mut self,
+        work: &Client,
+        spec: &Spec,
+        c: &copy::Copier,
+        at: i64,
+    ) -> Result<(), MigrateError> {
+        let have = index::existing(work, spec).await.during(self.id, Phase::Copy, "listing the shadow's indexes")?;
+        if !have.contains(&spec.key_index) {
+            let key = spec.deferred_indexes.iter().find(|d| d.name == spec.key_index).cloned();
+            if let Some(key) = key {
+                self.reporter
+                    .note("the change backlog is growing: building the shadow's key index to apply it during the copy");
+                let t = Instant::now();
+                work.batch_execute(&key.sql).await.during(self.id, Phase::Copy, "building the shadow's key index")?;
+                self.event(
+                    "index_done",
+                    &format!("built the key index {} during the copy", key.name),
+                    Some(t.elapsed()),
+                    None,
+                )
+                .await;
+            }
+        }
+        loop {
+            let b = catchup::batch_during_copy(work, spec, self.opts.catchup_batch, c.checkpoint.as_deref(), &c.end)
+                .await
+                .during(self.id, Phase::Copy, "applying captured changes during the copy")?;
+            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
+            self.live.update(|p| p.backlog = backlog);
+            if b.entries < self.opts.catchup_batch || backlog < at / 2 {
+                return Ok(());
+            }
+            self.check_cancelled()?;
+        }
+    }
+}
+
+/// A short label for a throttle reason (the metric's `reason`).
+fn reason_kind(reason: &str) -> &'static str {
+    if reason.contains("replica") {
+        "replica_lag"
+    } else if reason.contains("active sessions") {
+        "active_sessions"
+    } else if throttle::is_backlog(reason) {
+        "backlog"
+    } else if reason.contains("throttle query") {
+        "throttle_query"
+    } else if reason.contains("paused") {
+        "paused"
+    } else {
+        "other"
+    }
+}
