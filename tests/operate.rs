@@ -293,6 +293,23 @@ async fn replica_lag_throttles_until_the_standby_replays() {
     assert_matches_oracle(&client).await;
     let ends = strings(&client, "SELECT message FROM ghostwire.events WHERE kind = 'throttle_end'").await;
     assert!(ends.iter().any(|m| m.contains("replica")), "{ends:?}");
+
+    // A replica that went away entirely (its physical slot is inactive) holds the run too.
+    let out = ghostwire(&url, &["finish", "items"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    client.batch_execute("SELECT pg_create_physical_replication_slot('gone')").await.unwrap();
+    let load = Workload::start(&url, Shape::items(), 1, 30_000, 49);
+    let mut run = Running::start(
+        &url,
+        &["migrate", "--max-replica-lag", "300ms", "ALTER TABLE items ALTER COLUMN qty TYPE numeric"],
+    )
+    .await;
+    assert_copy_stands_still(&mut run, &load, "the replica of slot gone is not connected").await;
+    client.batch_execute("SELECT pg_drop_replication_slot('gone')").await.unwrap();
+    let ended = run.wait().await;
+    assert!(ended.status.success(), "{}", ended.output());
+    load.stop().await;
+    assert_matches_oracle(&client).await;
 }
 
 #[tokio::test]

@@ -100,17 +100,6 @@ pub async fn batch_during_copy(
     run_batch(client, spec, limit, Some(&only)).await
 }
 
-/// Change-log entries waiting, estimated from the log's sequence bounds (cheap).
-pub async fn backlog(client: &Client, spec: &Spec) -> Result<i64, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            &format!("SELECT coalesce(max(ghostwire_seq) - min(ghostwire_seq) + 1, 0) FROM {}", spec.log_table().sql()),
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
 async fn run_batch(
     client: &Client,
     spec: &Spec,

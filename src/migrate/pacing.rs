@@ -11,7 +11,7 @@ use super::error::{Context as _, MigrateError};
 use super::run::Run;
 use super::spec::Spec;
 use super::throttle::{self, Verdict};
-use super::{catchup, copy, index};
+use super::{capture, catchup, copy, index};
 use crate::state::Phase;
 
 /// Why the run is held back, since when, and the time not yet added to the
@@ -55,10 +55,16 @@ impl Run<'_> {
         loop {
             self.check_cancelled()?;
             let settings = self.live.settings();
-            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
-            self.live.update(|p| p.backlog = backlog);
-            metrics::gauge!("ghostwire_backlog").set(backlog as f64);
-            let verdict = throttle::assess(&self.control, &settings, backlog, self.live.paused()).await;
+            let read = capture::backlog(&self.control, spec.migration_id)
+                .await
+                .map_err(|e| format!("cannot read the change backlog: {}", crate::db::describe(&e)));
+            if let Ok(b) = read {
+                self.live.update(|p| p.backlog = b);
+                metrics::gauge!("ghostwire_backlog").set(b as f64);
+            }
+            let backlog = *read.as_ref().unwrap_or(&0);
+            let signals = throttle::read(&self.control, &settings, read, self.live.paused()).await;
+            let verdict = throttle::judge(&settings, &signals);
             // During the copy, a large backlog is applied between chunks (unless the operator
             // paused everything, or another signal holds the run back).
             let interleave_at = settings.max_backlog.map(|m| m / 2).unwrap_or(200_000).max(1);
@@ -162,7 +168,7 @@ impl Run<'_> {
             let b = catchup::batch_during_copy(work, spec, self.opts.catchup_batch, c.checkpoint.as_deref(), &c.end)
                 .await
                 .during(self.id, Phase::Copy, "applying captured changes during the copy")?;
-            let backlog = catchup::backlog(&self.control, spec).await.unwrap_or(0);
+            let backlog = capture::backlog(&self.control, spec.migration_id).await.unwrap_or(0);
             self.live.update(|p| p.backlog = backlog);
             if b.entries < self.opts.catchup_batch || backlog < at / 2 {
                 return Ok(());

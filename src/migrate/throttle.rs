@@ -18,15 +18,19 @@ pub enum Verdict {
     Critical(String),
 }
 
-/// The largest replay lag of any replica, in milliseconds, and which replica; a replica
-/// that is not streaming counts as infinitely behind.
+/// The largest replay lag of any replica, in milliseconds, and which replica. A replica
+/// that is not streaming, or whose physical slot has no one connected, counts as infinitely
+/// behind.
 async fn replica_lag(client: &Client) -> Result<Option<(f64, String)>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT coalesce(application_name, client_addr::text, pid::text),
+            "SELECT 'replica ' || coalesce(application_name, client_addr::text, pid::text),
                     CASE WHEN state <> 'streaming' OR replay_lsn IS NULL THEN 'Infinity'::float8
                          ELSE extract(epoch FROM coalesce(replay_lag, '0'::interval)) * 1000 END
-               FROM pg_catalog.pg_stat_replication",
+               FROM pg_catalog.pg_stat_replication
+             UNION ALL
+             SELECT 'the replica of slot ' || slot_name, 'Infinity'::float8
+               FROM pg_catalog.pg_replication_slots WHERE slot_type = 'physical' AND NOT active",
             &[],
         )
         .await?;
@@ -47,72 +51,193 @@ async fn active_sessions(client: &Client) -> Result<i64, tokio_postgres::Error> 
     Ok(row.get(0))
 }
 
+/// What the signals said. A signal no limit needs is not read (`None`); one that could not
+/// be read is `Err` with the reason to report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signals {
+    /// The worst replica's lag in ms and its name (`None` inside: no replica).
+    pub replica_lag: Option<Result<Option<(f64, String)>, String>>,
+    pub active: Option<Result<i64, String>>,
+    pub backlog: Result<i64, String>,
+    pub query: Option<Result<bool, String>>,
+    pub paused: bool,
+}
+
+/// Reads the signals the settings need.
+pub async fn read(client: &Client, s: &Settings, backlog: Result<i64, String>, paused: bool) -> Signals {
+    let why = |what: &str, e: tokio_postgres::Error| format!("{what}: {}", crate::db::describe(&e));
+    let replica_lag = if s.critical_replica_lag_ms.is_some() || s.max_replica_lag_ms.is_some() {
+        Some(replica_lag(client).await.map_err(|e| why("cannot read replica lag", e)))
+    } else {
+        None
+    };
+    let active = if s.critical_active.is_some() || s.max_active.is_some() {
+        Some(active_sessions(client).await.map_err(|e| why("cannot count active sessions", e)))
+    } else {
+        None
+    };
+    let query = match &s.throttle_query {
+        Some(sql) => Some(match client.query_one(sql.as_str(), &[]).await {
+            Ok(row) => {
+                row.try_get::<_, bool>(0).map_err(|_| "the throttle query must return one boolean column".to_owned())
+            }
+            Err(e) => Err(why("the throttle query failed", e)),
+        }),
+        None => None,
+    };
+    Signals { replica_lag, active, backlog, query, paused }
+}
+
 fn over(value: f64, limit: Option<u64>) -> bool {
     limit.is_some_and(|l| value > l as f64)
 }
 
 fn lag_text(ms: f64) -> String {
-    if ms.is_infinite() { "not streaming".into() } else { format!("{ms:.0} ms behind") }
+    if ms.is_infinite() { "not connected or not streaming".into() } else { format!("{ms:.0} ms behind") }
 }
 
-/// Reads the signals the settings need and says whether the run may go on.
-pub async fn assess(client: &Client, s: &Settings, backlog: i64, paused: bool) -> Verdict {
-    if s.critical_replica_lag_ms.is_some() || s.max_replica_lag_ms.is_some() {
-        match replica_lag(client).await {
-            Ok(Some((lag, name))) if over(lag, s.critical_replica_lag_ms) => {
-                return Verdict::Critical(format!(
-                    "replica {name} is {} (critical limit {} ms)",
-                    lag_text(lag),
-                    s.critical_replica_lag_ms.unwrap_or(0)
-                ));
-            }
-            Ok(Some((lag, name))) if over(lag, s.max_replica_lag_ms) => {
-                return Verdict::Throttle(format!(
-                    "replica {name} is {} (limit {} ms)",
-                    lag_text(lag),
-                    s.max_replica_lag_ms.unwrap_or(0)
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Verdict::Throttle(format!("cannot read replica lag: {}", crate::db::describe(&e))),
+/// Whether the run may go on: critical limits first, then the operator's pause, then the
+/// limits. A signal a limit needs but that could not be read holds the run (fails closed).
+pub fn judge(s: &Settings, x: &Signals) -> Verdict {
+    match &x.replica_lag {
+        Some(Ok(Some((lag, name)))) if over(*lag, s.critical_replica_lag_ms) => {
+            let limit = s.critical_replica_lag_ms.unwrap_or(0);
+            return Verdict::Critical(format!("{name} is {} (critical limit {limit} ms)", lag_text(*lag)));
         }
-    }
-    if s.critical_active.is_some() || s.max_active.is_some() {
-        match active_sessions(client).await {
-            Ok(n) if s.critical_active.is_some_and(|l| n > l) => {
-                return Verdict::Critical(format!(
-                    "{n} active sessions (critical limit {})",
-                    s.critical_active.unwrap_or(0)
-                ));
-            }
-            Ok(n) if s.max_active.is_some_and(|l| n > l) => {
-                return Verdict::Throttle(format!("{n} active sessions (limit {})", s.max_active.unwrap_or(0)));
-            }
-            Ok(_) => {}
-            Err(e) => return Verdict::Throttle(format!("cannot count active sessions: {}", crate::db::describe(&e))),
+        Some(Ok(Some((lag, name)))) if over(*lag, s.max_replica_lag_ms) => {
+            let limit = s.max_replica_lag_ms.unwrap_or(0);
+            return Verdict::Throttle(format!("{name} is {} (limit {limit} ms)", lag_text(*lag)));
         }
+        Some(Err(reason)) => return Verdict::Throttle(reason.clone()),
+        _ => {}
     }
-    if let Some(limit) = s.critical_backlog.filter(|l| backlog > *l) {
-        return Verdict::Critical(format!("{backlog} captured changes waiting (critical limit {limit})"));
+    match &x.active {
+        Some(Ok(n)) if s.critical_active.is_some_and(|l| *n > l) => {
+            return Verdict::Critical(format!(
+                "{n} active sessions (critical limit {})",
+                s.critical_active.unwrap_or(0)
+            ));
+        }
+        Some(Ok(n)) if s.max_active.is_some_and(|l| *n > l) => {
+            return Verdict::Throttle(format!("{n} active sessions (limit {})", s.max_active.unwrap_or(0)));
+        }
+        Some(Err(reason)) => return Verdict::Throttle(reason.clone()),
+        _ => {}
     }
-    if paused {
+    match &x.backlog {
+        Ok(backlog) => {
+            if let Some(limit) = s.critical_backlog.filter(|l| backlog > l) {
+                return Verdict::Critical(format!("{backlog} captured changes waiting (critical limit {limit})"));
+            }
+        }
+        Err(reason) if s.critical_backlog.is_some() || s.max_backlog.is_some() => {
+            return Verdict::Throttle(reason.clone());
+        }
+        Err(_) => {}
+    }
+    if x.paused {
         return Verdict::Throttle("paused by the operator".into());
     }
-    if let Some(limit) = s.max_backlog.filter(|l| backlog > *l) {
+    if let (Ok(backlog), Some(limit)) = (&x.backlog, s.max_backlog)
+        && *backlog > limit
+    {
         return Verdict::Throttle(format!("{backlog} captured changes waiting (limit {limit})"));
     }
-    if let Some(sql) = &s.throttle_query {
-        match client.query_one(sql.as_str(), &[]).await.map(|r| r.try_get::<_, bool>(0)) {
-            Ok(Ok(true)) => return Verdict::Throttle("the throttle query returned true".into()),
-            Ok(Ok(false)) => {}
-            Ok(Err(_)) => return Verdict::Throttle("the throttle query must return one boolean column".into()),
-            Err(e) => return Verdict::Throttle(format!("the throttle query failed: {}", crate::db::describe(&e))),
-        }
+    match &x.query {
+        Some(Ok(true)) => Verdict::Throttle("the throttle query returned true".into()),
+        Some(Err(reason)) => Verdict::Throttle(reason.clone()),
+        _ => Verdict::Go,
     }
-    Verdict::Go
 }
 
 /// Whether a throttle reason is about the change backlog (catch-up can help).
 pub fn is_backlog(reason: &str) -> bool {
     reason.contains("captured changes waiting")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calm() -> Signals {
+        Signals { replica_lag: None, active: None, backlog: Ok(0), query: None, paused: false }
+    }
+
+    fn throttled(v: Verdict) -> String {
+        match v {
+            Verdict::Throttle(r) => r,
+            other => panic!("expected a throttle, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nothing_over_a_limit_goes() {
+        let s = Settings {
+            max_backlog: Some(10),
+            max_active: Some(5),
+            max_replica_lag_ms: Some(100),
+            ..Settings::default()
+        };
+        let x = Signals {
+            replica_lag: Some(Ok(Some((99.0, "replica a".into())))),
+            active: Some(Ok(5)),
+            backlog: Ok(10),
+            query: Some(Ok(false)),
+            paused: false,
+        };
+        assert_eq!(judge(&s, &x), Verdict::Go);
+        assert_eq!(judge(&Settings::default(), &Signals { replica_lag: Some(Ok(None)), ..calm() }), Verdict::Go);
+    }
+
+    #[test]
+    fn each_signal_over_its_limit_throttles_and_says_why() {
+        let s = Settings {
+            max_backlog: Some(10),
+            max_active: Some(5),
+            max_replica_lag_ms: Some(100),
+            ..Settings::default()
+        };
+        let lag = Signals { replica_lag: Some(Ok(Some((250.0, "replica a".into())))), ..calm() };
+        assert_eq!(throttled(judge(&s, &lag)), "replica a is 250 ms behind (limit 100 ms)");
+        let gone = Signals { replica_lag: Some(Ok(Some((f64::INFINITY, "the replica of slot s1".into())))), ..calm() };
+        assert!(throttled(judge(&s, &gone)).contains("slot s1 is not connected"));
+        assert_eq!(throttled(judge(&s, &Signals { active: Some(Ok(6)), ..calm() })), "6 active sessions (limit 5)");
+        assert_eq!(
+            throttled(judge(&s, &Signals { backlog: Ok(11), ..calm() })),
+            "11 captured changes waiting (limit 10)"
+        );
+        assert_eq!(
+            throttled(judge(&s, &Signals { query: Some(Ok(true)), ..calm() })),
+            "the throttle query returned true"
+        );
+        assert_eq!(throttled(judge(&s, &Signals { paused: true, ..calm() })), "paused by the operator");
+    }
+
+    #[test]
+    fn a_signal_that_cannot_be_read_fails_closed() {
+        let s = Settings { max_backlog: Some(10), ..Settings::default() };
+        for x in [
+            Signals { replica_lag: Some(Err("cannot read replica lag: x".into())), ..calm() },
+            Signals { active: Some(Err("cannot count active sessions: x".into())), ..calm() },
+            Signals { backlog: Err("cannot read the change backlog: x".into()), ..calm() },
+            Signals { query: Some(Err("the throttle query failed: x".into())), ..calm() },
+        ] {
+            assert!(throttled(judge(&s, &x)).ends_with(": x"), "{x:?}");
+        }
+        // An unreadable backlog with no backlog limit holds nothing.
+        let x = Signals { backlog: Err("cannot read the change backlog: x".into()), ..calm() };
+        assert_eq!(judge(&Settings::default(), &x), Verdict::Go);
+    }
+
+    #[test]
+    fn critical_limits_come_first_even_when_paused() {
+        let s = Settings { critical_backlog: Some(100), critical_active: Some(50), ..Settings::default() };
+        let x = Signals { backlog: Ok(101), paused: true, ..calm() };
+        assert_eq!(judge(&s, &x), Verdict::Critical("101 captured changes waiting (critical limit 100)".into()));
+        let x = Signals { active: Some(Ok(51)), paused: true, ..calm() };
+        assert!(matches!(judge(&s, &x), Verdict::Critical(r) if r.contains("51 active sessions")));
+        let s = Settings { critical_replica_lag_ms: Some(1000), max_replica_lag_ms: Some(10), ..Settings::default() };
+        let x = Signals { replica_lag: Some(Ok(Some((1500.0, "replica b".into())))), ..calm() };
+        assert!(matches!(judge(&s, &x), Verdict::Critical(r) if r.contains("replica b is 1500 ms behind")));
+    }
 }
