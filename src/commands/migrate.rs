@@ -106,7 +106,7 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     let on_signal = ctx.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping at the next safe point (the migration stays resumable)…");
+            tracing::warn!("interrupted: stopping at the next safe point (the migration stays resumable)");
             on_signal.cancel();
         }
     });
