@@ -282,14 +282,22 @@ async fn verification_catches_a_corrupted_shadow_and_stops() {
     let hook = at_phase(Arc::clone(&load.counters), Phase::Verify, move || {
         let url = url.clone();
         async move {
-            // A change the capture never saw: exactly what verification exists to catch.
+            // Changes the capture never saw: exactly what verification exists to catch. And
+            // a captured change not applied yet, so the log is not empty while it checks.
             let c = common::connect(&url).await;
-            c.batch_execute("UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42").await.unwrap();
+            c.batch_execute(
+                "UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42;
+                 DELETE FROM ghostwire_1.items WHERE id = 43;
+                 UPDATE items SET note = note WHERE id = 7;",
+            )
+            .await
+            .unwrap();
         }
     });
     let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a corrupted shadow");
-    assert!(matches!(err, MigrateError::Mismatch { count: 1, .. }), "{err}");
-    assert!(err.to_string().contains("(42)") && err.to_string().contains("untouched"), "{err}");
+    assert!(matches!(err, MigrateError::Mismatch { count: 2, .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("(42)") && msg.contains("(43)") && msg.contains("untouched"), "{err}");
     load.stop().await;
     let m = migration_row(&db.client).await;
     assert_eq!(m.phase, Phase::Verify);
