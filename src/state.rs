@@ -384,7 +384,18 @@ pub async fn event(
     Ok(())
 }
 
-/// Records a failure: the error stays on the row, the phase is kept.
+/// Records why the run is throttled right now (`None`: it is not).
+pub async fn set_throttled(
+    client: &impl GenericClient,
+    id: i64,
+    reason: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    client.execute("UPDATE ghostwire.migrations SET throttled = $2 WHERE id = $1", &[&id, &reason]).await?;
+    Ok(())
+}
+
+/// Records a failure: the error stays on the row, the phase is kept; a stopped run is not
+/// throttled.
 pub async fn set_error(
     client: &impl GenericClient,
     id: i64,
@@ -392,7 +403,10 @@ pub async fn set_error(
     error: &str,
 ) -> Result<(), tokio_postgres::Error> {
     client
-        .execute("UPDATE ghostwire.migrations SET error = $2, updated_at = now() WHERE id = $1", &[&id, &error])
+        .execute(
+            "UPDATE ghostwire.migrations SET error = $2, throttled = NULL, updated_at = now() WHERE id = $1",
+            &[&id, &error],
+        )
         .await?;
     event(client, id, phase, "error", error, None, None).await
 }

@@ -12,7 +12,7 @@ use super::run::Run;
 use super::spec::Spec;
 use super::throttle::{self, Verdict};
 use super::{capture, catchup, copy, index};
-use crate::state::Phase;
+use crate::state::{self, Phase};
 
 /// Why the run is held back, since when, and the time not yet added to the
 /// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
@@ -87,10 +87,7 @@ impl Run<'_> {
                         t.account();
                         let (reason, d) = (t.reason, t.since.elapsed());
                         self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
-                        let _ = self
-                            .control
-                            .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
-                            .await;
+                        let _ = state::set_throttled(&self.control, self.id, None).await;
                         self.live.update(|p| p.throttled = None);
                         self.reporter.note(&format!("no longer throttled after {:.1} s", d.as_secs_f64()));
                     }
@@ -130,10 +127,7 @@ impl Run<'_> {
             old.account();
         }
         self.event("throttle_start", &format!("throttled: {reason}"), None, Some(json!({ "reason": reason }))).await;
-        let _ = self
-            .control
-            .execute("UPDATE ghostwire.migrations SET throttled = $2 WHERE id = $1", &[&self.id, reason])
-            .await;
+        let _ = state::set_throttled(&self.control, self.id, Some(reason)).await;
         self.live.update(|p| p.throttled = Some(reason.clone()));
         self.reporter.note(&format!("throttled: {reason}"));
         self.throttled = Some(Throttled::new(reason.clone()));

@@ -137,10 +137,6 @@ impl<'a> Run<'a> {
             }
             Err(e) => {
                 let _ = state::set_error(&self.control, self.id, self.phase, &e.to_string()).await;
-                let _ = self
-                    .control
-                    .execute("UPDATE ghostwire.migrations SET throttled = NULL WHERE id = $1", &[&self.id])
-                    .await;
                 Err(e)
             }
         }

@@ -439,21 +439,12 @@ async fn foreign_keys(
     columns: &[ShadowColumn],
     plan: &Plan,
 ) -> Result<Vec<ForeignKey>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT conname::text, pg_get_constraintdef(oid), convalidated FROM pg_constraint
-              WHERE conrelid = $1::text::regclass AND contype = 'f' ORDER BY conname",
-            &[&shadow_sql],
-        )
-        .await?;
     let mut out = Vec::new();
-    for r in &rows {
-        let name: String = r.get(0);
-        client.batch_execute(&format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT {}", ident(&name))).await?;
+    for (name, definition, validated) in take_constraints(client, shadow_sql, "contype = 'f'").await? {
         let original = def.constraint(&name);
         out.push(ForeignKey {
-            definition: strip_not_valid(&r.get::<_, String>(1)),
-            validate: original.is_none_or(|c| c.validated) || r.get::<_, bool>(2),
+            definition,
+            validate: original.is_none_or(|c| c.validated) || validated,
             comment: original.and_then(|c| c.comment.clone()),
             name,
         });
@@ -485,10 +476,24 @@ async fn defer_unvalidated_checks(
     client: &Client,
     shadow_sql: &str,
 ) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let taken = take_constraints(client, shadow_sql, "contype = 'c' AND NOT convalidated").await?;
+    Ok(taken.into_iter().map(|(name, definition, _)| (name, definition)).collect())
+}
+
+/// Drops the shadow's constraints matching `filter` (SQL over `pg_constraint`, no user
+/// input); returns each one's name, definition (without `NOT VALID`) and whether it was
+/// validated.
+async fn take_constraints(
+    client: &Client,
+    shadow_sql: &str,
+    filter: &str,
+) -> Result<Vec<(String, String, bool)>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
-              WHERE conrelid = $1::text::regclass AND contype = 'c' AND NOT convalidated ORDER BY conname",
+            &format!(
+                "SELECT conname::text, pg_get_constraintdef(oid), convalidated FROM pg_constraint
+                  WHERE conrelid = $1::text::regclass AND {filter} ORDER BY conname"
+            ),
             &[&shadow_sql],
         )
         .await?;
@@ -496,7 +501,7 @@ async fn defer_unvalidated_checks(
     for r in &rows {
         let name: String = r.get(0);
         client.batch_execute(&format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT {}", ident(&name))).await?;
-        out.push((name, strip_not_valid(&r.get::<_, String>(1))));
+        out.push((name, strip_not_valid(&r.get::<_, String>(1)), r.get(2)));
     }
     Ok(out)
 }

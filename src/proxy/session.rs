@@ -174,11 +174,8 @@ async fn client_to_server(
                     tag != b'X' && f.ready && !f.busy
                 };
                 if must_enter {
-                    if ready > 0 {
-                        to.write_all(&buf[..ready]).await?;
-                        buf.advance(ready);
-                        ready = 0;
-                    }
+                    forward(&mut to, &mut buf, ready, CLIENT_TO_SERVER).await?;
+                    ready = 0;
                     let held = tokio::select! {
                         _ = done.cancelled() => return Ok(()),
                         held = shared.gate.enter() => held,
@@ -207,17 +204,8 @@ async fn client_to_server(
                 Item::NeedMore => break,
             }
         }
-        if ready > 0 {
-            to.write_all(&buf[..ready]).await?;
-            metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "client_to_server").increment(ready as u64);
-            buf.advance(ready);
-        }
-        buf.reserve(READ_CHUNK);
-        let n = tokio::select! {
-            _ = done.cancelled() => return Ok(()),
-            n = from.read_buf(&mut buf) => n?,
-        };
-        if n == 0 {
+        forward(&mut to, &mut buf, ready, CLIENT_TO_SERVER).await?;
+        if !refill(&mut from, &mut buf, done).await? {
             return Ok(()); // the client went away (mid-message or not): close the server side
         }
     }
@@ -271,18 +259,41 @@ async fn server_to_client(
                 Item::NeedMore => break,
             }
         }
-        if ready > 0 {
-            to.write_all(&buf[..ready]).await?;
-            metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "server_to_client").increment(ready as u64);
-            buf.advance(ready);
-        }
-        buf.reserve(READ_CHUNK);
-        let n = tokio::select! {
-            _ = done.cancelled() => return Ok(()),
-            n = from.read_buf(&mut buf) => n?,
-        };
-        if n == 0 {
+        forward(&mut to, &mut buf, ready, SERVER_TO_CLIENT).await?;
+        if !refill(&mut from, &mut buf, done).await? {
             return Ok(()); // the server closed (terminated backend, shutdown): so do we
         }
     }
+}
+
+const CLIENT_TO_SERVER: &str = "client_to_server";
+const SERVER_TO_CLIENT: &str = "server_to_client";
+
+/// Writes the first `ready` bytes of `buf` on, counts them, and drops them from `buf`.
+async fn forward(
+    to: &mut (impl AsyncWrite + Unpin),
+    buf: &mut BytesMut,
+    ready: usize,
+    direction: &'static str,
+) -> Result<(), SessionError> {
+    if ready > 0 {
+        to.write_all(&buf[..ready]).await?;
+        metrics::counter!("ghostwire_proxy_bytes_total", "direction" => direction).increment(ready as u64);
+        buf.advance(ready);
+    }
+    Ok(())
+}
+
+/// Reads more into `buf`; false when the peer closed or the session is over.
+async fn refill(
+    from: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    done: &CancellationToken,
+) -> Result<bool, SessionError> {
+    buf.reserve(READ_CHUNK);
+    let n = tokio::select! {
+        _ = done.cancelled() => return Ok(false),
+        n = from.read_buf(buf) => n?,
+    };
+    Ok(n > 0)
 }
