@@ -22,8 +22,14 @@ async fn items(client: &tokio_postgres::Client) {
 const SMALL_CHUNKS: [&str; 4] = ["--chunk-rows", "200", "--chunk-time", "5ms"];
 
 async fn resumed_to_the_end(db_url: &str, client: &tokio_postgres::Client, load: Workload) {
+    resumed_with(db_url, client, load, &[]).await;
+}
+
+async fn resumed_with(db_url: &str, client: &tokio_postgres::Client, load: Workload, options: &[&str]) {
     load.wait_for_more(20).await; // writes while nothing runs
-    let out = ghostwire(db_url, &["resume", "items"], None).await;
+    let mut args = vec!["resume", "items"];
+    args.extend(options);
+    let out = ghostwire(db_url, &args, None).await;
     assert!(
         out.status.success(),
         "resume failed: {}\n{}",
@@ -38,11 +44,16 @@ async fn resumed_to_the_end(db_url: &str, client: &tokio_postgres::Client, load:
 
 /// Kills the migration at `point`, then resumes it.
 async fn killed_at(point: &str, expected_phase: &str) {
+    killed_with_jobs(point, expected_phase, "2").await;
+}
+
+/// Kills the migration at `point` with `jobs` sessions at work, then resumes it.
+async fn killed_with_jobs(point: &str, expected_phase: &str, jobs: &str) {
     let db = TestDb::new().await;
     items(&db.client).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 31);
     load.wait_for_more(20).await;
-    let mut args = vec!["migrate"];
+    let mut args = vec!["migrate", "--jobs", jobs];
     args.extend(SMALL_CHUNKS);
     args.push(RETYPE);
     let out = ghostwire(&db.url, &args, Some(point)).await;
@@ -64,7 +75,33 @@ async fn killed_between_copy_chunks() {
 
 #[tokio::test]
 async fn killed_between_a_chunk_and_its_checkpoint() {
-    killed_at("copy.in_chunk:4", "copy").await;
+    killed_with_jobs("copy.in_chunk:4", "copy", "1").await;
+}
+
+/// With several jobs, chunks run in recorded rounds: killed inside one chunk of a round
+/// (others of the round may have committed), the resumed run copies exactly the ranges not
+/// marked done, here with fewer sessions than the round had.
+#[tokio::test]
+async fn killed_inside_a_round_of_concurrent_chunks() {
+    let db = TestDb::new().await;
+    items(&db.client).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 33);
+    load.wait_for_more(20).await;
+    let mut args = vec!["migrate", "--jobs", "3"];
+    args.extend(SMALL_CHUNKS);
+    args.push(RETYPE);
+    let out = ghostwire(&db.url, &args, Some("copy.in_chunk:5")).await;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
+    let round = db
+        .client
+        .query_one("SELECT count(*), count(*) FILTER (WHERE NOT done) FROM ghostwire.copy_round_1", &[])
+        .await
+        .unwrap();
+    assert_eq!(round.get::<_, i64>(0), 3, "the second round of three ranges is recorded");
+    assert!(round.get::<_, i64>(1) >= 1, "the killed chunk is not marked done");
+    resumed_with(&db.url, &db.client, load, &["--jobs", "1"]).await;
+    let left = strings(&db.client, "SELECT coalesce(to_regclass('ghostwire.copy_round_1')::text, 'gone')").await;
+    assert_eq!(left, ["gone"], "the round record ends with the copy");
 }
 
 #[tokio::test]
@@ -74,7 +111,7 @@ async fn killed_during_the_index_builds() {
 
 #[tokio::test]
 async fn killed_during_catch_up() {
-    killed_at("catchup.batch:2", "catchup").await;
+    killed_at("catchup.batch:1", "catchup").await;
 }
 
 #[tokio::test]

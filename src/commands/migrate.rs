@@ -45,6 +45,7 @@ impl Reporter for Lines {
 
 /// The engine's options from the command line.
 pub fn options(a: &MigrateArgs) -> Options {
+    let defaults = Options::default();
     Options {
         chunk_time: a.chunk_time,
         chunk_rows: a.chunk_rows,
@@ -63,7 +64,8 @@ pub fn options(a: &MigrateArgs) -> Options {
         critical_replica_lag: a.critical_replica_lag,
         critical_backlog: a.critical_backlog,
         critical_active: a.critical_active,
-        ..Options::default()
+        parallel: a.jobs.map_or(defaults.parallel, usize::from),
+        ..defaults
     }
 }
 

@@ -10,6 +10,12 @@
 //! Upper keys: for a single integer key, the last one plus a step sized from the rows per
 //! key value seen so far; otherwise the n-th key after the last (`OFFSET n-1`, an
 //! index-only walk). Either way the chunk size adapts to a target time per chunk.
+//!
+//! With several jobs, chunks are copied in rounds: the next `jobs` consecutive ranges, each
+//! on its own session at once. A round is recorded (`ghostwire.copy_round_<id>`) before its
+//! chunks run; each chunk marks its range done in its own transaction; when all are done,
+//! the checkpoint moves to the round's end and the record is cleared, in one transaction.
+//! A run that died mid-round copies the ranges not marked done, and only those.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +61,8 @@ struct Statements {
     copy_after: Statement,
     /// Moves the checkpoint: `$1` migration id, `$2` checkpoint (text[]), `$3` rows copied.
     checkpoint: Statement,
+    /// Marks a range of the current round done: `$1` its position, `$2` rows copied.
+    mark_done: Statement,
 }
 
 fn range_insert_sql(spec: &Spec, after: bool) -> String {
@@ -75,6 +83,7 @@ fn range_insert_sql(spec: &Spec, after: bool) -> String {
 
 impl Statements {
     async fn prepare(client: &Client, spec: &Spec) -> Result<Self, tokio_postgres::Error> {
+        let round = round_table(spec.migration_id).sql();
         let original = spec.original.sql();
         let keys = spec.key_list();
         let key_text = spec.key_as_text("");
@@ -97,8 +106,59 @@ impl Statements {
                       WHERE id = $1",
                 )
                 .await?,
+            mark_done: client.prepare(&format!("UPDATE {round} SET done = true, rows = $2 WHERE seq = $1")).await?,
         })
     }
+}
+
+/// Where a round of concurrent chunks is recorded until it is complete.
+pub fn round_table(id: i64) -> crate::sql::QualifiedName {
+    crate::sql::QualifiedName::new("ghostwire", format!("copy_round_{id}"))
+}
+
+/// Removes the round record of a migration (abort, and the end of the copy).
+pub fn drop_round_sql(id: i64) -> String {
+    format!("DROP TABLE IF EXISTS {}", round_table(id).sql())
+}
+
+/// One key range of a chunk: `(lower, upper]`, from the start when `lower` is None.
+#[derive(Debug, Clone, PartialEq)]
+struct Range {
+    seq: i32,
+    lower: Option<Vec<String>>,
+    upper: Vec<String>,
+    /// Already copied (a round recorded by a run that died).
+    done: bool,
+}
+
+/// Copies one range and records it, in one transaction: the checkpoint itself when it is
+/// a round of one, else the range's mark in the round record. Returns the rows copied.
+async fn copy_range(
+    client: &mut Client,
+    s: &Statements,
+    spec: &Spec,
+    range: &Range,
+    alone: bool,
+) -> Result<(i64, Duration), tokio_postgres::Error> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let copied = match &range.lower {
+        None => tx.execute(&s.copy_from_start, &params(vec![], &[&range.upper])).await?,
+        Some(lo) => tx.execute(&s.copy_after, &params(vec![], &[&range.upper, lo])).await?,
+    };
+    let rows = copied as i64;
+    crate::failpoint::hit("copy.in_chunk");
+    if alone {
+        tx.execute(&s.checkpoint, &[&spec.migration_id, &range.upper, &rows]).await?;
+    } else {
+        tx.execute(&s.mark_done, &[&range.seq, &rows]).await?;
+    }
+    tx.commit().await?;
+    crate::failpoint::hit("copy.chunk");
+    let took = started.elapsed();
+    metrics::counter!("ghostwire_rows_copied_total").increment(rows as u64);
+    metrics::histogram!("ghostwire_chunk_seconds").record(took.as_secs_f64());
+    Ok((rows, took))
 }
 
 /// The table's largest key now, as text (None: empty).
@@ -158,6 +218,11 @@ impl Stepper {
         }
     }
 
+    /// Whether a range up to `upper` (a key as text) reaches the last key.
+    fn reaches_end(&self, upper: &[String]) -> bool {
+        upper.first().and_then(|u| u.parse::<i64>().ok()).is_some_and(|u| u >= self.max)
+    }
+
     pub fn min_key(&self) -> i64 {
         self.min
     }
@@ -185,6 +250,10 @@ pub async fn key_bounds(client: &Client, spec: &Spec) -> Result<Option<(i64, i64
 /// live settings and catch-up can run in between.
 pub struct Copier {
     statements: Statements,
+    /// Further sessions for concurrent chunks (jobs - 1 of them), each with its statements.
+    helpers: Vec<(Client, Statements)>,
+    /// A round recorded by a run that died, to finish first.
+    unfinished: Option<Vec<Range>>,
     pub sizer: ChunkSizer,
     stepper: Option<Stepper>,
     /// The last key copied.
@@ -197,8 +266,9 @@ pub struct Copier {
 }
 
 impl Copier {
-    /// `end`: the copy's last key when resuming, else None (it is read now). Returns None
-    /// when there is nothing to copy.
+    /// `end`: the copy's last key when resuming, else None (it is read now). `helpers`: the
+    /// sessions for concurrent chunks besides `client` (empty: one chunk at a time). Returns
+    /// None when there is nothing to copy.
     pub async fn start(
         client: &Client,
         spec: &Spec,
@@ -206,6 +276,7 @@ impl Copier {
         end: Option<Vec<String>>,
         sizer: ChunkSizer,
         estimated_rows: i64,
+        helpers: Vec<Client>,
     ) -> Result<Option<Copier>, tokio_postgres::Error> {
         let Some(end) = (match end {
             Some(e) => Some(e),
@@ -225,8 +296,27 @@ impl Copier {
             }
             false => None,
         };
+        let round = round_table(spec.migration_id).sql();
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {round} (seq int PRIMARY KEY, lower text[], upper text[] NOT NULL,
+                                                    rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false)"
+            ))
+            .await?;
+        let recorded = client.query(&format!("SELECT seq, lower, upper, done FROM {round} ORDER BY seq"), &[]).await?;
+        let unfinished: Vec<Range> = recorded
+            .iter()
+            .map(|r| Range { seq: r.get(0), lower: r.get(1), upper: r.get(2), done: r.get(3) })
+            .collect();
+        let mut with_statements = Vec::new();
+        for h in helpers {
+            let st = Statements::prepare(&h, spec).await?;
+            with_statements.push((h, st));
+        }
         Ok(Some(Copier {
             statements: Statements::prepare(client, spec).await?,
+            helpers: with_statements,
+            unfinished: (!unfinished.is_empty()).then_some(unfinished),
             sizer,
             stepper,
             checkpoint,
@@ -236,15 +326,19 @@ impl Copier {
         }))
     }
 
-    /// The next chunk's upper key and whether it is the last chunk.
-    async fn upper(&self, client: &Client) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
+    /// The upper key of the chunk after `lower` and whether it is the last chunk.
+    async fn upper(
+        &self,
+        client: &Client,
+        lower: Option<&Vec<String>>,
+    ) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
         if let Some(st) = &self.stepper {
-            let lower = self.checkpoint.as_ref().map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
+            let lower = lower.map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
             return Ok(st.upper(lower, self.sizer.rows).map(|u| (vec![u.to_string()], u >= st.max)));
         }
         let skip = self.sizer.rows - 1;
         let s = &self.statements;
-        let upper = match &self.checkpoint {
+        let upper = match lower {
             None => client.query_opt(&s.upper_from_start, &params(vec![&skip], &[&self.end])).await?,
             Some(lo) => client.query_opt(&s.upper_after, &params(vec![&skip], &[&self.end, lo])).await?,
         };
@@ -254,41 +348,96 @@ impl Copier {
         }))
     }
 
-    /// Copies the next chunk; None when the copy is complete.
+    /// The next round: up to one range per session, consecutive from the checkpoint.
+    async fn plan_round(&self, client: &Client) -> Result<Vec<Range>, tokio_postgres::Error> {
+        let mut ranges: Vec<Range> = Vec::new();
+        let mut lower = self.checkpoint.clone();
+        for seq in 0..=self.helpers.len() as i32 {
+            let Some((upper, last)) = self.upper(client, lower.as_ref()).await? else { break };
+            ranges.push(Range { seq, lower: lower.clone(), upper: upper.clone(), done: false });
+            if last {
+                break;
+            }
+            lower = Some(upper);
+        }
+        Ok(ranges)
+    }
+
+    /// Copies the next round of chunks; None when the copy is complete.
     pub async fn next(&mut self, client: &mut Client, spec: &Spec) -> Result<Option<Chunk>, tokio_postgres::Error> {
         if self.done {
             return Ok(None);
         }
         let started = Instant::now();
-        let Some((upper, last_chunk)) = self.upper(client).await? else {
+        // A round an earlier run recorded is finished first, through its record.
+        let (round, recorded) = match self.unfinished.take() {
+            Some(r) => (r, true),
+            None => (self.plan_round(client).await?, false),
+        };
+        let Some(last) = round.last().cloned() else {
             self.done = true;
             return Ok(None);
         };
-        // The chunk and its checkpoint commit together.
-        let tx = client.transaction().await?;
-        let s = &self.statements;
-        let copied = match &self.checkpoint {
-            None => tx.execute(&s.copy_from_start, &params(vec![], &[&upper])).await?,
-            Some(lo) => tx.execute(&s.copy_after, &params(vec![], &[&upper, lo])).await?,
-        };
-        let rows = copied as i64;
-        crate::failpoint::hit("copy.in_chunk");
-        tx.execute(&s.checkpoint, &[&spec.migration_id, &upper, &rows]).await?;
-        tx.commit().await?;
-        crate::failpoint::hit("copy.chunk");
-        let took = started.elapsed();
-        self.total += rows;
-        metrics::counter!("ghostwire_rows_copied_total").increment(rows as u64);
-        metrics::histogram!("ghostwire_chunk_seconds").record(took.as_secs_f64());
-        if let Some(st) = self.stepper.as_mut() {
-            let lo = self.checkpoint.as_ref().and_then(|c| c[0].parse::<i64>().ok()).unwrap_or(st.min_key() - 1);
-            let hi = upper[0].parse::<i64>().unwrap_or(lo);
-            st.observe(hi.saturating_sub(lo), rows);
+        let alone = !recorded && round.len() == 1;
+        let table = round_table(spec.migration_id).sql();
+        if !alone && !recorded {
+            // Recorded before any of its chunks runs, so a crash leaves a round to finish.
+            let tx = client.transaction().await?;
+            for r in &round {
+                tx.execute(
+                    &format!("INSERT INTO {table} (seq, lower, upper) VALUES ($1, $2, $3)"),
+                    &[&r.seq, &r.lower, &r.upper],
+                )
+                .await?;
+            }
+            tx.commit().await?;
         }
-        self.checkpoint = Some(upper);
-        self.sizer.observe(rows, took);
-        self.done = last_chunk;
-        Ok(Some(Chunk { rows, took, next_size: self.sizer.rows }))
+        let pending: Vec<&Range> = round.iter().filter(|r| !r.done).collect();
+        let mut results = Vec::new();
+        {
+            // Each pending range on its own session, all at once.
+            let mut sessions: Vec<(&mut Client, &Statements)> = vec![(&mut *client, &self.statements)];
+            sessions.extend(self.helpers.iter_mut().map(|(c, s)| (c, &*s)));
+            for batch in pending.chunks(sessions.len()) {
+                let runs = batch.iter().zip(sessions.iter_mut()).map(|(r, (c, s))| copy_range(c, s, spec, r, alone));
+                results.extend(futures_util::future::join_all(runs).await);
+            }
+        }
+        let mut rows = 0;
+        let mut slowest = Duration::ZERO;
+        for (r, result) in pending.iter().zip(results) {
+            let (n, took) = result?;
+            rows += n;
+            slowest = slowest.max(took);
+            if let Some(st) = self.stepper.as_mut() {
+                let lo = r.lower.as_ref().and_then(|c| c[0].parse::<i64>().ok()).unwrap_or(st.min_key() - 1);
+                let hi = r.upper[0].parse::<i64>().unwrap_or(lo);
+                st.observe(hi.saturating_sub(lo), n);
+            }
+        }
+        if !alone {
+            // The round is complete: the checkpoint moves to its end, the record is cleared.
+            let tx = client.transaction().await?;
+            tx.execute(
+                &format!(
+                    "UPDATE ghostwire.migrations
+                        SET checkpoint = $2::text[], rows_copied = rows_copied + (SELECT coalesce(sum(rows), 0) FROM {table}),
+                            updated_at = now()
+                      WHERE id = $1"
+                ),
+                &[&spec.migration_id, &last.upper],
+            )
+            .await?;
+            tx.execute(&format!("DELETE FROM {table}"), &[]).await?;
+            tx.commit().await?;
+        }
+        self.total += rows;
+        self.done = last.upper == self.end || self.stepper.as_ref().is_some_and(|st| st.reaches_end(&last.upper));
+        self.checkpoint = Some(last.upper);
+        if pending.len() == round.len() {
+            self.sizer.observe(rows / pending.len().max(1) as i64, slowest);
+        }
+        Ok(Some(Chunk { rows, took: started.elapsed(), next_size: self.sizer.rows }))
     }
 }
 

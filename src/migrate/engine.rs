@@ -36,7 +36,7 @@ pub struct Options {
     /// Consent to a change that cannot be reverted, and to resuming an unfinished migration
     /// of the same statement.
     pub yes: bool,
-    /// Concurrent index builds and verification workers.
+    /// Sessions working at once: concurrent copy chunks, index builds, verification ranges.
     pub parallel: usize,
     /// Change-log entries per catch-up batch.
     pub catchup_batch: i64,

@@ -84,6 +84,19 @@ impl<'a> Run<'a> {
         session_config(&self.config, &format!("ghostwire migrate #{}", self.id))
     }
 
+    /// A session for copying and applying changes. A chunk and its checkpoint (a batch and
+    /// its log deletions) commit together, so an asynchronous commit lost in a crash loses
+    /// both: safe, and no flush wait each time.
+    async fn work_session(&self) -> Result<Client, MigrateError> {
+        let client = db::connect(&self.session()).await?;
+        client.batch_execute("SET synchronous_commit = off").await.during(
+            self.id,
+            self.phase,
+            "preparing a work session",
+        )?;
+        Ok(client)
+    }
+
     pub(super) async fn enter(&mut self, phase: Phase, message: &str) -> Result<(), MigrateError> {
         self.check_cancelled()?;
         self.phase = phase;
@@ -212,14 +225,7 @@ impl<'a> Run<'a> {
                 "installing the capture triggers",
             )?;
         }
-        let mut work = db::connect(&self.session()).await?;
-        // A chunk and its checkpoint (a batch and its log deletions) commit together, so an
-        // asynchronous commit lost in a crash loses both: safe, and no flush wait each time.
-        work.batch_execute("SET synchronous_commit = off").await.during(
-            self.id,
-            self.phase,
-            "preparing the work session",
-        )?;
+        let mut work = self.work_session().await?;
         catchup::prepare(&work, &spec).await.during(self.id, self.phase, "preparing catch-up")?;
         if from <= Phase::Copy {
             self.enter(Phase::Copy, "copying rows in keyset chunks").await?;
@@ -235,17 +241,12 @@ impl<'a> Run<'a> {
         if from <= Phase::Catchup {
             self.enter(Phase::Catchup, "applying captured changes").await?;
             self.catch_up(&work, &spec).await?;
-            work.batch_execute(&format!("ANALYZE {}", spec.shadow().sql())).await.during(
-                self.id,
-                Phase::Catchup,
-                "analyzing the shadow",
-            )?;
-            self.catch_up(&work, &spec).await?;
-            if self.opts.verify {
-                self.verify(&spec).await?;
-            } else {
-                self.event("verify_skipped", "verification skipped (--verify none)", None, None).await;
-            }
+            // The planner's statistics for the table after the swap, gathered on a session of
+            // its own while the verification runs (both only read the shadow).
+            let analyze = analyze(self.session(), spec.shadow().sql(), self.id);
+            let (verified, analyzed) = tokio::join!(self.verify(&spec), analyze);
+            verified?;
+            analyzed?;
             self.wait_for_cutover(&work, &spec).await?;
         }
         if from <= Phase::Cutover {
@@ -284,7 +285,11 @@ impl<'a> Run<'a> {
         let checkpoint = resumed.and_then(|m| m.checkpoint.clone());
         let end = resumed.and_then(|m| m.copy_end.clone());
         let estimated = spec.table.estimated_rows;
-        let copier = copy::Copier::start(work, spec, checkpoint, end.clone(), sizer, estimated).await.during(
+        let mut helpers = Vec::new();
+        for _ in 1..self.opts.parallel.max(1) {
+            helpers.push(self.work_session().await?);
+        }
+        let copier = copy::Copier::start(work, spec, checkpoint, end.clone(), sizer, estimated, helpers).await.during(
             self.id,
             Phase::Copy,
             "starting the copy",
@@ -326,6 +331,7 @@ impl<'a> Run<'a> {
         let done = before + copier.total;
         let rate = copier.total as f64 / started.elapsed().as_secs_f64().max(1e-3);
         self.reporter.progress(Phase::Copy, done, done, rate);
+        work.batch_execute(&copy::drop_round_sql(self.id)).await.during(self.id, Phase::Copy, "ending the copy")?;
         Ok(copier.total)
     }
 
@@ -395,6 +401,10 @@ impl<'a> Run<'a> {
     }
 
     async fn verify(&mut self, spec: &Spec) -> Result<(), MigrateError> {
+        if !self.opts.verify {
+            self.event("verify_skipped", "verification skipped (--verify none)", None, None).await;
+            return Ok(());
+        }
         self.enter(Phase::Verify, "comparing the original and the shadow").await?;
         let t = Instant::now();
         let report = verify::run(&self.session(), spec, self.opts.verify_range_rows, self.opts.parallel, &self.cancel)
@@ -446,4 +456,10 @@ impl<'a> Run<'a> {
         }
         failed
     }
+}
+
+/// Gathers the shadow's statistics on a session of its own.
+async fn analyze(config: Config, shadow: String, id: i64) -> Result<(), MigrateError> {
+    let client = db::connect(&config).await?;
+    client.batch_execute(&format!("ANALYZE {shadow}")).await.during(id, Phase::Verify, "analyzing the shadow")
 }
