@@ -9,6 +9,7 @@
 //! `search_path = pg_catalog`, so every name in them is schema-qualified and they can be
 //! replayed verbatim from any session.
 
+mod dependents;
 mod read;
 
 use serde::{Deserialize, Serialize};
