@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::CommandError;
 use super::progress::{JsonLines, reporter};
 use crate::cli::{Capture, MigrateArgs, Verify};
-use crate::migrate::{self, Context, MigrateError, Options, Outcome, Reporter};
+use crate::migrate::{self, Context, MigrateError, Options, Outcome, Reporter, Settings};
 use crate::plan::report::thousands;
 use crate::state::{self, Phase};
 use crate::{control, db, plan};
@@ -46,9 +46,19 @@ impl Reporter for Lines {
 /// The engine's options from the command line.
 pub fn options(a: &MigrateArgs) -> Options {
     let defaults = Options::default();
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
     Options {
-        chunk_time: a.chunk_time,
-        chunk_rows: a.chunk_rows,
+        settings: Settings {
+            chunk_time_ms: a.chunk_time.as_millis().max(1) as u64,
+            chunk_rows: a.chunk_rows.max(1),
+            max_replica_lag_ms: ms(a.max_replica_lag),
+            max_backlog: a.max_backlog,
+            max_active: a.max_active,
+            throttle_query: a.throttle_query.clone(),
+            critical_replica_lag_ms: ms(a.critical_replica_lag),
+            critical_backlog: a.critical_backlog,
+            critical_active: a.critical_active,
+        },
         lock_timeout: a.lock_timeout,
         cutover_attempts: a.cutover_attempts,
         finish: a.finish,
@@ -57,13 +67,6 @@ pub fn options(a: &MigrateArgs) -> Options {
         proxies: a.proxies.clone(),
         drain_timeout: a.drain_timeout,
         postpone_cutover: a.postpone_cutover,
-        max_replica_lag: a.max_replica_lag,
-        max_backlog: a.max_backlog,
-        max_active: a.max_active,
-        throttle_query: a.throttle_query.clone(),
-        critical_replica_lag: a.critical_replica_lag,
-        critical_backlog: a.critical_backlog,
-        critical_active: a.critical_active,
         parallel: a.jobs.map_or(defaults.parallel, usize::from),
         ..defaults
     }

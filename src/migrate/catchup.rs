@@ -84,7 +84,8 @@ fn key_condition(spec: &Spec, op: &str, values: &[String]) -> String {
 
 /// During the copy (the shadow's key index must exist): applies logged keys the copy has
 /// passed (up to `checkpoint`) and keys beyond its `end`; drops the entries for keys in
-/// between, whose rows the copy will read as they are then.
+/// between, whose rows the copy will read as they are then. So `checkpoint` must be the end
+/// of everything copied: never call this while a round of chunks is incomplete.
 pub async fn batch_during_copy(
     client: &Client,
     spec: &Spec,

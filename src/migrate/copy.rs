@@ -326,6 +326,12 @@ impl Copier {
         }))
     }
 
+    /// Whether the next call finishes a round an earlier run recorded (ranges above the
+    /// checkpoint may be copied already).
+    pub fn finishing_a_round(&self) -> bool {
+        self.unfinished.is_some()
+    }
+
     /// The upper key of the chunk after `lower` and whether it is the last chunk.
     async fn upper(
         &self,

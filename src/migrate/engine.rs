@@ -24,10 +24,8 @@ use crate::state::{self, Migration, Phase};
 /// How a migration runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Target time per copy chunk.
-    pub chunk_time: Duration,
-    /// The most rows in one chunk.
-    pub chunk_rows: i64,
+    /// Chunk sizes and throttle limits as the run starts (the control API changes them live).
+    pub settings: Settings,
     /// `lock_timeout` for every lock on the live table.
     pub lock_timeout: Duration,
     pub cutover_attempts: u32,
@@ -51,20 +49,12 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Wait after the copy, keeping the shadow in step, until the cut-over is allowed.
     pub postpone_cutover: bool,
-    pub max_replica_lag: Option<Duration>,
-    pub max_backlog: Option<i64>,
-    pub max_active: Option<i64>,
-    pub throttle_query: Option<String>,
-    pub critical_replica_lag: Option<Duration>,
-    pub critical_backlog: Option<i64>,
-    pub critical_active: Option<i64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            chunk_time: Duration::from_millis(250),
-            chunk_rows: 1_000_000,
+            settings: Settings::default(),
             lock_timeout: Duration::from_millis(100),
             cutover_attempts: 30,
             finish: false,
@@ -76,31 +66,6 @@ impl Default for Options {
             proxies: Vec::new(),
             drain_timeout: Duration::from_secs(2),
             postpone_cutover: false,
-            max_replica_lag: None,
-            max_backlog: None,
-            max_active: None,
-            throttle_query: None,
-            critical_replica_lag: None,
-            critical_backlog: None,
-            critical_active: None,
-        }
-    }
-}
-
-impl Options {
-    /// The settings that can change while the migration runs, as they start.
-    pub fn settings(&self) -> Settings {
-        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
-        Settings {
-            chunk_time_ms: self.chunk_time.as_millis().max(1) as u64,
-            chunk_rows: self.chunk_rows.max(1),
-            max_replica_lag_ms: ms(self.max_replica_lag),
-            max_backlog: self.max_backlog,
-            max_active: self.max_active,
-            throttle_query: self.throttle_query.clone(),
-            critical_replica_lag_ms: ms(self.critical_replica_lag),
-            critical_backlog: self.critical_backlog,
-            critical_active: self.critical_active,
         }
     }
 }
@@ -137,7 +102,7 @@ impl<'a> Context<'a> {
             reporter,
             hook: None,
             cancel: CancellationToken::new(),
-            live: Live::new(opts.settings(), opts.postpone_cutover),
+            live: Live::new(opts.settings.clone(), opts.postpone_cutover),
         }
     }
 
@@ -241,7 +206,7 @@ pub async fn migrate(
         return Err(MigrateError::Unfinished { table: m.table.to_string(), id: m.id, phase: m.phase, error: m.error });
     }
     let settings = json!({
-        "chunk_time_ms": opts.chunk_time.as_millis() as u64, "chunk_rows": opts.chunk_rows,
+        "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
         "finish": opts.finish,
     });

@@ -305,7 +305,12 @@ impl<'a> Run<'a> {
         let mut last_report = Instant::now();
         let before = self.rows_before;
         loop {
-            self.throttle(work, spec, Some(&copier)).await?;
+            // A round an earlier run left unfinished completes first: until it does, the
+            // checkpoint is not the end of what is copied, which applying the backlog between
+            // chunks relies on (it drops the entries of keys the copy has yet to read).
+            if !copier.finishing_a_round() {
+                self.throttle(work, spec, Some(&copier)).await?;
+            }
             let s = self.live.settings();
             copier.sizer.target = s.chunk_time();
             copier.sizer.max_rows = s.chunk_rows;

@@ -52,14 +52,13 @@ pub mod workload;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ghostwire::migrate::{self, MigrateError, Options, Outcome, PhaseHook, Silent};
+use ghostwire::migrate::{self, MigrateError, Options, Outcome, PhaseHook, Settings, Silent};
 use workload::{Counters, Shape, Workload};
 
 /// Options for small test tables: many small chunks and batches, so writes interleave.
 pub fn test_options() -> Options {
     Options {
-        chunk_time: Duration::from_millis(20),
-        chunk_rows: 300,
+        settings: Settings { chunk_time_ms: 20, chunk_rows: 300, ..Settings::default() },
         lock_timeout: Duration::from_millis(200),
         cutover_attempts: 20,
         catchup_batch: 200,
