@@ -7,7 +7,7 @@
 //!   1. offline `ALTER TABLE orders ALTER COLUMN amount TYPE bigint` (the baseline),
 //!   2. a single `INSERT … SELECT` into a new table plus the index builds (the floor),
 //!   3. `ghostwire migrate` of the same change on an idle table,
-//!   4. the same without verification (`--verify none`),
+//!   4. the same without verification (`--verify none`), and with one job (`--jobs 1`),
 //!   5. the same (verified) under a steady write load of 400 writes/s.
 //!
 //! It prints rows/s and each time's ratio to the offline ALTER: medians of
@@ -163,8 +163,9 @@ async fn main() {
     let config: tokio_postgres::Config = url.parse().unwrap();
     let opts = Options { yes: true, finish: true, ..Options::default() };
     let (mut offline, mut insert, mut floor, mut idle, mut busy) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut unverified = vec![];
+    let (mut unverified, mut one_job) = (vec![], vec![]);
     let no_verify = Options { verify: false, ..opts.clone() };
+    let single = Options { parallel: 1, ..opts.clone() };
     let mut last_idle = None;
     let mut last_busy = None;
     let mut phases = (String::new(), String::new());
@@ -214,6 +215,13 @@ async fn main() {
         unverified.push(t.elapsed());
 
         load(&client, rows).await;
+        let t = Instant::now();
+        migrate::migrate(&config, CHANGE, &single, &migrate::Context::new(&Silent, &single))
+            .await
+            .expect("migrate, one job");
+        one_job.push(t.elapsed());
+
+        load(&client, rows).await;
         let writers = start_load(&url, 4, 400, rows);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let t = Instant::now();
@@ -240,13 +248,15 @@ async fn main() {
     line("INSERT … SELECT + index builds (floor)", median(floor), rows, base);
     line("ghostwire migrate, idle", median(idle.clone()), rows, base);
     line("ghostwire migrate, idle, --verify none", median(unverified.clone()), rows, base);
+    line("ghostwire migrate, idle, --jobs 1", median(one_job.clone()), rows, base);
     line("ghostwire migrate, 400 writes/s", median(busy.clone()), rows, base);
     let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ");
     println!(
-        "\nall runs (s): offline {}; idle {}; idle unverified {}; busy {}",
+        "\nall runs (s): offline {}; idle {}; idle unverified {}; idle one job {}; busy {}",
         secs(&offline),
         secs(&idle),
         secs(&unverified),
+        secs(&one_job),
         secs(&busy)
     );
     if let Some(o) = last_idle {

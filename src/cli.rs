@@ -161,10 +161,10 @@ pub struct MigrateArgs {
     /// The most rows in one copy chunk (the chunk time decides below that).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     pub chunk_rows: i64,
-    /// Sessions working at once: concurrent copy chunks, index builds and verification
-    /// ranges [default: the number of cores, at most 4].
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub jobs: Option<u16>,
+    /// Sessions working at once on the database server: concurrent copy chunks, index
+    /// builds and verification ranges.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
     /// lock_timeout for every lock on the live table (the swap included).
     #[arg(long, default_value = "100ms", value_parser = duration)]
     pub lock_timeout: Duration,

@@ -45,7 +45,6 @@ impl Reporter for Lines {
 
 /// The engine's options from the command line.
 pub fn options(a: &MigrateArgs) -> Options {
-    let defaults = Options::default();
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
     Options {
         settings: Settings {
@@ -67,8 +66,8 @@ pub fn options(a: &MigrateArgs) -> Options {
         proxies: a.proxies.clone(),
         drain_timeout: a.drain_timeout,
         postpone_cutover: a.postpone_cutover,
-        parallel: a.jobs.map_or(defaults.parallel, usize::from),
-        ..defaults
+        parallel: usize::from(a.jobs),
+        ..Options::default()
     }
 }
 

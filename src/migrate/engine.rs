@@ -59,7 +59,9 @@ impl Default for Options {
             cutover_attempts: 30,
             finish: false,
             yes: false,
-            parallel: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            // Fixed, not the cores of the machine ghostwire runs on: the work runs on the
+            // database server, whose cores ghostwire cannot see.
+            parallel: 2,
             catchup_batch: 5_000,
             verify_range_rows: 50_000,
             verify: true,
