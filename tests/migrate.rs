@@ -249,3 +249,38 @@ async fn catalog_only_change_runs_in_place() {
     assert_eq!(column_type(&db, "items", "flag").await, "boolean");
     assert!(debris(&db.client, outcome.id).await.is_empty());
 }
+
+/// The key's own type changes: to `bigint` (same order, converted bounds), then to `text`
+/// (another order: the copy walks the original's order, verification matches rows by key).
+#[tokio::test]
+async fn key_type_changes_under_writes() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, qty int, note text, payload text);
+         CREATE TABLE oracle (id int PRIMARY KEY, qty int, note text, payload text);
+         INSERT INTO items SELECT g, g * 3, 'n' || g, CASE WHEN g % 50 = 0 THEN {LONG} END FROM generate_series(1, {ROWS}) g;
+         INSERT INTO oracle SELECT * FROM items;"
+    ))
+    .await;
+    let opts = ghostwire::migrate::Options { finish: true, ..test_options() };
+    let mut first_key = ROWS;
+    for (change, shown) in [("bigint", "bigint"), ("text", "text")] {
+        let statement = format!("ALTER TABLE items ALTER COLUMN id TYPE {change}");
+        let (outcome, commits) = migrate_under_load(&db, Shape::items(), first_key, &statement, &opts).await;
+        assert!(outcome.swap.is_some() && outcome.finished, "{change}");
+        first_key += commits as i64 + 1000;
+        assert_eq!(column_type(&db, "items", "id").await, shown);
+        assert_same_rows(
+            &db.client,
+            "SELECT id::text, qty, note, payload FROM items",
+            "SELECT id::text, qty, note, payload FROM oracle",
+        )
+        .await;
+    }
+    let pk = strings(
+        &db.client,
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'items'::regclass AND contype = 'p'",
+    )
+    .await;
+    assert_eq!(pk, ["PRIMARY KEY (id)"]);
+}

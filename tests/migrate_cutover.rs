@@ -288,6 +288,7 @@ async fn verification_catches_a_corrupted_shadow_and_stops() {
             c.batch_execute(
                 "UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42;
                  DELETE FROM ghostwire_1.items WHERE id = 43;
+                 INSERT INTO ghostwire_1.items (id, qty, note) VALUES (-5, 1, 'only in the shadow');
                  UPDATE items SET note = note WHERE id = 7;",
             )
             .await
@@ -295,11 +296,53 @@ async fn verification_catches_a_corrupted_shadow_and_stops() {
         }
     });
     let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a corrupted shadow");
-    assert!(matches!(err, MigrateError::Mismatch { count: 2, .. }), "{err}");
+    assert!(matches!(err, MigrateError::Mismatch { count: 3, .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("(42)") && msg.contains("(43)") && msg.contains("untouched"), "{err}");
+    assert!(msg.contains("(42)") && msg.contains("(43)") && msg.contains("(-5)") && msg.contains("untouched"), "{err}");
     load.stop().await;
     let m = migration_row(&db.client).await;
     assert_eq!(m.phase, Phase::Verify);
     unchanged(&db).await;
+}
+
+/// Columns whose types have no equality operator (`json`, `point`) are compared through
+/// their text form: a difference there is caught too.
+#[tokio::test]
+async fn verification_compares_types_without_equality_through_their_text() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE docs (id int PRIMARY KEY, body json, spot point, n int);
+         INSERT INTO docs SELECT g, json_build_object('g', g), point(g, -g), g FROM generate_series(1, 500) g;",
+    )
+    .await;
+    let url = db.url.clone();
+    let hook: PhaseHook = Arc::new(move |p| {
+        let url = url.clone();
+        Box::pin(async move {
+            if p == Phase::Verify {
+                let c = common::connect(&url).await;
+                c.batch_execute(
+                    "UPDATE ghostwire_1.docs SET body = '{\"g\": \"changed\"}' WHERE id = 17;
+                     UPDATE ghostwire_1.docs SET spot = point(0, 0) WHERE id = 18;",
+                )
+                .await
+                .unwrap();
+            }
+        })
+    });
+    let change = "ALTER TABLE docs ALTER COLUMN n TYPE bigint";
+    let err = run_migration(&db.url, change, &test_options(), Some(hook)).await.expect_err("a corrupted shadow");
+    assert!(matches!(err, MigrateError::Mismatch { count: 2, .. }), "{err}");
+    assert!(err.to_string().contains("(17)") && err.to_string().contains("(18)"), "{err}");
+    // Without the corruption, the same migration verifies and swaps.
+    let out = Command::new(env!("CARGO_BIN_EXE_ghostwire"))
+        .args(["abort", "docs"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let outcome = run_migration(&db.url, change, &test_options(), None).await.expect("a clean migration");
+    assert!(outcome.swap.is_some());
+    let body = strings(&db.client, "SELECT body::text FROM docs WHERE id = 17").await;
+    assert_eq!(body, [r#"{"g" : 17}"#]);
 }

@@ -432,8 +432,7 @@ impl<'a> Run<'a> {
         )
         .await;
         if !report.unexplained.is_empty() {
-            let sample: Vec<String> =
-                report.unexplained.iter().take(5).map(|k| format!("({})", k.join(", "))).collect();
+            let sample: Vec<String> = report.unexplained.iter().take(5).cloned().collect();
             return Err(MigrateError::Mismatch {
                 id: self.id,
                 table: spec.original.to_string(),

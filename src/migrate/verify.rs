@@ -1,11 +1,11 @@
 //! Phase `verify`: compare the original and the shadow, range by range.
 //!
 //! The key space is cut into ranges at every n-th key of the original (one pass over the key
-//! index). For each range, in one short REPEATABLE READ transaction: the count and an
-//! order-independent hash (XOR of 64-bit hashes) of every mapped row, on both sides, leaving
-//! out rows whose key has a pending change-log entry in the same snapshot (a write not yet
-//! caught up: it may differ). When they differ, the differing keys are listed; each must have
-//! a pending entry. Any other difference is a defect.
+//! index). For each range, one query in one short REPEATABLE READ transaction joins the
+//! original's rows (mapped as the copy maps them) with the shadow's by key, both read in key
+//! order, and compares them column by column: a row on one side only, or with any column
+//! different, must have a pending change-log entry in the same snapshot (a write not yet
+//! caught up). Any other difference is a defect.
 //!
 //! Columns that cannot be compared are left out: new columns (their defaults may be
 //! volatile), stored generated columns, and columns converted with a volatile USING. When a
@@ -27,8 +27,8 @@ pub struct Report {
     pub rows: i64,
     /// Rows that differ with a pending change (expected while writes go on).
     pub pending: usize,
-    /// Keys (in the shadow's form) that differ without a pending change.
-    pub unexplained: Vec<Vec<String>>,
+    /// Keys (in the shadow's form, shown as `(k1, k2)`) that differ without a pending change.
+    pub unexplained: Vec<String>,
     /// Matched by key rather than by range (extra shadow rows not detected).
     pub matched_by_key: bool,
 }
@@ -45,19 +45,12 @@ pub enum VerifyError {
 
 type Bound = Option<Vec<String>>;
 
-/// SQL fragments shared by every range check.
+/// The SQL of the range checks.
 struct Queries {
-    /// `(count, hash)` of the original within `$1..` (lower, exclusive) and upper (inclusive).
-    original_agg: [String; 4],
-    shadow_agg: [String; 4],
-    /// The same, leaving out rows whose key has a pending change-log entry (used while the
-    /// log has entries: their differences are expected, and need no diff).
-    original_agg_settled: [String; 4],
-    shadow_agg_settled: [String; 4],
-    /// Whether the log has entries, and whether one of them is a TRUNCATE.
-    log_state: String,
-    /// Differing keys, each with whether a change is pending for it.
-    diff: [String; 4],
+    /// By which bounds a range has (none, lower, upper, both): the original's rows in the
+    /// range, the differing rows with a pending change, and those without one (shown).
+    /// Parameters: the original's bounds, then the shadow's (by range).
+    compare: [String; 4],
     to_shadow_bound: String,
 }
 
@@ -80,121 +73,106 @@ fn range_filter(
     if parts.is_empty() { "true".into() } else { parts.join(" AND ") }
 }
 
-/// How rows are hashed: by each column type's own hash function (fast; PostgreSQL 14+,
-/// types with a hash opclass), or through their text form (works for any type).
+/// How column values are compared: with each type's own equality (fast; types with an `=`
+/// operator), or through their text form (works for any type, `json` included).
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Hashing {
+enum Comparison {
     Typed,
     Text,
 }
 
-fn queries(spec: &Spec, hashing: Hashing) -> Queries {
+fn queries(spec: &Spec, comparison: Comparison) -> Queries {
     let n = spec.key.len();
     let compared: Vec<_> = spec.columns.iter().filter(|c| c.compare).collect();
-    let orig_row: Vec<String> = compared
-        .iter()
-        .map(|c| format!("CAST(({}) AS {})", c.source.as_deref().unwrap_or("NULL"), c.shadow_type_sql))
-        .collect();
-    let shadow_row: Vec<String> = compared.iter().map(|c| ident(&c.shadow)).collect();
-    let hash = |row: &[String]| match hashing {
-        Hashing::Typed => format!("hash_record_extended(ROW({}), 0)", row.join(", ")),
-        Hashing::Text => format!("hashtextextended(ROW({})::text, 0)", row.join(", ")),
-    };
-    let orig_hash = hash(&orig_row);
-    let shadow_hash = hash(&shadow_row);
-    // Every row holds its unique key, so no two rows are equal and XOR cannot cancel them.
-    let combine = |h: &str| {
-        if spec.table.server_version_num >= 140000 {
-            format!("coalesce(bit_xor({h}), 0)::text")
-        } else {
-            format!("coalesce(sum({h}::numeric), 0)::text")
-        }
-    };
+    let original = spec.original.sql();
+    let shadow = spec.shadow().sql();
+    let by_range = spec.key_order_preserved();
     let orig_key_text = format!(
         "ARRAY[{}]",
         spec.key.iter().map(|k| format!("({})::text", k.to_shadow)).collect::<Vec<_>>().join(", ")
     );
-    let shadow_key_text = format!(
-        "ARRAY[{}]",
-        spec.key.iter().map(|k| format!("{}::text", ident(&k.shadow_name))).collect::<Vec<_>>().join(", ")
-    );
-    let original = spec.original.sql();
-    let shadow = spec.shadow().sql();
-    let by_range = spec.key_order_preserved();
     let variants = [(false, false), (true, false), (false, true), (true, true)];
-    let make = |f: &dyn Fn(bool, bool) -> String| -> [String; 4] { variants.map(|(lo, hi)| f(lo, hi)) };
     let orig_filter = |lo, hi| range_filter(&spec.key_list(), |i| spec.key_params(i, false), 1, lo, hi, n);
-    // The shadow's bounds follow the original's in the diff query, by range; matched by key,
-    // the shadow reuses the original's.
+    // The shadow's bounds follow the original's parameters, by range; matched by key, the
+    // shadow reuses the original's.
     let shadow_filter = |lo: bool, hi: bool, first: usize| {
         if by_range {
             range_filter(&spec.shadow_key_list(), |i| spec.key_params(i, true), first, lo, hi, n)
         } else {
-            format!("{shadow_key_text} IN (SELECT {orig_key_text} FROM ONLY {original} WHERE {})", orig_filter(lo, hi))
-        }
-    };
-    let log = spec.log_table().sql();
-    let alias = ident(&spec.original.name);
-    let list = |items: Vec<String>| items.join(", ");
-    // Hash anti-joins against the log, in each side's key form.
-    let orig_settled = format!(
-        "NOT EXISTS (SELECT 1 FROM {log} AS ghostwire_log WHERE NOT ghostwire_log.ghostwire_truncated AND ({}) = ({}))",
-        list(spec.key.iter().map(|k| format!("ghostwire_log.{}", ident(&k.name))).collect()),
-        list(spec.key.iter().map(|k| format!("{original}.{}", ident(&k.name))).collect()),
-    );
-    let shadow_settled = format!(
-        "NOT EXISTS (SELECT 1 FROM {log} AS {alias} WHERE NOT {alias}.ghostwire_truncated AND ({}) = ({}))",
-        list(spec.key.iter().map(|k| k.to_shadow.clone()).collect()),
-        list(spec.key.iter().map(|k| format!("{shadow}.{}", ident(&k.shadow_name))).collect()),
-    );
-    Queries {
-        original_agg_settled: make(&|lo, hi| {
+            let keys = spec.key.iter().map(|k| k.to_shadow.clone()).collect::<Vec<_>>().join(", ");
             format!(
-                "SELECT count(*), {} FROM ONLY {original} WHERE {} AND {orig_settled}",
-                combine(&orig_hash),
+                "({}) IN (SELECT {keys} FROM ONLY {original} WHERE {})",
+                spec.shadow_key_list(),
                 orig_filter(lo, hi)
             )
-        }),
-        shadow_agg_settled: make(&|lo, hi| {
-            format!(
-                "SELECT count(*), {} FROM {shadow} WHERE {} AND {shadow_settled}",
-                combine(&shadow_hash),
-                shadow_filter(lo, hi, 1)
-            )
-        }),
-        log_state: format!(
-            "SELECT EXISTS (SELECT 1 FROM {log} WHERE NOT ghostwire_truncated), EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated)"
-        ),
-        original_agg: make(&|lo, hi| {
-            format!("SELECT count(*), {} FROM ONLY {original} WHERE {}", combine(&orig_hash), orig_filter(lo, hi))
-        }),
-        shadow_agg: make(&|lo, hi| {
-            format!("SELECT count(*), {} FROM {shadow} WHERE {}", combine(&shadow_hash), shadow_filter(lo, hi, 1))
-        }),
-        diff: make(&|lo, hi| {
-            let after = 1 + n * (usize::from(lo) + usize::from(hi));
-            format!(
-                "SELECT d.k, t.truncated OR p.k IS NOT NULL
-                   FROM (SELECT coalesce(o.k, s.k) AS k
-                           FROM (SELECT {orig_key_text} AS k, {orig_hash} AS h FROM ONLY {original} WHERE {}) o
-                           FULL JOIN (SELECT {shadow_key_text} AS k, {shadow_hash} AS h FROM {shadow} WHERE {}) s ON o.k = s.k
-                          WHERE o.h IS DISTINCT FROM s.h) d
-                   LEFT JOIN (SELECT DISTINCT {orig_key_text} AS k FROM {log} AS {alias} WHERE NOT ghostwire_truncated) p
-                          ON p.k = d.k
-                  CROSS JOIN (SELECT EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated) AS truncated) t",
-                orig_filter(lo, hi),
-                shadow_filter(lo, hi, after)
-            )
-        }),
+        }
+    };
+    // Both sides in the shadow's terms: its key (gw_k*) and compared columns (gw_c*).
+    let orig_cols: Vec<String> = spec
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} AS gw_k{i}", k.to_shadow))
+        .chain(compared.iter().enumerate().map(|(i, c)| {
+            format!("CAST(({}) AS {}) AS gw_c{i}", c.source.as_deref().unwrap_or("NULL"), c.shadow_type_sql)
+        }))
+        .collect();
+    let shadow_cols: Vec<String> = spec
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{} AS gw_k{i}", ident(&k.shadow_name)))
+        .chain(compared.iter().enumerate().map(|(i, c)| format!("{} AS gw_c{i}", ident(&c.shadow))))
+        .collect();
+    let join_on: Vec<String> = (0..n).map(|i| format!("gw_o.gw_k{i} = gw_s.gw_k{i}")).collect();
+    let column_differs = |i: usize| match comparison {
+        Comparison::Typed => format!("gw_o.gw_c{i} IS DISTINCT FROM gw_s.gw_c{i}"),
+        Comparison::Text => format!("gw_o.gw_c{i}::text IS DISTINCT FROM gw_s.gw_c{i}::text"),
+    };
+    let differs: Vec<String> = ["gw_o.gw_k0 IS NULL".to_owned(), "gw_s.gw_k0 IS NULL".to_owned()]
+        .into_iter()
+        .chain((0..compared.len()).map(column_differs))
+        .collect();
+    let differs = differs.join(" OR ");
+    let either_key: Vec<String> = (0..n).map(|i| format!("coalesce(gw_o.gw_k{i}, gw_s.gw_k{i})::text")).collect();
+    let log = spec.log_table().sql();
+    let alias = ident(&spec.original.name);
+    // Checked for differing rows only: a TRUNCATE marker explains everything.
+    let pending = format!(
+        "EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated)
+         OR ARRAY[{keys}] IN (SELECT {orig_key_text} FROM {log} AS {alias} WHERE NOT ghostwire_truncated)",
+        keys = either_key.join(", "),
+    );
+    let compare = variants.map(|(lo, hi)| {
+        let after = 1 + n * (usize::from(lo) + usize::from(hi));
+        format!(
+            "SELECT count(*) FILTER (WHERE gw.in_original),
+                    count(*) FILTER (WHERE gw.differs AND gw.pending),
+                    coalesce(array_agg(gw.shown) FILTER (WHERE gw.differs AND NOT gw.pending), '{{}}')
+               FROM (SELECT gw_o.gw_k0 IS NOT NULL AS in_original,
+                            {differs} AS differs,
+                            CASE WHEN {differs} THEN {pending} ELSE false END AS pending,
+                            '(' || concat_ws(', ', {shown}) || ')' AS shown
+                       FROM (SELECT {orig_cols} FROM ONLY {original} WHERE {orig_where}) gw_o
+                       FULL JOIN (SELECT {shadow_cols} FROM {shadow} WHERE {shadow_where}) gw_s ON {join_on}) gw",
+            shown = either_key.join(", "),
+            orig_cols = orig_cols.join(", "),
+            shadow_cols = shadow_cols.join(", "),
+            orig_where = orig_filter(lo, hi),
+            shadow_where = shadow_filter(lo, hi, after),
+            join_on = join_on.join(" AND "),
+        )
+    });
+    Queries {
+        compare,
         to_shadow_bound: format!(
-            "SELECT {orig_key_text} FROM (SELECT {}) AS {}",
+            "SELECT {orig_key_text} FROM (SELECT {}) AS {alias}",
             spec.key
                 .iter()
                 .enumerate()
                 .map(|(i, k)| format!("${}::text::{} AS {}", i + 1, k.type_sql, ident(&k.name)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            ident(&spec.original.name)
         ),
     }
 }
@@ -265,7 +243,7 @@ async fn next_range(
 struct RangeResult {
     rows: i64,
     pending: usize,
-    unexplained: Vec<Vec<String>>,
+    unexplained: Vec<String>,
 }
 
 fn as_params<'a>(values: &[&'a String]) -> Vec<&'a (dyn ToSql + Sync)> {
@@ -283,55 +261,30 @@ async fn check_range(
     let orig_params: Vec<&String> = lo.iter().chain(hi.iter()).flatten().collect();
     // The shadow's bounds: the same keys converted, when the conversion is not the identity.
     let mut shadow_bounds = Vec::new();
-    for b in [lo, hi].into_iter().flatten() {
+    if spec.key_order_preserved() {
         let identity = spec.key.iter().all(|k| k.to_shadow == ident(&k.name));
-        if identity || !spec.key_order_preserved() {
-            shadow_bounds.extend(b.iter().cloned());
-        } else {
-            let params: Vec<&(dyn ToSql + Sync)> = b.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            let converted: Vec<String> = client.query_one(&q.to_shadow_bound, &params).await?.get(0);
-            shadow_bounds.extend(converted);
+        for b in [lo, hi].into_iter().flatten() {
+            if identity {
+                shadow_bounds.extend(b.iter().cloned());
+            } else {
+                let params: Vec<&(dyn ToSql + Sync)> = b.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                let converted: Vec<String> = client.query_one(&q.to_shadow_bound, &params).await?.get(0);
+                shadow_bounds.extend(converted);
+            }
         }
     }
-    let shadow_params: Vec<&String> =
-        if spec.key_order_preserved() { shadow_bounds.iter().collect() } else { orig_params.clone() };
+    let mut params = orig_params;
+    params.extend(shadow_bounds.iter());
     client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
-    let result = async {
-        // While changes are pending, compare only the rows without one: equal means every
-        // other row matches, with no diff to run (under writes, most ranges have one).
-        let log = client.query_one(&q.log_state, &[]).await?;
-        let settled = log.get::<_, bool>(0) && !log.get::<_, bool>(1);
-        let (original_agg, shadow_agg) =
-            if settled { (&q.original_agg_settled, &q.shadow_agg_settled) } else { (&q.original_agg, &q.shadow_agg) };
-        let o = client.query_one(&original_agg[variant], &as_params(&orig_params)).await?;
-        let s = client.query_one(&shadow_agg[variant], &as_params(&shadow_params)).await?;
-        let rows: i64 = o.get(0);
-        if o.get::<_, i64>(0) == s.get::<_, i64>(0) && o.get::<_, String>(1) == s.get::<_, String>(1) {
-            return Ok(RangeResult { rows, pending: 0, unexplained: Vec::new() });
-        }
-        let mut diff_params = orig_params.clone();
-        if spec.key_order_preserved() {
-            diff_params.extend(shadow_params.iter());
-        }
-        let diffs = client.query(&q.diff[variant], &as_params(&diff_params)).await?;
-        let pending = diffs.iter().filter(|r| r.get::<_, bool>(1)).count();
-        let unexplained = diffs.iter().filter(|r| !r.get::<_, bool>(1)).map(|r| r.get(0)).collect();
-        Ok(RangeResult { rows, pending, unexplained })
-    }
-    .await;
+    let result = client.query_one(&q.compare[variant], &as_params(&params)).await;
     client.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
-    result
+    let row = result?;
+    Ok(RangeResult { rows: row.get(0), pending: row.get::<_, i64>(1) as usize, unexplained: row.get(2) })
 }
 
-/// Whether every compared column's type has a hash function (tried on one shadow row).
-async fn typed_hashing_works(client: &Client, spec: &Spec) -> bool {
-    if spec.table.server_version_num < 140000 {
-        return false;
-    }
-    let columns: Vec<String> = spec.columns.iter().filter(|c| c.compare).map(|c| ident(&c.shadow)).collect();
-    let sql =
-        format!("SELECT hash_record_extended(ROW({}), 0) FROM {} LIMIT 1", columns.join(", "), spec.shadow().sql());
-    client.query(&sql, &[]).await.is_ok()
+/// Whether every compared column's type has an equality operator (the query plans).
+async fn typed_comparison_works(client: &Client, spec: &Spec) -> bool {
+    client.prepare(&queries(spec, Comparison::Typed).compare[3]).await.is_ok()
 }
 
 /// Verifies the whole table with `parallel` workers, `range_rows` rows per range.
@@ -352,9 +305,9 @@ pub async fn run(
     };
     let cursor = Arc::new(tokio::sync::Mutex::new(Cursor { lower: None, finished: false, stepper }));
     let every = range_rows.max(1);
-    let hashing = if typed_hashing_works(&first, spec).await { Hashing::Typed } else { Hashing::Text };
+    let comparison = if typed_comparison_works(&first, spec).await { Comparison::Typed } else { Comparison::Text };
     let spec = Arc::new(spec.clone());
-    let q = Arc::new(queries(&spec, hashing));
+    let q = Arc::new(queries(&spec, comparison));
     let mut workers = Vec::new();
     let mut first = Some(first);
     for _ in 0..parallel.max(1) {

@@ -92,10 +92,11 @@ fn text_value(rng: &mut StdRng, long: bool) -> String {
 }
 
 impl Shape {
+    /// Quoted literals: they take the key column's type, whatever it is (a test changes it).
     fn key_values(&self, k: i64) -> Vec<String> {
         match self.key.len() {
-            1 => vec![k.to_string()],
-            _ => vec![(k % 7).to_string(), k.to_string()],
+            1 => vec![lit(&k.to_string())],
+            _ => vec![lit(&(k % 7).to_string()), lit(&k.to_string())],
         }
     }
 
@@ -178,7 +179,7 @@ impl Shape {
             let m = self.key_match(existing);
             // Only the last key column changes, to a fresh value: no collisions.
             format!(
-                "UPDATE {t} SET {last} = {k} WHERE {m}; UPDATE {o} SET {last} = {k} WHERE {m};",
+                "UPDATE {t} SET {last} = '{k}' WHERE {m}; UPDATE {o} SET {last} = '{k}' WHERE {m};",
                 t = self.table,
                 o = self.oracle
             )
