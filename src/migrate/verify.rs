@@ -134,28 +134,29 @@ fn queries(spec: &Spec, comparison: Comparison) -> Queries {
         .chain((0..compared.len()).map(column_differs))
         .collect();
     let differs = differs.join(" OR ");
-    let either_key: Vec<String> = (0..n).map(|i| format!("coalesce(gw_o.gw_k{i}, gw_s.gw_k{i})::text")).collect();
+    let either_key: Vec<String> = (0..n).map(|i| format!("gw.gw_k{i}::text")).collect();
     let log = spec.log_table().sql();
     let alias = ident(&spec.original.name);
-    // Checked for differing rows only: a TRUNCATE marker explains everything.
+    // Looked at for differing rows only: a TRUNCATE marker explains everything.
     let pending = format!(
-        "EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated)
-         OR ARRAY[{keys}] IN (SELECT {orig_key_text} FROM {log} AS {alias} WHERE NOT ghostwire_truncated)",
+        "(EXISTS (SELECT 1 FROM {log} WHERE ghostwire_truncated)
+          OR ARRAY[{keys}] IN (SELECT {orig_key_text} FROM {log} AS {alias} WHERE NOT ghostwire_truncated))",
         keys = either_key.join(", "),
     );
+    let keys_out: Vec<String> = (0..n).map(|i| format!("coalesce(gw_o.gw_k{i}, gw_s.gw_k{i}) AS gw_k{i}")).collect();
+    // OFFSET 0 keeps the join a subquery, so each row's comparison runs once.
     let compare = variants.map(|(lo, hi)| {
         let after = 1 + n * (usize::from(lo) + usize::from(hi));
         format!(
             "SELECT count(*) FILTER (WHERE gw.in_original),
-                    count(*) FILTER (WHERE gw.differs AND gw.pending),
-                    coalesce(array_agg(gw.shown) FILTER (WHERE gw.differs AND NOT gw.pending), '{{}}')
-               FROM (SELECT gw_o.gw_k0 IS NOT NULL AS in_original,
-                            {differs} AS differs,
-                            CASE WHEN {differs} THEN {pending} ELSE false END AS pending,
-                            '(' || concat_ws(', ', {shown}) || ')' AS shown
+                    count(*) FILTER (WHERE gw.differs AND {pending}),
+                    coalesce(array_agg('(' || concat_ws(', ', {shown}) || ')') FILTER (WHERE gw.differs AND NOT {pending}), '{{}}')
+               FROM (SELECT gw_o.gw_k0 IS NOT NULL AS in_original, {differs} AS differs, {keys_out}
                        FROM (SELECT {orig_cols} FROM ONLY {original} WHERE {orig_where}) gw_o
-                       FULL JOIN (SELECT {shadow_cols} FROM {shadow} WHERE {shadow_where}) gw_s ON {join_on}) gw",
+                       FULL JOIN (SELECT {shadow_cols} FROM {shadow} WHERE {shadow_where}) gw_s ON {join_on}
+                     OFFSET 0) gw",
             shown = either_key.join(", "),
+            keys_out = keys_out.join(", "),
             orig_cols = orig_cols.join(", "),
             shadow_cols = shadow_cols.join(", "),
             orig_where = orig_filter(lo, hi),
