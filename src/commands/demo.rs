@@ -145,7 +145,7 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
     let serving = proxy.clone();
     let stopped = shutdown.clone();
-    tokio::spawn(async move { serving.serve(listener, stopped, Duration::from_secs(1)).await });
+    let proxy_task = tokio::spawn(async move { serving.serve(listener, stopped, Duration::from_secs(1)).await });
     say!(
         "$ ghostwire proxy --listen {proxy_addr} --upstream 127.0.0.1:{} --control {}",
         cluster.port(),
@@ -168,6 +168,9 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     for h in load {
         let _ = h.await;
     }
+    // The proxy goes before the summary, so its shutdown note does not trail it.
+    shutdown.cancel();
+    let _ = proxy_task.await;
     let outcome = result.map_err(CommandError::failed)?;
     say!();
     say!("What happened:");
@@ -209,7 +212,6 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     say!("  ghostwire status --database-url …          # progress and events");
     say!("  ghostwire finish --database-url … TABLE    # drop the old table when you are happy");
     say!("\nThe throwaway cluster is removed now.");
-    shutdown.cancel();
     drop(cluster);
     Ok(())
 }
