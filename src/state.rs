@@ -1,10 +1,10 @@
 //! A migration's persistent state in the target database (DESIGN.md §5).
 //!
 //! Schema `ghostwire` holds `migrations` (one row per migration), `events` (its log: phase
-//! changes, cut-over attempts with their timings, errors) and the change-log tables of
-//! running migrations. All of it survives a crash of ghostwire; `status`, `abort` and
-//! `finish` read it. A session-level advisory lock keyed on the table keeps two ghostwire
-//! processes from migrating one table at once.
+//! changes, cut-over attempts with their timings, errors), and for running migrations their
+//! change-log tables and the copy rounds in flight (`copy::round_table`). All of it survives
+//! a crash of ghostwire; `status`, `abort` and `finish` read it. A session-level advisory
+//! lock keyed on the table keeps two ghostwire processes from migrating one table at once.
 
 use std::fmt;
 use std::str::FromStr;
