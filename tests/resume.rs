@@ -100,6 +100,8 @@ async fn killed_inside_a_round_of_concurrent_chunks() {
     assert_eq!(round.get::<_, i64>(0), 3, "the second round of three ranges is recorded");
     assert!(round.get::<_, i64>(1) >= 1, "the killed chunk is not marked done");
     resumed_with(&db.url, &db.client, load, &["--jobs", "1"]).await;
+    let jobs = strings(&db.client, "SELECT details->>'jobs' FROM ghostwire.events WHERE kind = 'copy_done'").await;
+    assert_eq!(jobs, ["1"], "the resumed copy ran with the resumed run's --jobs");
     let left = strings(&db.client, "SELECT coalesce(to_regclass('ghostwire.copy_round_1')::text, 'gone')").await;
     assert_eq!(left, ["gone"], "the round record ends with the copy");
 }

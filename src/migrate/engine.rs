@@ -210,7 +210,7 @@ pub async fn migrate(
     let settings = json!({
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
-        "finish": opts.finish,
+        "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify,
     });
     let def = &plan.table_def;
     let id = state::insert_migration(

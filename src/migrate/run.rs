@@ -233,7 +233,8 @@ impl<'a> Run<'a> {
             let copied = self.copy(&mut work, &spec, resumed.filter(|m| m.phase == Phase::Copy)).await?;
             outcome.rows_copied += copied;
             outcome.copy_time = t.elapsed();
-            self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), None).await;
+            let details = json!({"rows": copied, "jobs": self.opts.parallel.max(1)});
+            self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), Some(details)).await;
         }
         if from <= Phase::Index {
             self.build_indexes(&work, &spec).await?;
