@@ -63,6 +63,9 @@ struct Statements {
     checkpoint: Statement,
     /// Marks a range of the current round done: `$1` its position, `$2` rows copied.
     mark_done: Statement,
+    /// Clears the complete round and moves the checkpoint to `$2`, adding the round's rows
+    /// (`$1` migration id).
+    complete_round: Statement,
 }
 
 fn range_insert_sql(spec: &Spec, after: bool) -> String {
@@ -107,6 +110,15 @@ impl Statements {
                 )
                 .await?,
             mark_done: client.prepare(&format!("UPDATE {round} SET done = true, rows = $2 WHERE seq = $1")).await?,
+            complete_round: client
+                .prepare(&format!(
+                    "WITH cleared AS (DELETE FROM {round} RETURNING rows)
+                     UPDATE ghostwire.migrations
+                        SET checkpoint = $2::text[], rows_copied = rows_copied + (SELECT coalesce(sum(rows), 0) FROM cleared),
+                            updated_at = now()
+                      WHERE id = $1"
+                ))
+                .await?,
         })
     }
 }
@@ -122,7 +134,7 @@ pub fn drop_round_sql(id: i64) -> String {
 }
 
 /// One key range of a chunk: `(lower, upper]`, from the start when `lower` is None.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Range {
     seq: i32,
     lower: Option<Vec<String>>,
@@ -216,11 +228,6 @@ impl Stepper {
             Some(lo) if lo >= self.max => None,
             Some(lo) => Some(lo.saturating_add(step).min(self.max)),
         }
-    }
-
-    /// Whether a range up to `upper` (a key as text) reaches the last key.
-    fn reaches_end(&self, upper: &[String]) -> bool {
-        upper.first().and_then(|u| u.parse::<i64>().ok()).is_some_and(|u| u >= self.max)
     }
 
     pub fn min_key(&self) -> i64 {
@@ -387,16 +394,15 @@ impl Copier {
         let alone = !recorded && round.len() == 1;
         let table = round_table(spec.migration_id).sql();
         if !alone && !recorded {
-            // Recorded before any of its chunks runs, so a crash leaves a round to finish.
-            let tx = client.transaction().await?;
-            for r in &round {
-                tx.execute(
-                    &format!("INSERT INTO {table} (seq, lower, upper) VALUES ($1, $2, $3)"),
-                    &[&r.seq, &r.lower, &r.upper],
-                )
+            // Recorded (one statement) before any of its chunks runs, so a crash leaves a
+            // round to finish.
+            let rows: Vec<String> =
+                (0..round.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+            let values: Vec<&(dyn ToSql + Sync)> =
+                round.iter().flat_map(|r| [&r.seq as &(dyn ToSql + Sync), &r.lower as _, &r.upper as _]).collect();
+            client
+                .execute(&format!("INSERT INTO {table} (seq, lower, upper) VALUES {}", rows.join(", ")), &values)
                 .await?;
-            }
-            tx.commit().await?;
         }
         let pending: Vec<&Range> = round.iter().filter(|r| !r.done).collect();
         let mut results = Vec::new();
@@ -422,23 +428,13 @@ impl Copier {
             }
         }
         if !alone {
-            // The round is complete: the checkpoint moves to its end, the record is cleared.
-            let tx = client.transaction().await?;
-            tx.execute(
-                &format!(
-                    "UPDATE ghostwire.migrations
-                        SET checkpoint = $2::text[], rows_copied = rows_copied + (SELECT coalesce(sum(rows), 0) FROM {table}),
-                            updated_at = now()
-                      WHERE id = $1"
-                ),
-                &[&spec.migration_id, &last.upper],
-            )
-            .await?;
-            tx.execute(&format!("DELETE FROM {table}"), &[]).await?;
-            tx.commit().await?;
+            // The round is complete: the record is cleared and the checkpoint moves to its
+            // end, in one statement.
+            client.execute(&self.statements.complete_round, &[&spec.migration_id, &last.upper]).await?;
         }
         self.total += rows;
-        self.done = last.upper == self.end || self.stepper.as_ref().is_some_and(|st| st.reaches_end(&last.upper));
+        // Every last range ends exactly at `end` (the stepper caps its steps there).
+        self.done = last.upper == self.end;
         self.checkpoint = Some(last.upper);
         if pending.len() == round.len() {
             self.sizer.observe(rows / pending.len().max(1) as i64, slowest);

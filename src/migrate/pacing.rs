@@ -141,8 +141,12 @@ impl Run<'_> {
         c: &copy::Copier,
         at: i64,
     ) -> Result<(), MigrateError> {
-        let have = index::existing(work, spec).await.during(self.id, Phase::Copy, "listing the shadow's indexes")?;
-        if !have.contains(&spec.key_index) {
+        if !self.key_index_ready
+            && !index::existing(work, spec)
+                .await
+                .during(self.id, Phase::Copy, "listing the shadow's indexes")?
+                .contains(&spec.key_index)
+        {
             let key = spec.deferred_indexes.iter().find(|d| d.name == spec.key_index).cloned();
             if let Some(key) = key {
                 self.reporter
@@ -158,6 +162,7 @@ impl Run<'_> {
                 .await;
             }
         }
+        self.key_index_ready = true;
         loop {
             let b = catchup::batch_during_copy(work, spec, self.opts.catchup_batch, c.checkpoint.as_deref(), &c.end)
                 .await

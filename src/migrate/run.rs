@@ -40,6 +40,8 @@ pub(super) struct Run<'a> {
     pub(super) rows_before: i64,
     /// The current throttle, if any.
     pub(super) throttled: Option<Throttled>,
+    /// The shadow's key index is known to exist (applying changes during the copy needs it).
+    pub(super) key_index_ready: bool,
 }
 
 impl<'a> Run<'a> {
@@ -77,6 +79,7 @@ impl<'a> Run<'a> {
             strategy,
             rows_before: 0,
             throttled: None,
+            key_index_ready: false,
         }
     }
 
