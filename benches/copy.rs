@@ -119,6 +119,15 @@ fn start_load(url: &str, writers: usize, rate: u64, rows: i64) -> Load {
     Load { stop, commits, errors, max_us, handles }
 }
 
+/// One migration of `CHANGE` with `opts`: its outcome and how long it took.
+async fn migration(config: &tokio_postgres::Config, opts: &Options, what: &str) -> (migrate::Outcome, Duration) {
+    let t = Instant::now();
+    let outcome = migrate::migrate(config, CHANGE, opts, &migrate::Context::new(&Silent, opts))
+        .await
+        .unwrap_or_else(|e| panic!("migrate, {what}: {e}"));
+    (outcome, t.elapsed())
+}
+
 async fn phase_times(client: &Client) -> String {
     let rows = client
         .query(
@@ -199,36 +208,22 @@ async fn main() {
         floor.push(t.elapsed());
 
         load(&client, rows).await;
-        let t = Instant::now();
-        let o = migrate::migrate(&config, CHANGE, &opts, &migrate::Context::new(&Silent, &opts))
-            .await
-            .expect("migrate, idle");
-        idle.push(t.elapsed());
+        let (o, took) = migration(&config, &opts, "idle").await;
+        idle.push(took);
         phases.0 = phase_times(&client).await;
         last_idle = Some(o);
 
         load(&client, rows).await;
-        let t = Instant::now();
-        migrate::migrate(&config, CHANGE, &no_verify, &migrate::Context::new(&Silent, &no_verify))
-            .await
-            .expect("migrate, no verify");
-        unverified.push(t.elapsed());
+        unverified.push(migration(&config, &no_verify, "no verify").await.1);
 
         load(&client, rows).await;
-        let t = Instant::now();
-        migrate::migrate(&config, CHANGE, &single, &migrate::Context::new(&Silent, &single))
-            .await
-            .expect("migrate, one job");
-        one_job.push(t.elapsed());
+        one_job.push(migration(&config, &single, "one job").await.1);
 
         load(&client, rows).await;
         let writers = start_load(&url, 4, 400, rows);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let t = Instant::now();
-        let o = migrate::migrate(&config, CHANGE, &opts, &migrate::Context::new(&Silent, &opts))
-            .await
-            .expect("migrate, busy");
-        busy.push(t.elapsed());
+        tokio::time::sleep(Duration::from_secs(1)).await; // writers in their stride first
+        let (o, took) = migration(&config, &opts, "busy").await;
+        busy.push(took);
         writers.stop.store(true, Ordering::Relaxed);
         for h in writers.handles {
             let _ = h.await;

@@ -335,11 +335,7 @@ async fn verification_compares_types_without_equality_through_their_text() {
     assert!(matches!(err, MigrateError::Mismatch { count: 2, .. }), "{err}");
     assert!(err.to_string().contains("(17)") && err.to_string().contains("(18)"), "{err}");
     // Without the corruption, the same migration verifies and swaps.
-    let out = Command::new(env!("CARGO_BIN_EXE_ghostwire"))
-        .args(["abort", "docs"])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
+    let out = ghostwire(&db.url, &["abort", "docs"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let outcome = run_migration(&db.url, change, &test_options(), None).await.expect("a clean migration");
     assert!(outcome.swap.is_some());

@@ -42,6 +42,20 @@ async fn resumed_with(db_url: &str, client: &tokio_postgres::Client, load: Workl
     assert_swapped_then_finish(db_url, client).await;
 }
 
+/// Runs `RETYPE` in small chunks with `jobs` sessions until the failpoint `point` kills it.
+async fn migrate_killed_at(url: &str, point: &str, jobs: &str) {
+    let mut args = vec!["migrate", "--jobs", jobs];
+    args.extend(SMALL_CHUNKS);
+    args.push(RETYPE);
+    let out = ghostwire(url, &args, Some(point)).await;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: not killed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Kills the migration at `point`, then resumes it.
 async fn killed_at(point: &str, expected_phase: &str) {
     killed_with_jobs(point, expected_phase, "2").await;
@@ -53,16 +67,7 @@ async fn killed_with_jobs(point: &str, expected_phase: &str, jobs: &str) {
     items(&db.client).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 31);
     load.wait_for_more(20).await;
-    let mut args = vec!["migrate", "--jobs", jobs];
-    args.extend(SMALL_CHUNKS);
-    args.push(RETYPE);
-    let out = ghostwire(&db.url, &args, Some(point)).await;
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGKILL),
-        "{point}: not killed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate_killed_at(&db.url, point, jobs).await;
     let phase = strings(&db.client, "SELECT phase FROM ghostwire.migrations").await;
     assert_eq!(phase, [expected_phase], "{point}");
     resumed_to_the_end(&db.url, &db.client, load).await;
@@ -87,11 +92,7 @@ async fn killed_inside_a_round_of_concurrent_chunks() {
     items(&db.client).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 33);
     load.wait_for_more(20).await;
-    let mut args = vec!["migrate", "--jobs", "3"];
-    args.extend(SMALL_CHUNKS);
-    args.push(RETYPE);
-    let out = ghostwire(&db.url, &args, Some("copy.in_chunk:5")).await;
-    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
+    migrate_killed_at(&db.url, "copy.in_chunk:5", "3").await;
     let round = db
         .client
         .query_one("SELECT count(*), count(*) FILTER (WHERE NOT done) FROM ghostwire.copy_round_1", &[])
@@ -245,11 +246,7 @@ async fn a_migration_whose_shadow_was_dropped_cannot_resume_and_says_to_abort() 
 async fn changes_to_a_copied_range_of_an_unfinished_round_are_kept() {
     let db = TestDb::new().await;
     items(&db.client).await;
-    let mut args = vec!["migrate", "--jobs", "3"];
-    args.extend(SMALL_CHUNKS);
-    args.push(RETYPE);
-    let out = ghostwire(&db.url, &args, Some("copy.chunk:5")).await;
-    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
+    migrate_killed_at(&db.url, "copy.chunk:5", "3").await;
     let done: i64 =
         db.client.query_one("SELECT count(*) FROM ghostwire.copy_round_1 WHERE done", &[]).await.unwrap().get(0);
     assert!(done >= 2, "two chunks of the second round committed before the kill");
