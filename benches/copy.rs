@@ -254,6 +254,15 @@ async fn main() {
         secs(&one_job),
         secs(&busy)
     );
+    // Each run's idle migration against the same run's offline ALTER: the machine's drift
+    // between runs cancels out.
+    let mut paired: Vec<f64> = idle.iter().zip(&offline).map(|(i, o)| i.as_secs_f64() / o.as_secs_f64()).collect();
+    paired.sort_by(f64::total_cmp);
+    println!(
+        "idle / offline per run: {}; median {:.2}x",
+        paired.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(" "),
+        paired[paired.len() / 2]
+    );
     if let Some(o) = last_idle {
         println!("idle (last run): copy {:.2} s; phases: {}", o.copy_time.as_secs_f64(), phases.0);
         if let Some(s) = o.swap {

@@ -310,3 +310,49 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     assert!(ghostwire_finish(&db).await.is_ok());
     assert!(debris(&db.client, outcome.id).await.is_empty(), "{:?}", debris(&db.client, outcome.id).await);
 }
+
+#[tokio::test]
+async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
+    let db = TestDb::new().await;
+    items(&db, ", code int, tag text").await;
+    db.exec(
+        "UPDATE items SET code = id, tag = 't' || id;
+         ALTER TABLE items ADD CONSTRAINT items_code_key UNIQUE (code) DEFERRABLE INITIALLY DEFERRED;
+         ALTER TABLE items ADD CONSTRAINT items_id_code_key UNIQUE NULLS NOT DISTINCT (id, code) DEFERRABLE;
+         ALTER TABLE items ADD CONSTRAINT items_tag_excl EXCLUDE USING btree (tag WITH =);",
+    )
+    .await;
+    let (outcome, _) = migrate_under_load(&db, Shape::items(), ROWS, RETYPE, &test_options()).await;
+    assert!(outcome.swap.is_some());
+    oracle_matches(&db).await;
+    assert_eq!(
+        strings(
+            &db.client,
+            "SELECT conname || ' ' || contype::text || ' ' || condeferrable || ' ' || condeferred || ' ' || conindid::regclass::text
+               FROM pg_constraint WHERE conrelid = 'items'::regclass ORDER BY 1"
+        )
+        .await,
+        [
+            "items_code_key u true true items_code_key",
+            "items_id_code_key u true false items_id_code_key",
+            "items_pkey p false false items_pkey",
+            "items_tag_excl x false false items_tag_excl",
+        ]
+    );
+    assert_eq!(
+        strings(
+            &db.client,
+            "SELECT indnullsnotdistinct::text FROM pg_index WHERE indexrelid = 'items_id_code_key'::regclass"
+        )
+        .await,
+        ["true"]
+    );
+    // Deferred: a swap of two codes inside one transaction is checked at commit only.
+    // (On rows of their own: the writers moved some of the first rows' keys.)
+    db.exec("INSERT INTO items (id, code, tag) VALUES (-1, -1, 'a'), (-2, -2, 'b')").await;
+    db.exec("BEGIN; UPDATE items SET code = -2 WHERE id = -1; UPDATE items SET code = -1 WHERE id = -2; COMMIT;").await;
+    assert!(fails(&db, "BEGIN; UPDATE items SET code = -2 WHERE id = -2; COMMIT;").await.contains("items_code_key"));
+    assert!(fails(&db, "INSERT INTO items (id, tag) VALUES (-3, 'a')").await.contains("items_tag_excl"));
+    assert!(fails(&db, "INSERT INTO items (id) VALUES (-1)").await.contains("items_pkey"));
+    assert!(ghostwire_finish(&db).await.is_ok());
+}

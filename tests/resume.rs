@@ -112,6 +112,12 @@ async fn killed_during_the_index_builds() {
     killed_at("index.built:1", "index").await;
 }
 
+/// Both indexes built, the key's not yet made the primary key: the resumed run does that.
+#[tokio::test]
+async fn killed_after_the_index_builds() {
+    killed_at("index.built:2", "index").await;
+}
+
 #[tokio::test]
 async fn killed_during_catch_up() {
     killed_at("catchup.batch:1", "catchup").await;

@@ -1,6 +1,7 @@
 //! Phase `index`: build the shadow's secondary indexes after the copy, several at once.
 //!
-//! Plain `CREATE INDEX` (nobody uses the shadow yet), one connection per concurrent build.
+//! Plain `CREATE INDEX` (nobody uses the shadow yet), one connection per concurrent build;
+//! primary key and unique constraints are built as their indexes and attached after.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,34 @@ pub async fn existing(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Makes the built indexes of primary key and unique constraints those constraints (each
+/// quick: the index exists), skipping constraints the shadow has already (a resumed run).
+pub async fn attach_constraints(
+    client: &tokio_postgres::Client,
+    spec: &super::spec::Spec,
+) -> Result<usize, IndexError> {
+    let have: Vec<String> = client
+        .query(
+            "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass",
+            &[&spec.shadow().sql()],
+        )
+        .await
+        .map_err(|source| IndexError::Build { index: "(listing constraints)".into(), source })?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut attached = 0;
+    for index in &spec.deferred_indexes {
+        let Some((constraint, sql)) = &index.attach else { continue };
+        if have.contains(constraint) {
+            continue;
+        }
+        client.batch_execute(sql).await.map_err(|source| IndexError::Build { index: index.name.clone(), source })?;
+        attached += 1;
+    }
+    Ok(attached)
+}
+
 /// Builds `indexes` on `parallel` connections; returns each index's build time.
 pub async fn build(
     config: &Config,
@@ -58,11 +87,20 @@ pub async fn build(
         let cancel = cancel.clone();
         workers.push(tokio::spawn(async move {
             let mut built = Vec::new();
+            let mut parallel_build = workers_count == 1;
             loop {
-                let next = queue.lock().map(|mut q| q.pop_front()).unwrap_or(None);
-                let Some(index) = next else { break };
+                let next = queue.lock().map(|mut q| q.pop_front().map(|i| (i, q.is_empty()))).unwrap_or(None);
+                let Some((index, last)) = next else { break };
                 if cancel.is_cancelled() {
                     break;
+                }
+                // The last index to start would otherwise leave a core idle once the other
+                // builds end: it may use PostgreSQL's parallel build workers (the server's
+                // own setting).
+                if last && !parallel_build {
+                    let reset = client.batch_execute("RESET max_parallel_maintenance_workers").await;
+                    reset.map_err(|source| IndexError::Build { index: index.name.clone(), source })?;
+                    parallel_build = true;
                 }
                 let started = Instant::now();
                 if let Err(source) = client.batch_execute(&index.sql).await {

@@ -153,6 +153,9 @@ impl Run<'_> {
                     .note("the change backlog is growing: building the shadow's key index to apply it during the copy");
                 let t = Instant::now();
                 work.batch_execute(&key.sql).await.during(self.id, Phase::Copy, "building the shadow's key index")?;
+                if let Some((_, attach)) = &key.attach {
+                    work.batch_execute(attach).await.during(self.id, Phase::Copy, "making the key index the key")?;
+                }
                 self.event(
                     "index_done",
                     &format!("built the key index {} during the copy", key.name),

@@ -344,23 +344,29 @@ impl<'a> Run<'a> {
         Ok(copier.total)
     }
 
+    fn index_error(&self, e: index::IndexError) -> MigrateError {
+        match e {
+            index::IndexError::Connect(c) => MigrateError::Connect(c),
+            index::IndexError::Build { index, source } => MigrateError::Database {
+                id: self.id,
+                phase: Phase::Index,
+                context: format!("building index {index}"),
+                source,
+            },
+            index::IndexError::Worker(w) => MigrateError::Refused(w),
+        }
+    }
+
     async fn build_indexes(&mut self, work: &Client, spec: &Spec) -> Result<(), MigrateError> {
         let have = index::existing(work, spec).await.during(self.id, Phase::Index, "listing the shadow's indexes")?;
         let missing: Vec<_> = spec.deferred_indexes.iter().filter(|d| !have.contains(&d.name)).cloned().collect();
         self.enter(Phase::Index, &format!("building {} index(es)", missing.len())).await?;
         let t = Instant::now();
-        let built =
-            index::build(&self.session(), &missing, self.opts.parallel, &self.cancel).await.map_err(|e| match e {
-                index::IndexError::Connect(c) => MigrateError::Connect(c),
-                index::IndexError::Build { index, source } => MigrateError::Database {
-                    id: self.id,
-                    phase: Phase::Index,
-                    context: format!("building index {index}"),
-                    source,
-                },
-                index::IndexError::Worker(w) => MigrateError::Refused(w),
-            })?;
+        let built = index::build(&self.session(), &missing, self.opts.parallel, &self.cancel)
+            .await
+            .map_err(|e| self.index_error(e))?;
         self.check_cancelled()?;
+        index::attach_constraints(work, spec).await.map_err(|e| self.index_error(e))?;
         let details =
             json!(built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>());
         self.event("index_done", &format!("built {} index(es)", built.len()), Some(t.elapsed()), Some(details)).await;

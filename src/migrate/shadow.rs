@@ -403,7 +403,8 @@ async fn defer_indexes(
     let shadow_sql = shadow.sql();
     let rows = client
         .query(
-            "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), con.conname::text, pg_get_constraintdef(con.oid)
+            "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), con.conname::text, pg_get_constraintdef(con.oid),
+                    con.contype::text, coalesce(con.condeferrable, false), coalesce(con.condeferred, false)
                FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
                                           AND con.contype IN ('p', 'u', 'x')
@@ -415,15 +416,39 @@ async fn defer_indexes(
     let mut out = Vec::new();
     for r in &rows {
         let name: String = r.get(0);
-        let (sql, drop) = match r.get::<_, Option<String>>(2) {
-            Some(con) => (
+        let index_sql: String = r.get(1);
+        let drop_index = format!("DROP INDEX {}.{}", ident(&shadow.schema), ident(&name));
+        let (sql, attach, drop) = match (r.get::<_, Option<String>>(2), r.get::<_, Option<String>>(4)) {
+            // A primary key or unique constraint: its index is built like any other, then
+            // made the constraint.
+            (Some(con), Some(kind)) if kind == "p" || kind == "u" => {
+                let what = if kind == "p" { "PRIMARY KEY" } else { "UNIQUE" };
+                let timing = match (r.get::<_, bool>(5), r.get::<_, bool>(6)) {
+                    (false, _) => "",
+                    (true, false) => " DEFERRABLE",
+                    (true, true) => " DEFERRABLE INITIALLY DEFERRED",
+                };
+                let attach = format!(
+                    "ALTER TABLE {shadow_sql} ADD CONSTRAINT {} {what} USING INDEX {}{timing}",
+                    ident(&con),
+                    ident(&name)
+                );
+                (
+                    index_sql,
+                    Some((con.clone(), attach)),
+                    format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT {}", ident(&con)),
+                )
+            }
+            // An exclusion constraint cannot be attached to an index: built as itself.
+            (Some(con), _) => (
                 format!("ALTER TABLE {shadow_sql} ADD CONSTRAINT {} {}", ident(&con), r.get::<_, String>(3)),
+                None,
                 format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT {}", ident(&con)),
             ),
-            None => (r.get(1), format!("DROP INDEX {}.{}", ident(&shadow.schema), ident(&name))),
+            (None, _) => (index_sql, None, drop_index),
         };
         client.batch_execute(&drop).await?;
-        out.push(DeferredIndex { name, sql });
+        out.push(DeferredIndex { name, sql, attach });
     }
     Ok(out)
 }

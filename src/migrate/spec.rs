@@ -41,8 +41,14 @@ pub struct ColumnMap {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeferredIndex {
     pub name: String,
-    /// The statement that builds it on the shadow table.
+    /// The statement that builds it on the shadow table: a plain `CREATE [UNIQUE] INDEX`, so
+    /// that several builds can run at once (`ALTER TABLE … ADD PRIMARY KEY` would lock the
+    /// table against the other builds).
     pub sql: String,
+    /// For a primary key or unique constraint: the constraint's name and the statement that
+    /// makes the built index that constraint (`… USING INDEX`, quick), run after the builds.
+    #[serde(default)]
+    pub attach: Option<(String, String)>,
 }
 
 /// A foreign key of the new table, added at cut-over as NOT VALID and validated after.

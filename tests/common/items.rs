@@ -46,6 +46,8 @@ pub async fn assert_matches_oracle(client: &tokio_postgres::Client) {
 /// The migration is swapped; `finish` removes every trace of it.
 pub async fn assert_swapped_then_finish(url: &str, client: &tokio_postgres::Client) {
     assert_eq!(strings(client, "SELECT phase FROM ghostwire.migrations").await, ["swapped"]);
+    let key = "SELECT conname::text FROM pg_constraint WHERE conrelid = 'items'::regclass AND contype = 'p'";
+    assert_eq!(strings(client, key).await, ["items_pkey"], "the new table's key is its primary key");
     let out = ghostwire(url, &["finish", "items"], None).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(debris(client, 1).await.is_empty(), "{:?}", debris(client, 1).await);
