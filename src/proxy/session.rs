@@ -162,6 +162,9 @@ async fn client_to_server(
     done: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
+    // Counters looked up once per session, not once per message.
+    let bytes = metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "client_to_server");
+    let requests = metrics::counter!("ghostwire_proxy_requests_total");
     loop {
         let mut ready = 0;
         loop {
@@ -174,7 +177,7 @@ async fn client_to_server(
                     tag != b'X' && f.ready && !f.busy
                 };
                 if must_enter {
-                    forward(&mut to, &mut buf, ready, CLIENT_TO_SERVER).await?;
+                    forward(&mut to, &mut buf, ready, &bytes).await?;
                     ready = 0;
                     let held = tokio::select! {
                         _ = done.cancelled() => return Ok(()),
@@ -193,7 +196,7 @@ async fn client_to_server(
                         b'Q' | b'S' | b'F' => {
                             f.outstanding += 1;
                             f.unsynced = false;
-                            metrics::counter!("ghostwire_proxy_requests_total").increment(1);
+                            requests.increment(1);
                         }
                         t if needs_sync(t) => f.unsynced = true,
                         _ => {}
@@ -204,7 +207,7 @@ async fn client_to_server(
                 Item::NeedMore => break,
             }
         }
-        forward(&mut to, &mut buf, ready, CLIENT_TO_SERVER).await?;
+        forward(&mut to, &mut buf, ready, &bytes).await?;
         if !refill(&mut from, &mut buf, done).await? {
             return Ok(()); // the client went away (mid-message or not): close the server side
         }
@@ -219,6 +222,7 @@ async fn server_to_client(
     done: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
+    let bytes = metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "server_to_client");
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         let mut ready = 0;
@@ -259,26 +263,23 @@ async fn server_to_client(
                 Item::NeedMore => break,
             }
         }
-        forward(&mut to, &mut buf, ready, SERVER_TO_CLIENT).await?;
+        forward(&mut to, &mut buf, ready, &bytes).await?;
         if !refill(&mut from, &mut buf, done).await? {
             return Ok(()); // the server closed (terminated backend, shutdown): so do we
         }
     }
 }
 
-const CLIENT_TO_SERVER: &str = "client_to_server";
-const SERVER_TO_CLIENT: &str = "server_to_client";
-
 /// Writes the first `ready` bytes of `buf` on, counts them, and drops them from `buf`.
 async fn forward(
     to: &mut (impl AsyncWrite + Unpin),
     buf: &mut BytesMut,
     ready: usize,
-    direction: &'static str,
+    bytes: &metrics::Counter,
 ) -> Result<(), SessionError> {
     if ready > 0 {
         to.write_all(&buf[..ready]).await?;
-        metrics::counter!("ghostwire_proxy_bytes_total", "direction" => direction).increment(ready as u64);
+        bytes.increment(ready as u64);
         buf.advance(ready);
     }
     Ok(())
