@@ -342,3 +342,32 @@ async fn verification_compares_types_without_equality_through_their_text() {
     let body = strings(&db.client, "SELECT body::text FROM docs WHERE id = 17").await;
     assert_eq!(body, [r#"{"g" : 17}"#]);
 }
+
+/// A shadow that lost its key after it was built (by hand, say) is never swapped in: the
+/// run stops with the original untouched and writable, and `abort` cleans up.
+#[tokio::test]
+async fn a_shadow_missing_its_key_is_not_swapped_in() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 15);
+    load.wait_for_more(10).await;
+    let url = db.url.clone();
+    let hook = at_phase(Arc::clone(&load.counters), Phase::Cutover, move || {
+        let url = url.clone();
+        async move {
+            let c = common::connect(&url).await;
+            c.batch_execute("ALTER TABLE ghostwire_1.items DROP CONSTRAINT items_pkey").await.unwrap();
+        }
+    });
+    let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a shadow without its key");
+    assert!(matches!(err, MigrateError::ShadowIncomplete { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("index items_pkey, constraint items_pkey") && msg.contains("ghostwire abort"), "{msg}");
+    load.wait_for_more(10).await; // still writable
+    load.stop().await;
+    unchanged(&db).await;
+    let m = migration_row(&db.client).await;
+    assert_eq!(m.phase, Phase::Cutover);
+    cleanup::abort(&db.client, &m, &RetryPolicy::default()).await.unwrap();
+    assert!(debris(&db.client, m.id).await.is_empty(), "{:?}", debris(&db.client, m.id).await);
+}

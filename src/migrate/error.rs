@@ -36,6 +36,10 @@ pub enum MigrateError {
     )]
     Mismatch { id: i64, table: String, count: usize, sample: String },
     #[error(
+        "migration #{id}: the shadow table lacks {missing}, which the new {table} must have; the swap is refused and {table} is untouched and writable. Something removed it from the shadow after it was built: `ghostwire abort {table}` removes the shadow, then run the migration again"
+    )]
+    ShadowIncomplete { id: i64, table: String, missing: String },
+    #[error(
         "migration #{id}: the cut-over gave up after {attempts} attempts ({reason}); {table} is untouched and writable. Find what holds long locks or snapshots on it (pg_stat_activity), then run the migration again, or `ghostwire abort {table}`"
     )]
     CutoverGaveUp { id: i64, table: String, attempts: u32, reason: String },

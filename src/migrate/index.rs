@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
-use super::spec::DeferredIndex;
+use super::spec::{DeferredIndex, Spec};
 use crate::db::ConnectError;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +24,7 @@ pub enum IndexError {
 }
 
 /// The indexes the shadow has now (a resumed run builds only the others).
-pub async fn existing(
-    client: &tokio_postgres::Client,
-    spec: &super::spec::Spec,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+pub async fn existing(client: &tokio_postgres::Client, spec: &Spec) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT c.relname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
@@ -38,22 +35,45 @@ pub async fn existing(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Makes the built indexes of primary key and unique constraints those constraints (each
-/// quick: the index exists), skipping constraints the shadow has already (a resumed run).
-pub async fn attach_constraints(
-    client: &tokio_postgres::Client,
-    spec: &super::spec::Spec,
-) -> Result<usize, IndexError> {
-    let have: Vec<String> = client
+/// The constraint names the shadow has.
+async fn constraints(client: &tokio_postgres::Client, spec: &Spec) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
         .query(
             "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass",
             &[&spec.shadow().sql()],
         )
-        .await
-        .map_err(|source| IndexError::Build { index: "(listing constraints)".into(), source })?
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The indexes and index-backed constraints the shadow should have by now and has not: a
+/// swap must never install a table without an index or key of the original's.
+pub async fn missing(client: &tokio_postgres::Client, spec: &Spec) -> Result<Vec<String>, tokio_postgres::Error> {
+    let (indexes, constraints) = (existing(client, spec).await?, constraints(client, spec).await?);
+    let mut missing: Vec<String> = spec
+        .deferred_indexes
         .iter()
-        .map(|r| r.get(0))
+        .map(|d| &d.name)
+        .chain(std::iter::once(&spec.key_index))
+        .filter(|n| !indexes.contains(n))
+        .map(|n| format!("index {n}"))
         .collect();
+    missing.sort();
+    missing.dedup();
+    for (constraint, _) in spec.deferred_indexes.iter().filter_map(|d| d.attach.as_ref()) {
+        if !constraints.contains(constraint) {
+            missing.push(format!("constraint {constraint}"));
+        }
+    }
+    Ok(missing)
+}
+
+/// Makes the built indexes of primary key and unique constraints those constraints (each
+/// quick: the index exists), skipping constraints the shadow has already (a resumed run).
+pub async fn attach_constraints(client: &tokio_postgres::Client, spec: &Spec) -> Result<usize, IndexError> {
+    let have = constraints(client, spec)
+        .await
+        .map_err(|source| IndexError::Build { index: "(listing constraints)".into(), source })?;
     let mut attached = 0;
     for index in &spec.deferred_indexes {
         let Some((constraint, sql)) = &index.attach else { continue };

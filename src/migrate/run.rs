@@ -255,6 +255,15 @@ impl<'a> Run<'a> {
         }
         if from <= Phase::Cutover {
             self.enter(Phase::Cutover, "swapping the tables").await?;
+            let missing =
+                index::missing(&work, &spec).await.during(self.id, Phase::Cutover, "listing the shadow's indexes")?;
+            if !missing.is_empty() {
+                return Err(MigrateError::ShadowIncomplete {
+                    id: self.id,
+                    table: self.table.to_string(),
+                    missing: missing.join(", "),
+                });
+            }
             let (swapped, attempts, held) = self.cut_over(&work, &spec).await?;
             outcome.swap = Some(swapped);
             outcome.cutover_attempts = attempts;
