@@ -134,6 +134,18 @@ pub fn metrics() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::debug!("a metrics recorder was already installed");
         }
+        // Histogram samples pile up until drained: by a scrape, or by this upkeep (a proxy
+        // nobody scrapes would otherwise grow by every query it held).
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the metrics upkeep thread: {e}");
+        }
         handle
     })
 }

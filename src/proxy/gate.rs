@@ -87,25 +87,46 @@ impl Gate {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The fast path of [`Gate::enter`]: true (and the session counts as busy) when the gate
+    /// is open now; false when it is not (nothing changed: call `enter` to wait).
+    pub fn try_enter(&self) -> bool {
+        let mut g = self.lock();
+        if g.state == GateState::Open {
+            g.busy += 1;
+            return true;
+        }
+        false
+    }
+
     /// An idle session wants to start something: returns once the gate lets it, with how
-    /// long it was held. The session counts as busy from then on.
+    /// long it was held (zero when the gate was open). The session counts as busy from then on.
     pub async fn enter(&self) -> Duration {
-        let started = Instant::now();
-        let mut counted = false;
+        // Counts the session as held from when it first finds the gate closed until it gets
+        // through or gives up (the future dropped: its session ended).
+        struct Held<'a> {
+            gate: &'a Gate,
+            since: Option<Instant>,
+        }
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                if self.since.is_some() {
+                    self.gate.lock().held -= 1;
+                }
+            }
+        }
+        let mut held = Held { gate: self, since: None };
         loop {
             let opened = self.opened.notified();
             {
                 let mut g = self.lock();
                 if g.state == GateState::Open {
                     g.busy += 1;
-                    if counted {
-                        g.held -= 1;
-                    }
-                    return started.elapsed();
+                    drop(g);
+                    return held.since.map(|s| s.elapsed()).unwrap_or(Duration::ZERO);
                 }
-                if !counted {
+                if held.since.is_none() {
                     g.held += 1;
-                    counted = true;
+                    held.since = Some(Instant::now());
                 }
             }
             opened.await;
@@ -228,6 +249,26 @@ mod tests {
         held.await.unwrap();
         assert_eq!(gate.status().busy_sessions, 1);
         assert_eq!(gate.status().held_sessions, 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_session_that_goes_away_is_no_longer_counted() {
+        let gate = Arc::new(Gate::default());
+        gate.drain(Duration::from_secs(10)).await.unwrap();
+        let g = Arc::clone(&gate);
+        let held = tokio::spawn(async move { g.enter().await });
+        while gate.status().held_sessions == 0 {
+            tokio::task::yield_now().await;
+        }
+        held.abort(); // the client disconnected while held
+        assert!(held.await.unwrap_err().is_cancelled());
+        assert_eq!(gate.status().held_sessions, 0);
+        assert_eq!(gate.status().busy_sessions, 0);
+        // Straight through an open gate: busy, never held.
+        assert!(gate.open().is_some());
+        assert_eq!(gate.enter().await, Duration::ZERO);
+        assert!(gate.try_enter());
+        assert_eq!(gate.status().busy_sessions, 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -126,25 +126,18 @@ async fn relay(
     let session = shared.register(peer);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let done = stop.child_token();
-    let up = client_to_server(&shared, &session, client_read, server_write, leftover, &done);
-    let down = server_to_client(&shared, &session, server_read, client_write, &done);
-    let (a, b) = tokio::join!(
-        async {
-            let r = up.await;
-            done.cancel();
-            r
-        },
-        async {
-            let r = down.await;
-            done.cancel();
-            r
-        }
-    );
-    for r in [a, b] {
-        if let Err(e) = r {
-            tracing::debug!("session {}: {e}", session.id);
-        }
+    // The session ends when either direction ends (or the proxy stops): the other is dropped
+    // where it waits, and both sockets close with it. One select for the whole session, not
+    // one per read.
+    let up = client_to_server(&shared, &session, client_read, server_write, leftover);
+    let down = server_to_client(&shared, &session, server_read, client_write);
+    let ended = tokio::select! {
+        r = up => r,
+        r = down => r,
+        _ = stop.cancelled() => Ok(()),
+    };
+    if let Err(e) = ended {
+        tracing::debug!("session {}: {e}", session.id);
     }
     shared.unregister(&session);
 }
@@ -159,7 +152,6 @@ async fn client_to_server(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut buf: BytesMut,
-    done: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
     // Counters looked up once per session, not once per message.
@@ -179,12 +171,11 @@ async fn client_to_server(
                 if must_enter {
                     forward(&mut to, &mut buf, ready, &bytes).await?;
                     ready = 0;
-                    let held = tokio::select! {
-                        _ = done.cancelled() => return Ok(()),
-                        held = shared.gate.enter() => held,
-                    };
-                    if !held.is_zero() {
-                        metrics::histogram!("ghostwire_proxy_held_seconds").record(held.as_secs_f64());
+                    if !shared.gate.try_enter() {
+                        let held = shared.gate.enter().await;
+                        if !held.is_zero() {
+                            metrics::histogram!("ghostwire_proxy_held_seconds").record(held.as_secs_f64());
+                        }
                     }
                     session.flags().busy = true;
                 }
@@ -208,7 +199,7 @@ async fn client_to_server(
             }
         }
         forward(&mut to, &mut buf, ready, &bytes).await?;
-        if !refill(&mut from, &mut buf, done).await? {
+        if !refill(&mut from, &mut buf).await? {
             return Ok(()); // the client went away (mid-message or not): close the server side
         }
     }
@@ -219,7 +210,6 @@ async fn server_to_client(
     session: &Session,
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    done: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
     let bytes = metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "server_to_client");
@@ -264,7 +254,7 @@ async fn server_to_client(
             }
         }
         forward(&mut to, &mut buf, ready, &bytes).await?;
-        if !refill(&mut from, &mut buf, done).await? {
+        if !refill(&mut from, &mut buf).await? {
             return Ok(()); // the server closed (terminated backend, shutdown): so do we
         }
     }
@@ -285,16 +275,8 @@ async fn forward(
     Ok(())
 }
 
-/// Reads more into `buf`; false when the peer closed or the session is over.
-async fn refill(
-    from: &mut (impl AsyncRead + Unpin),
-    buf: &mut BytesMut,
-    done: &CancellationToken,
-) -> Result<bool, SessionError> {
+/// Reads more into `buf`; false when the peer closed.
+async fn refill(from: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> Result<bool, SessionError> {
     buf.reserve(READ_CHUNK);
-    let n = tokio::select! {
-        _ = done.cancelled() => return Ok(false),
-        n = from.read_buf(buf) => n?,
-    };
-    Ok(n > 0)
+    Ok(from.read_buf(buf).await? > 0)
 }
