@@ -168,7 +168,12 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     for h in load {
         let _ = h.await;
     }
-    // The proxy goes before the summary, so its shutdown note does not trail it.
+    // The clients' connections close as their tasks end; once the proxy has seen them go,
+    // it stops (before the summary, so that nothing trails it).
+    let gone = Instant::now() + Duration::from_secs(2);
+    while proxy.status().sessions > 0 && Instant::now() < gone {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     shutdown.cancel();
     let _ = proxy_task.await;
     let outcome = result.map_err(CommandError::failed)?;

@@ -169,7 +169,12 @@ impl Proxy {
         }
         drop(listener);
         tracker.close();
-        tracing::info!("shutting down: waiting up to {grace:?} for {} session(s) to end", self.shared.sessions.len());
+        if !self.shared.sessions.is_empty() {
+            tracing::info!(
+                "shutting down: waiting up to {grace:?} for {} session(s) to end",
+                self.shared.sessions.len()
+            );
+        }
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::info!("closing {} remaining session(s)", self.shared.sessions.len());
             sessions_stop.cancel();
