@@ -317,7 +317,9 @@ async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
     items(&db, ", code int, tag text").await;
     db.exec(
         "UPDATE items SET code = id, tag = 't' || id;
-         ALTER TABLE items ADD CONSTRAINT items_code_key UNIQUE (code) DEFERRABLE INITIALLY DEFERRED;
+         ALTER TABLE items ADD CONSTRAINT items_code_key UNIQUE (code) INCLUDE (tag) WITH (fillfactor = 80)
+             DEFERRABLE INITIALLY DEFERRED;
+         ALTER INDEX items_pkey SET (fillfactor = 70);
          ALTER TABLE items ADD CONSTRAINT items_id_code_key UNIQUE NULLS NOT DISTINCT (id, code) DEFERRABLE;
          ALTER TABLE items ADD CONSTRAINT items_tag_excl EXCLUDE USING btree (tag WITH =);",
     )
@@ -346,6 +348,17 @@ async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
         )
         .await,
         ["true"]
+    );
+    // The indexes keep their storage options and included columns.
+    assert_eq!(
+        strings(
+            &db.client,
+            "SELECT c.relname || ' ' || array_to_string(c.reloptions, ',') || ' ' || i.indnkeyatts || '/' || i.indnatts
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = 'items'::regclass AND c.reloptions IS NOT NULL ORDER BY 1"
+        )
+        .await,
+        ["items_code_key fillfactor=80 1/2", "items_pkey fillfactor=70 1/1"]
     );
     // Deferred: a swap of two codes inside one transaction is checked at commit only.
     // (On rows of their own: the writers moved some of the first rows' keys.)

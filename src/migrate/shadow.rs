@@ -147,12 +147,30 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
         .collect();
 
     for idx in def.indexes.iter().filter(|i| i.is_valid) {
+        let index_sql =
+            || parse::retarget_index(&idx.definition, &shadow_sql).map_err(|e| Failure::Refused(e.to_string()));
         let sql = match &idx.constraint {
             Some(con) => {
                 let c = def.constraint(con).ok_or_else(|| Failure::Refused(format!("constraint {con} vanished")))?;
-                format!("ALTER TABLE {shadow_sql} ADD CONSTRAINT {} {}", ident(con), c.definition)
+                match c.kind {
+                    // Through its index, which keeps the index's storage options (the
+                    // constraint's own definition leaves them out).
+                    ConstraintKind::PrimaryKey | ConstraintKind::Unique => format!(
+                        "{}; {}",
+                        index_sql()?,
+                        attach_sql(
+                            &shadow_sql,
+                            con,
+                            c.kind == ConstraintKind::PrimaryKey,
+                            &idx.name,
+                            c.deferrable,
+                            c.initially_deferred
+                        )
+                    ),
+                    _ => format!("ALTER TABLE {shadow_sql} ADD CONSTRAINT {} {}", ident(con), c.definition),
+                }
             }
-            None => parse::retarget_index(&idx.definition, &shadow_sql).map_err(|e| Failure::Refused(e.to_string()))?,
+            None => index_sql()?,
         };
         client.batch_execute(&sql).await?;
     }
@@ -234,6 +252,17 @@ fn create_table_sql(def: &TableDef, shadow: &QualifiedName) -> String {
         sql.push_str(&format!(" TABLESPACE {}", ident(ts)));
     }
     sql
+}
+
+/// Makes the unique index `index` of `table` its primary key or unique constraint `name`.
+fn attach_sql(table: &str, name: &str, primary: bool, index: &str, deferrable: bool, deferred: bool) -> String {
+    let what = if primary { "PRIMARY KEY" } else { "UNIQUE" };
+    let timing = match (deferrable, deferred) {
+        (false, _) => "",
+        (true, false) => " DEFERRABLE",
+        (true, true) => " DEFERRABLE INITIALLY DEFERRED",
+    };
+    format!("ALTER TABLE {table} ADD CONSTRAINT {} {what} USING INDEX {}{timing}", ident(name), ident(index))
 }
 
 /// Constraint names the statement refers to by name.
@@ -422,17 +451,7 @@ async fn defer_indexes(
             // A primary key or unique constraint: its index is built like any other, then
             // made the constraint.
             (Some(con), Some(kind)) if kind == "p" || kind == "u" => {
-                let what = if kind == "p" { "PRIMARY KEY" } else { "UNIQUE" };
-                let timing = match (r.get::<_, bool>(5), r.get::<_, bool>(6)) {
-                    (false, _) => "",
-                    (true, false) => " DEFERRABLE",
-                    (true, true) => " DEFERRABLE INITIALLY DEFERRED",
-                };
-                let attach = format!(
-                    "ALTER TABLE {shadow_sql} ADD CONSTRAINT {} {what} USING INDEX {}{timing}",
-                    ident(&con),
-                    ident(&name)
-                );
+                let attach = attach_sql(&shadow_sql, &con, kind == "p", &name, r.get(5), r.get(6));
                 (
                     index_sql,
                     Some((con.clone(), attach)),
