@@ -542,6 +542,15 @@ impl Cluster {
         self.port
     }
 
+    /// A new empty folder beside the cluster's data (removed with it), owned by the server's
+    /// user: for `CREATE TABLESPACE … LOCATION`.
+    pub fn new_folder(&self, name: &str) -> Result<PathBuf, EphemeralError> {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        chown(&dir, self.user)?;
+        Ok(dir)
+    }
+
     pub fn binaries(&self) -> &Binaries {
         &self.binaries
     }

@@ -315,11 +315,16 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
 async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
     let db = TestDb::new().await;
     items(&db, ", code int, tag text").await;
+    // Indexes outside the database's default tablespace stay where they were.
+    let folder = ghostwire::ephemeral::Cluster::shared().unwrap().new_folder("ts_objects").unwrap();
+    db.client.batch_execute(&format!("CREATE TABLESPACE gw_ts_objects LOCATION '{}'", folder.display())).await.unwrap();
     db.exec(
         "UPDATE items SET code = id, tag = 't' || id;
          ALTER TABLE items ADD CONSTRAINT items_code_key UNIQUE (code) INCLUDE (tag) WITH (fillfactor = 80)
              DEFERRABLE INITIALLY DEFERRED;
          ALTER INDEX items_pkey SET (fillfactor = 70);
+         ALTER INDEX items_code_key SET TABLESPACE gw_ts_objects;
+         CREATE INDEX items_tag_idx ON items (tag) TABLESPACE gw_ts_objects;
          ALTER TABLE items ADD CONSTRAINT items_id_code_key UNIQUE NULLS NOT DISTINCT (id, code) DEFERRABLE;
          ALTER TABLE items ADD CONSTRAINT items_tag_excl EXCLUDE USING btree (tag WITH =);",
     )
@@ -359,6 +364,15 @@ async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
         )
         .await,
         ["items_code_key fillfactor=80 1/2", "items_pkey fillfactor=70 1/1"]
+    );
+    assert_eq!(
+        strings(
+            &db.client,
+            "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_tablespace t ON t.oid = c.reltablespace
+              WHERE t.spcname = 'gw_ts_objects' ORDER BY 1"
+        )
+        .await,
+        ["ghostwire_1_old.items_code_key", "ghostwire_1_old.items_tag_idx", "items_code_key", "items_tag_idx"]
     );
     // Deferred: a swap of two codes inside one transaction is checked at commit only.
     // (On rows of their own: the writers moved some of the first rows' keys.)

@@ -35,6 +35,17 @@ pub async fn existing(client: &tokio_postgres::Client, spec: &Spec) -> Result<Ve
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The statements that build `index`, in its original's tablespace when that is not the
+/// default (through `default_tablespace`: the index definition has no place for it).
+pub fn build_sql(index: &DeferredIndex) -> String {
+    match &index.tablespace {
+        Some(ts) => {
+            format!("SET default_tablespace = {}; {}; RESET default_tablespace", crate::sql::ident(ts), index.sql)
+        }
+        None => index.sql.clone(),
+    }
+}
+
 /// The constraint names the shadow has.
 async fn constraints(client: &tokio_postgres::Client, spec: &Spec) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
@@ -123,7 +134,7 @@ pub async fn build(
                     parallel_build = true;
                 }
                 let started = Instant::now();
-                if let Err(source) = client.batch_execute(&index.sql).await {
+                if let Err(source) = client.batch_execute(&build_sql(&index)).await {
                     return Err(IndexError::Build { index: index.name, source });
                 }
                 tracing::debug!("built index {} in {:.1?}", index.name, started.elapsed());

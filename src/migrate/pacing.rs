@@ -152,7 +152,11 @@ impl Run<'_> {
                 self.reporter
                     .note("the change backlog is growing: building the shadow's key index to apply it during the copy");
                 let t = Instant::now();
-                work.batch_execute(&key.sql).await.during(self.id, Phase::Copy, "building the shadow's key index")?;
+                work.batch_execute(&index::build_sql(&key)).await.during(
+                    self.id,
+                    Phase::Copy,
+                    "building the shadow's key index",
+                )?;
                 if let Some((_, attach)) = &key.attach {
                     work.batch_execute(attach).await.during(self.id, Phase::Copy, "making the key index the key")?;
                 }

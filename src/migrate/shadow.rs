@@ -195,7 +195,7 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
     let columns = read_columns(client, &shadow_sql).await?;
     let (key, key_index) = key_spec(plan, &before, &columns, client, &shadow_sql).await?;
     let maps = column_maps(plan, &before, &columns, volatile_using);
-    let deferred = defer_indexes(client, &shadow, &key_index).await?;
+    let deferred = defer_indexes(client, def, &shadow, &key_index).await?;
     let foreign_keys = foreign_keys(client, def, &shadow_sql, &before, &columns, plan).await?;
     let deferred_checks = defer_unvalidated_checks(client, &shadow_sql).await?;
 
@@ -426,6 +426,7 @@ fn column_maps(
 /// exactness comes from each chunk committing with its checkpoint).
 async fn defer_indexes(
     client: &Client,
+    def: &TableDef,
     shadow: &QualifiedName,
     key_index: &str,
 ) -> Result<Vec<DeferredIndex>, tokio_postgres::Error> {
@@ -467,7 +468,8 @@ async fn defer_indexes(
             (None, _) => (index_sql, None, drop_index),
         };
         client.batch_execute(&drop).await?;
-        out.push(DeferredIndex { name, sql, attach });
+        let tablespace = def.indexes.iter().find(|i| i.name == name).and_then(|i| i.tablespace.clone());
+        out.push(DeferredIndex { name, sql, attach, tablespace });
     }
     Ok(out)
 }

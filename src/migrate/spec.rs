@@ -49,6 +49,9 @@ pub struct DeferredIndex {
     /// makes the built index that constraint (`… USING INDEX`, quick), run after the builds.
     #[serde(default)]
     pub attach: Option<(String, String)>,
+    /// The original index's tablespace, when not the database's default.
+    #[serde(default)]
+    pub tablespace: Option<String>,
 }
 
 /// A foreign key of the new table, added at cut-over as NOT VALID and validated after.
