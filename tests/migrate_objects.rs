@@ -312,7 +312,7 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
 }
 
 #[tokio::test]
-async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
+async fn keys_constraints_and_indexes_keep_kind_timing_storage_and_comments() {
     let db = TestDb::new().await;
     items(&db, ", code int, tag text").await;
     // Indexes outside the database's default tablespace stay where they were.
@@ -326,7 +326,9 @@ async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
          ALTER INDEX items_code_key SET TABLESPACE gw_ts_objects;
          CREATE INDEX items_tag_idx ON items (tag) TABLESPACE gw_ts_objects;
          ALTER TABLE items ADD CONSTRAINT items_id_code_key UNIQUE NULLS NOT DISTINCT (id, code) DEFERRABLE;
-         ALTER TABLE items ADD CONSTRAINT items_tag_excl EXCLUDE USING btree (tag WITH =);",
+         ALTER TABLE items ADD CONSTRAINT items_tag_excl EXCLUDE USING btree (tag WITH =);
+         COMMENT ON CONSTRAINT items_code_key ON items IS 'one per item';
+         COMMENT ON CONSTRAINT items_tag_excl ON items IS 'tags differ';",
     )
     .await;
     let (outcome, _) = migrate_under_load(&db, Shape::items(), ROWS, RETYPE, &test_options()).await;
@@ -373,6 +375,15 @@ async fn constraints_backed_by_indexes_keep_their_kind_and_timing() {
         )
         .await,
         ["ghostwire_1_old.items_code_key", "ghostwire_1_old.items_tag_idx", "items_code_key", "items_tag_idx"]
+    );
+    assert_eq!(
+        strings(
+            &db.client,
+            "SELECT conname || ': ' || obj_description(oid, 'pg_constraint') FROM pg_constraint
+              WHERE conrelid = 'items'::regclass AND obj_description(oid, 'pg_constraint') IS NOT NULL ORDER BY 1"
+        )
+        .await,
+        ["items_code_key: one per item", "items_tag_excl: tags differ"]
     );
     // Deferred: a swap of two codes inside one transaction is checked at commit only.
     // (On rows of their own: the writers moved some of the first rows' keys.)
