@@ -118,23 +118,22 @@ pub async fn build(
         let cancel = cancel.clone();
         workers.push(tokio::spawn(async move {
             let mut built = Vec::new();
-            let mut parallel_build = workers_count == 1;
             loop {
                 let next = queue.lock().map(|mut q| q.pop_front().map(|i| (i, q.is_empty()))).unwrap_or(None);
                 let Some((index, last)) = next else { break };
                 if cancel.is_cancelled() {
                     break;
                 }
-                // The last index to start would otherwise leave a core idle once the other
-                // builds end: it may use PostgreSQL's parallel build workers (the server's
-                // own setting).
-                if last && !parallel_build {
-                    let reset = client.batch_execute("RESET max_parallel_maintenance_workers").await;
-                    reset.map_err(|source| IndexError::Build { index: index.name.clone(), source })?;
-                    parallel_build = true;
-                }
+                // The last index to start (one per call) would otherwise leave a core idle
+                // once the other builds end: it may use PostgreSQL's parallel build workers
+                // (the server's own setting).
+                let sql = if last && workers_count > 1 {
+                    format!("RESET max_parallel_maintenance_workers; {}", build_sql(&index))
+                } else {
+                    build_sql(&index)
+                };
                 let started = Instant::now();
-                if let Err(source) = client.batch_execute(&build_sql(&index)).await {
+                if let Err(source) = client.batch_execute(&sql).await {
                     return Err(IndexError::Build { index: index.name, source });
                 }
                 tracing::debug!("built index {} in {:.1?}", index.name, started.elapsed());
