@@ -57,6 +57,17 @@ where
     })
 }
 
+/// A hook: at `phase`, run `sql` on a connection of its own (tampering with the shadow).
+fn sql_at_phase(counters: Arc<workload::Counters>, phase: Phase, url: &str, sql: &'static str) -> PhaseHook {
+    let url = url.to_owned();
+    at_phase(counters, phase, move || {
+        let url = url.clone();
+        async move {
+            common::connect(&url).await.batch_execute(sql).await.unwrap();
+        }
+    })
+}
+
 async fn migration_row(client: &Client) -> state::Migration {
     state::list(client, None, 10).await.unwrap().into_iter().next().expect("a migration")
 }
@@ -278,23 +289,17 @@ async fn verification_catches_a_corrupted_shadow_and_stops() {
     items(&db).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 14);
     load.wait_for_more(10).await;
-    let url = db.url.clone();
-    let hook = at_phase(Arc::clone(&load.counters), Phase::Verify, move || {
-        let url = url.clone();
-        async move {
-            // Changes the capture never saw: exactly what verification exists to catch. And
-            // a captured change not applied yet, so the log is not empty while it checks.
-            let c = common::connect(&url).await;
-            c.batch_execute(
-                "UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42;
-                 DELETE FROM ghostwire_1.items WHERE id = 43;
-                 INSERT INTO ghostwire_1.items (id, qty, note) VALUES (-5, 1, 'only in the shadow');
-                 UPDATE items SET note = note WHERE id = 7;",
-            )
-            .await
-            .unwrap();
-        }
-    });
+    // Changes the capture never saw: exactly what verification exists to catch. And a
+    // captured change not applied yet, so the log is not empty while it checks.
+    let hook = sql_at_phase(
+        Arc::clone(&load.counters),
+        Phase::Verify,
+        &db.url,
+        "UPDATE ghostwire_1.items SET note = 'corrupted' WHERE id = 42;
+         DELETE FROM ghostwire_1.items WHERE id = 43;
+         INSERT INTO ghostwire_1.items (id, qty, note) VALUES (-5, 1, 'only in the shadow');
+         UPDATE items SET note = note WHERE id = 7;",
+    );
     let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a corrupted shadow");
     assert!(matches!(err, MigrateError::Mismatch { count: 3, .. }), "{err}");
     let msg = err.to_string();
@@ -351,14 +356,8 @@ async fn a_shadow_missing_its_key_is_not_swapped_in() {
     items(&db).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 15);
     load.wait_for_more(10).await;
-    let url = db.url.clone();
-    let hook = at_phase(Arc::clone(&load.counters), Phase::Cutover, move || {
-        let url = url.clone();
-        async move {
-            let c = common::connect(&url).await;
-            c.batch_execute("ALTER TABLE ghostwire_1.items DROP CONSTRAINT items_pkey").await.unwrap();
-        }
-    });
+    let drop_key = "ALTER TABLE ghostwire_1.items DROP CONSTRAINT items_pkey";
+    let hook = sql_at_phase(Arc::clone(&load.counters), Phase::Cutover, &db.url, drop_key);
     let err = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect_err("a shadow without its key");
     assert!(matches!(err, MigrateError::ShadowIncomplete { .. }), "{err}");
     let msg = err.to_string();
