@@ -138,12 +138,7 @@ async fn composite_key_with_key_updates() {
         "SELECT tenant, seq, qty, note, payload FROM events_oracle",
     )
     .await;
-    let pk = strings(
-        &db.client,
-        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'events'::regclass AND contype = 'p'",
-    )
-    .await;
-    assert_eq!(pk, ["PRIMARY KEY (tenant, seq)"]);
+    assert_eq!(primary_key(&db, "events").await, ["PRIMARY KEY (tenant, seq)"]);
 }
 
 #[tokio::test]
@@ -277,10 +272,13 @@ async fn key_type_changes_under_writes() {
         )
         .await;
     }
-    let pk = strings(
-        &db.client,
-        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'items'::regclass AND contype = 'p'",
-    )
-    .await;
-    assert_eq!(pk, ["PRIMARY KEY (id)"]);
+    assert_eq!(primary_key(&db, "items").await, ["PRIMARY KEY (id)"]);
+}
+
+/// `table`'s primary key, as `pg_get_constraintdef` shows it.
+async fn primary_key(db: &TestDb, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '{table}'::regclass AND contype = 'p'"
+    );
+    strings(&db.client, &sql).await
 }
