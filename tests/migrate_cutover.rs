@@ -310,6 +310,59 @@ async fn verification_catches_a_corrupted_shadow_and_stops() {
     unchanged(&db).await;
 }
 
+/// Verification starts once the shadow's key index exists, beside a slower index build;
+/// the statistics are gathered after the builds. Rows, index and statistics are all there.
+/// (No writers: every write would wait on the slow index too.)
+#[tokio::test]
+async fn verification_runs_beside_the_index_builds() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    // An index whose build takes seconds: each entry waits a millisecond.
+    db.exec(
+        "CREATE FUNCTION slow(bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE
+           AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN $1; END $$;
+         CREATE INDEX items_slow ON items (slow(id));",
+    )
+    .await;
+    let builds_seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let (seen, url) = (Arc::clone(&builds_seen), db.url.clone());
+    let hook: PhaseHook = Arc::new(move |p| {
+        let (seen, url) = (Arc::clone(&seen), url.clone());
+        Box::pin(async move {
+            if p == Phase::Verify {
+                let c = common::connect(&url).await;
+                let sql = "SELECT query FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CREATE INDEX%'";
+                *seen.lock().await = strings(&c, sql).await;
+            }
+        })
+    });
+    let outcome = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect("the migration");
+    assert!(outcome.swap.is_some());
+    let seen = builds_seen.lock().await.clone();
+    assert!(seen.len() == 1 && seen[0].contains("items_slow"), "builds running as verification began: {seen:?}");
+    let verified =
+        strings(&db.client, "SELECT details->>'rows' FROM ghostwire.events WHERE kind = 'verify_done'").await;
+    assert_eq!(verified, [ROWS.to_string()]);
+    let analyzed = strings(
+        &db.client,
+        "SELECT (last_analyze IS NOT NULL)::text FROM pg_stat_user_tables WHERE relid = 'public.items'::regclass",
+    )
+    .await;
+    assert_eq!(analyzed, ["true"], "the new table has no statistics");
+    let indexes = strings(
+        &db.client,
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'items' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(indexes, ["items_pkey", "items_slow"]);
+    assert_same_rows(
+        &db.client,
+        "SELECT id, qty, note, payload FROM items",
+        "SELECT id, qty::bigint, note, payload FROM oracle",
+    )
+    .await;
+}
+
 /// Columns whose types have no equality operator (`json`, `point`) are compared through
 /// their text form: a difference there is caught too.
 #[tokio::test]

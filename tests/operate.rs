@@ -116,7 +116,7 @@ async fn pause_live_settings_resume_and_a_postponed_cutover() {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} event in {kinds:?}");
     }
     let phases = strings(&db.client, "SELECT phase FROM ghostwire.events WHERE kind = 'phase' ORDER BY id").await;
-    assert_eq!(phases, ["shadow", "capture", "copy", "index", "catchup", "verify", "catchup", "cutover", "swapped"]);
+    assert_eq!(phases, ["shadow", "capture", "copy", "index", "verify", "catchup", "catchup", "cutover", "swapped"]);
 
     // The README's query answers "which step was slow, how long was the table locked".
     let sql = readme_events_query();

@@ -58,18 +58,19 @@ async fn migrate_killed_at(url: &str, point: &str, jobs: &str) {
 
 /// Kills the migration at `point`, then resumes it.
 async fn killed_at(point: &str, expected_phase: &str) {
-    killed_with_jobs(point, expected_phase, "2").await;
+    killed_with_jobs(point, &[expected_phase], "2").await;
 }
 
 /// Kills the migration at `point` with `jobs` sessions at work, then resumes it.
-async fn killed_with_jobs(point: &str, expected_phase: &str, jobs: &str) {
+/// The phase recorded must be one of `expected_phases`.
+async fn killed_with_jobs(point: &str, expected_phases: &[&str], jobs: &str) {
     let db = TestDb::new().await;
     items(&db.client).await;
     let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 31);
     load.wait_for_more(20).await;
     migrate_killed_at(&db.url, point, jobs).await;
     let phase = strings(&db.client, "SELECT phase FROM ghostwire.migrations").await;
-    assert_eq!(phase, [expected_phase], "{point}");
+    assert!(phase.len() == 1 && expected_phases.contains(&phase[0].as_str()), "{point}: {phase:?}");
     resumed_to_the_end(&db.url, &db.client, load).await;
 }
 
@@ -80,7 +81,7 @@ async fn killed_between_copy_chunks() {
 
 #[tokio::test]
 async fn killed_between_a_chunk_and_its_checkpoint() {
-    killed_with_jobs("copy.in_chunk:4", "copy", "1").await;
+    killed_with_jobs("copy.in_chunk:4", &["copy"], "1").await;
 }
 
 /// With several jobs, chunks run in recorded rounds: killed inside one chunk of a round
@@ -115,7 +116,9 @@ async fn killed_during_the_index_builds() {
 /// Both indexes built, the key's not yet made the primary key: the resumed run does that.
 #[tokio::test]
 async fn killed_after_the_index_builds() {
-    killed_at("index.built:2", "index").await;
+    // Verification starts once the key index exists: the phase is `verify` if the key
+    // index was done first.
+    killed_with_jobs("index.built:2", &["index", "verify"], "2").await;
 }
 
 #[tokio::test]

@@ -296,7 +296,9 @@ async fn continue_migration(
         (Some(_), Phase::Planned | Phase::Shadow) => (Phase::Capture, None),
         (Some(s), phase) => {
             check_resumable(&control, &m, s).await?;
-            (if phase == Phase::Verify { Phase::Catchup } else { phase }, None)
+            // Verification runs beside the last index builds: from there, the builds left
+            // end first, and verification starts over.
+            (if phase == Phase::Verify { Phase::Index } else { phase }, None)
         }
     };
     state::event(&control, m.id, m.phase, "resume", &format!("resuming in phase {from}"), None, None).await.during(

@@ -1,11 +1,11 @@
 //! `ghostwire migrate`: the engine, one module per phase (DESIGN.md §2, §4, §5, §6).
 //!
 //! [`migrate`] plans the statement, then either runs it directly (catalog-only changes) or
-//! goes through the shadow table: [`shadow`] → [`capture`] → [`copy`] → [`index`] →
-//! [`catchup`] → [`verify`] → [`cutover`] (with the statements of [`swap`]); [`resume`]
-//! continues a stopped one. State lives in the target database ([`crate::state`]);
-//! [`cleanup`] implements `abort` and `finish`; [`live`] and [`throttle`] are the operator's
-//! controls.
+//! goes through the shadow table: [`shadow`] → [`capture`] → [`copy`] → [`index`] and
+//! [`verify`] together ([`post_copy`]) → [`catchup`] → [`cutover`] (with the statements of
+//! [`swap`]); [`resume`] continues a stopped one. State lives in the target database
+//! ([`crate::state`]); [`cleanup`] implements `abort` and `finish`; [`live`] and [`throttle`]
+//! are the operator's controls.
 
 mod attempts;
 pub mod capture;
@@ -18,6 +18,7 @@ mod error;
 pub mod index;
 pub mod live;
 mod pacing;
+pub mod post_copy;
 pub mod retry;
 mod run;
 pub mod shadow;

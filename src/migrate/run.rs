@@ -1,8 +1,10 @@
 //! The orchestrator: an explicit state machine over the phases of DESIGN.md §2, entered at
 //! any phase (a resumed run picks up where the last one stopped).
 //!
-//! planned → shadow → capture → copy → index → catchup → verify → cutover → swapped
-//! (→ finished with `--finish`). Each phase is recorded before it starts; a failure is
+//! planned → shadow → capture → copy → index → verify → catchup → cutover → swapped
+//! (→ finished with `--finish`); index builds and verification share one pool of sessions, so
+//! `verify` starts while the last indexes build. A resumed run past them verifies again after
+//! its catch-up. Each phase is recorded before it starts; a failure is
 //! recorded with its phase. Copy and catch-up ask the throttle before each chunk or batch;
 //! when the change backlog grows during the copy, catch-up runs between chunks.
 
@@ -17,7 +19,7 @@ use super::live::Live;
 use super::pacing::Throttled;
 use super::retry::{self, RetryPolicy};
 use super::spec::Spec;
-use super::{capture, catchup, cleanup, copy, index, shadow, verify};
+use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
 use crate::db;
 use crate::plan::{Plan, Strategy};
 use crate::sql::QualifiedName;
@@ -240,17 +242,19 @@ impl<'a> Run<'a> {
             self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), Some(details)).await;
         }
         if from <= Phase::Index {
-            self.build_indexes(&work, &spec).await?;
+            self.build_indexes_and_verify(&work, &spec).await?;
         }
         if from <= Phase::Catchup {
             self.enter(Phase::Catchup, "applying captured changes").await?;
             self.catch_up(&work, &spec).await?;
-            // The planner's statistics for the table after the swap, gathered on a session of
-            // its own while the verification runs (both only read the shadow).
-            let analyze = analyze(self.session(), spec.shadow().sql(), self.id);
-            let (verified, analyzed) = tokio::join!(self.verify(&spec), analyze);
-            verified?;
-            analyzed?;
+            if from > Phase::Index {
+                // A resumed run checks the shadow again before the swap, and gathers the
+                // planner's statistics on a session of its own meanwhile.
+                let analyze = analyze(self.session(), spec.shadow().sql(), self.id);
+                let (verified, analyzed) = tokio::join!(self.verify(&spec), analyze);
+                verified?;
+                analyzed?;
+            }
             self.wait_for_cutover(&work, &spec).await?;
         }
         if from <= Phase::Cutover {
@@ -353,32 +357,54 @@ impl<'a> Run<'a> {
         Ok(copier.total)
     }
 
-    fn index_error(&self, e: index::IndexError) -> MigrateError {
+    fn post_copy_error(&self, e: post_copy::PostCopyError) -> MigrateError {
+        let database = |phase, context: String, source| MigrateError::Database { id: self.id, phase, context, source };
         match e {
-            index::IndexError::Connect(c) => MigrateError::Connect(c),
-            index::IndexError::Build { index, source } => MigrateError::Database {
-                id: self.id,
-                phase: Phase::Index,
-                context: format!("building index {index}"),
-                source,
-            },
-            index::IndexError::Worker(w) => MigrateError::Refused(w),
+            post_copy::PostCopyError::Index(index::IndexError::Connect(c)) => MigrateError::Connect(c),
+            post_copy::PostCopyError::Index(index::IndexError::Build { index, source }) => {
+                database(Phase::Index, format!("building index {index}"), source)
+            }
+            post_copy::PostCopyError::Verify(source) => database(Phase::Verify, "verifying".into(), source),
+            post_copy::PostCopyError::Analyze(source) => database(self.phase, "analyzing the shadow".into(), source),
+            post_copy::PostCopyError::Worker(w) => MigrateError::Refused(w),
         }
     }
 
-    async fn build_indexes(&mut self, work: &Client, spec: &Spec) -> Result<(), MigrateError> {
+    /// Phases `index` and `verify` on one pool of sessions (`post_copy`): the `verify` phase
+    /// is entered once the key index exists, while the other indexes may still be building.
+    async fn build_indexes_and_verify(&mut self, work: &Client, spec: &Spec) -> Result<(), MigrateError> {
         let have = index::existing(work, spec).await.during(self.id, Phase::Index, "listing the shadow's indexes")?;
         let missing: Vec<_> = spec.deferred_indexes.iter().filter(|d| !have.contains(&d.name)).cloned().collect();
         self.enter(Phase::Index, &format!("building {} index(es)", missing.len())).await?;
-        let t = Instant::now();
-        let built = index::build(&self.session(), &missing, self.opts.parallel, &self.cancel)
-            .await
-            .map_err(|e| self.index_error(e))?;
+        let verify_rows = self.opts.verify.then_some(self.opts.verify_range_rows);
+        let mut pool =
+            post_copy::Pool::start(self.session(), spec, missing, self.opts.parallel, verify_rows, &self.cancel);
+        let mut verifying = None;
+        if verify_rows.is_some() && pool.key_index_ready().await {
+            self.enter(Phase::Verify, "comparing the original and the shadow (other indexes may still be building)")
+                .await?;
+            verifying = Some(Instant::now());
+            pool.open_verification();
+        }
+        let done = pool.finish().await.map_err(|e| self.post_copy_error(e))?;
         self.check_cancelled()?;
-        index::attach_constraints(work, spec).await.map_err(|e| self.index_error(e))?;
-        let details =
-            json!(built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>());
-        self.event("index_done", &format!("built {} index(es)", built.len()), Some(t.elapsed()), Some(details)).await;
+        let details = json!(
+            done.built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>()
+        );
+        let message = format!("built {} index(es)", done.built.len());
+        self.event("index_done", &message, Some(done.builds_took), Some(details)).await;
+        match (verify_rows, done.report, verifying) {
+            (None, ..) => self.event("verify_skipped", "verification skipped (--verify none)", None, None).await,
+            (Some(_), Some(report), Some(started)) => self.judge(spec, &report, started.elapsed()).await?,
+            // Not reached: the pool ends without verifying only when it fails or is cancelled.
+            (Some(_), ..) => {
+                return Err(MigrateError::Refused(format!(
+                    "the verification of migration #{} did not run; `ghostwire resume {}` runs it",
+                    self.id, self.table
+                )));
+            }
+        }
+        index::attach_constraints(work, spec).await.map_err(|e| self.post_copy_error(e.into()))?;
         Ok(())
     }
 
@@ -441,12 +467,17 @@ impl<'a> Run<'a> {
                 verify::VerifyError::Worker(w) => MigrateError::Refused(w),
             })?;
         self.check_cancelled()?;
+        self.judge(spec, &report, t.elapsed()).await
+    }
+
+    /// Records a verification's findings; a difference without a pending change stops the run.
+    async fn judge(&self, spec: &Spec, report: &verify::Report, took: Duration) -> Result<(), MigrateError> {
         let details = json!({"ranges": report.ranges, "rows": report.rows, "pending": report.pending,
                              "unexplained": report.unexplained.len(), "matched_by_key": report.matched_by_key});
         self.event(
             "verify_done",
             &format!("verified {} rows in {} ranges", report.rows, report.ranges),
-            Some(t.elapsed()),
+            Some(took),
             Some(details),
         )
         .await;

@@ -290,6 +290,69 @@ async fn typed_comparison_works(client: &Client, spec: &Spec) -> bool {
     client.prepare(&queries(spec, Comparison::Typed).compare[3]).await.is_ok()
 }
 
+impl Report {
+    fn add(&mut self, r: RangeResult) {
+        self.ranges += 1;
+        self.rows += r.rows;
+        self.pending += r.pending;
+        self.unexplained.extend(r.unexplained);
+    }
+
+    /// Adds up the reports of several workers.
+    pub fn merge(&mut self, other: Report) {
+        self.ranges += other.ranges;
+        self.rows += other.rows;
+        self.pending += other.pending;
+        self.unexplained.extend(other.unexplained);
+    }
+}
+
+/// Hands out the ranges of one verification to any number of workers, each with a session
+/// of its own: `check_next` checks the next range not yet taken.
+pub struct Verifier {
+    spec: Spec,
+    queries: Queries,
+    cursor: tokio::sync::Mutex<Cursor>,
+    every: i64,
+}
+
+impl Verifier {
+    /// Prepares a verification of `spec` in ranges of `range_rows` rows.
+    pub async fn new(client: &Client, spec: &Spec, range_rows: i64) -> Result<Verifier, tokio_postgres::Error> {
+        let stepper = match spec.integer_key() {
+            true => super::copy::key_bounds(client, spec).await?.map(|(min, max)| {
+                let estimate = spec.table.estimated_rows.max(1);
+                super::copy::Stepper::new(min, max, estimate)
+            }),
+            false => None,
+        };
+        let comparison = if typed_comparison_works(client, spec).await { Comparison::Typed } else { Comparison::Text };
+        Ok(Verifier {
+            spec: spec.clone(),
+            queries: queries(spec, comparison),
+            cursor: tokio::sync::Mutex::new(Cursor { lower: None, finished: false, stepper }),
+            every: range_rows.max(1),
+        })
+    }
+
+    /// Checks the next range on `client` and adds it to `report`; false once every range is
+    /// taken.
+    pub async fn check_next(&self, client: &Client, report: &mut Report) -> Result<bool, tokio_postgres::Error> {
+        let Some((lo, hi)) = next_range(client, &self.spec, &self.cursor, self.every).await? else {
+            return Ok(false);
+        };
+        let r = check_range(client, &self.spec, &self.queries, &lo, &hi).await?;
+        crate::failpoint::hit("verify.range");
+        report.add(r);
+        Ok(true)
+    }
+
+    /// What a report on this verification starts from.
+    pub fn empty_report(&self) -> Report {
+        Report { matched_by_key: !self.spec.key_order_preserved(), ..Report::default() }
+    }
+}
+
 /// Verifies the whole table with `parallel` workers, `range_rows` rows per range.
 pub async fn run(
     config: &Config,
@@ -299,18 +362,7 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Report, VerifyError> {
     let first = crate::db::connect(config).await?;
-    let stepper = match spec.integer_key() {
-        true => super::copy::key_bounds(&first, spec).await?.map(|(min, max)| {
-            let estimate = spec.table.estimated_rows.max(1);
-            super::copy::Stepper::new(min, max, estimate)
-        }),
-        false => None,
-    };
-    let cursor = Arc::new(tokio::sync::Mutex::new(Cursor { lower: None, finished: false, stepper }));
-    let every = range_rows.max(1);
-    let comparison = if typed_comparison_works(&first, spec).await { Comparison::Typed } else { Comparison::Text };
-    let spec = Arc::new(spec.clone());
-    let q = Arc::new(queries(&spec, comparison));
+    let verifier = Arc::new(Verifier::new(&first, spec, range_rows).await?);
     let mut workers = Vec::new();
     let mut first = Some(first);
     for _ in 0..parallel.max(1) {
@@ -318,31 +370,16 @@ pub async fn run(
             Some(c) => c,
             None => crate::db::connect(config).await?,
         };
-        let (cursor, spec, q, cancel) = (Arc::clone(&cursor), Arc::clone(&spec), Arc::clone(&q), cancel.clone());
+        let (verifier, cancel) = (Arc::clone(&verifier), cancel.clone());
         workers.push(tokio::spawn(async move {
             let mut report = Report::default();
-            loop {
-                let Some((lo, hi)) = next_range(&client, &spec, &cursor, every).await? else { break };
-                if cancel.is_cancelled() {
-                    break;
-                }
-                let r = check_range(&client, &spec, &q, &lo, &hi).await?;
-                crate::failpoint::hit("verify.range");
-                report.ranges += 1;
-                report.rows += r.rows;
-                report.pending += r.pending;
-                report.unexplained.extend(r.unexplained);
-            }
+            while !cancel.is_cancelled() && verifier.check_next(&client, &mut report).await? {}
             Ok::<_, tokio_postgres::Error>(report)
         }));
     }
-    let mut total = Report { matched_by_key: !spec.key_order_preserved(), ..Report::default() };
+    let mut total = verifier.empty_report();
     for w in workers {
-        let r = w.await.map_err(|e| VerifyError::Worker(e.to_string()))??;
-        total.ranges += r.ranges;
-        total.rows += r.rows;
-        total.pending += r.pending;
-        total.unexplained.extend(r.unexplained);
+        total.merge(w.await.map_err(|e| VerifyError::Worker(e.to_string()))??);
     }
     Ok(total)
 }
