@@ -137,10 +137,21 @@ async fn phase_times(client: &Client) -> String {
         )
         .await
         .unwrap_or_default();
-    rows.iter()
+    let phases = rows
+        .iter()
         .filter_map(|r| Some(format!("{} {}s", r.get::<_, String>(0), r.get::<_, Option<String>>(1)?)))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    // Index builds and verification overlap: `index` above lasts until the key index exists.
+    let took = |kind: &str| {
+        let sql =
+            format!("SELECT round(duration_ms::numeric / 1000, 2)::text FROM ghostwire.events WHERE kind = '{kind}'");
+        async move { client.query_opt(&sql, &[]).await.ok().flatten().map(|r| r.get::<_, String>(0)) }
+    };
+    match (took("index_done").await, took("verify_done").await) {
+        (Some(b), Some(v)) => format!("{phases}; of these, index builds {b}s, verification {v}s (overlapping)"),
+        _ => phases,
+    }
 }
 
 fn line(name: &str, took: Duration, rows: i64, baseline: Duration) {

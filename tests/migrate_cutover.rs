@@ -332,14 +332,25 @@ async fn verification_runs_beside_the_index_builds() {
             if p == Phase::Verify {
                 let c = common::connect(&url).await;
                 let sql = "SELECT query FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CREATE INDEX%'";
-                *seen.lock().await = strings(&c, sql).await;
+                let mut found = strings(&c, sql).await;
+                // Autovacuum stays off the shadow while it is built.
+                let sql = "SELECT 'shadow: ' || array_to_string(reloptions, ',') FROM pg_class WHERE oid = 'ghostwire_1.items'::regclass";
+                found.extend(strings(&c, sql).await);
+                *seen.lock().await = found;
             }
         })
     });
     let outcome = run_migration(&db.url, RETYPE, &test_options(), Some(hook)).await.expect("the migration");
     assert!(outcome.swap.is_some());
     let seen = builds_seen.lock().await.clone();
-    assert!(seen.len() == 1 && seen[0].contains("items_slow"), "builds running as verification began: {seen:?}");
+    assert!(seen.len() == 2 && seen[0].contains("items_slow"), "builds running as verification began: {seen:?}");
+    assert_eq!(seen[1], "shadow: autovacuum_enabled=false");
+    let options = strings(
+        &db.client,
+        "SELECT coalesce(array_to_string(reloptions, ','), 'none') FROM pg_class WHERE oid = 'items'::regclass",
+    )
+    .await;
+    assert_eq!(options, ["none"], "autovacuum is as it was on the new table");
     let verified =
         strings(&db.client, "SELECT details->>'rows' FROM ghostwire.events WHERE kind = 'verify_done'").await;
     assert_eq!(verified, [ROWS.to_string()]);

@@ -249,7 +249,7 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     let db = TestDb::new().await;
     items(&db, "").await;
     db.exec(
-        "ALTER TABLE items SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
+        "ALTER TABLE items SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05, toast.autovacuum_enabled = false);
          CREATE INDEX items_note_idx ON items (note) WHERE note <> 'd';
          CREATE UNIQUE INDEX items_id_qty ON items (id, qty);
          ALTER TABLE items ALTER COLUMN note SET NOT NULL, ALTER COLUMN note SET DEFAULT 'd';
@@ -278,6 +278,14 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     assert_eq!(
         q("SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = 'items'::regclass").await,
         ["fillfactor=70,autovacuum_vacuum_scale_factor=0.05"]
+    );
+    // Autovacuum, off on the shadow while it was built, is as it was: on for the table, off
+    // for its TOAST table.
+    assert_eq!(
+        q("SELECT array_to_string(t.reloptions, ',') FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid
+            WHERE c.oid = 'items'::regclass")
+        .await,
+        ["autovacuum_enabled=false"]
     );
     assert_eq!(q("SELECT obj_description('items'::regclass, 'pg_class')").await, ["line items"]);
     assert_eq!(q("SELECT col_description('items'::regclass, 2 + 1)").await, ["free text"]);

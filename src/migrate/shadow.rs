@@ -232,9 +232,19 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
     })
 }
 
+/// Autovacuum is off on the shadow while it is built: a vacuum there would take cores from the
+/// copy, lock out the index builds until it is cancelled (after `deadlock_timeout`), and
+/// block the swap. The swap restores the original's setting (`swap::script`).
+pub const AUTOVACUUM_SETTING: &str = "autovacuum_enabled=";
+
 fn create_table_sql(def: &TableDef, shadow: &QualifiedName) -> String {
-    let mut options: Vec<String> = def.reloptions.clone();
-    options.extend(def.toast_reloptions.iter().map(|o| format!("toast.{o}")));
+    let heap = def.access_method.as_deref().is_none_or(|am| am == "heap");
+    let own = |o: &&String| !(heap && o.starts_with(AUTOVACUUM_SETTING));
+    let mut options: Vec<String> = def.reloptions.iter().filter(own).cloned().collect();
+    options.extend(def.toast_reloptions.iter().filter(own).map(|o| format!("toast.{o}")));
+    if heap {
+        options.extend(["autovacuum_enabled=false".to_owned(), "toast.autovacuum_enabled=false".to_owned()]);
+    }
     let unlogged = if def.persistence == Persistence::Unlogged { "UNLOGGED " } else { "" };
     let mut sql = format!(
         "CREATE {unlogged}TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED \

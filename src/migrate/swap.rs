@@ -6,7 +6,8 @@
 //! serial sequences from the old table; the move itself: the old table to the archive
 //! schema, the shadow into the table's schema (every index, constraint and sequence name is
 //! kept); after the move: sequences, foreign keys (NOT VALID), views, triggers, rules, row
-//! security, owner, publications, replica identity, comments, statistics, clustering. After
+//! security, owner, publications, replica identity, comments, the autovacuum setting,
+//! statistics, clustering. After
 //! commit the foreign keys are validated without blocking writes.
 
 use super::capture;
@@ -219,6 +220,17 @@ pub fn script(spec: &Spec) -> Script {
     }
     if let Some(c) = &t.comment {
         a.push(format!("COMMENT ON TABLE {table_sql} IS {}", literal(c)));
+    }
+    if t.access_method.as_deref().is_none_or(|am| am == "heap") {
+        // Autovacuum was off on the shadow; the original's setting, if it had one, comes back.
+        a.push(format!("ALTER TABLE {table_sql} RESET (autovacuum_enabled, toast.autovacuum_enabled)"));
+        let autovacuum = |o: &&String| o.starts_with(super::shadow::AUTOVACUUM_SETTING);
+        let set: Vec<String> = (t.reloptions.iter().filter(autovacuum).cloned())
+            .chain(t.toast_reloptions.iter().filter(autovacuum).map(|o| format!("toast.{o}")))
+            .collect();
+        if !set.is_empty() {
+            a.push(format!("ALTER TABLE {table_sql} SET ({})", set.join(", ")));
+        }
     }
     let new_indexes: Vec<&String> =
         spec.deferred_indexes.iter().map(|d| &d.name).chain(std::iter::once(&spec.key_index)).collect();
