@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::workload::{Shape, Workload};
 use common::{TestDb, assert_same_rows, debris, run_migration, strings, test_options, workload};
-use ghostwire::migrate::{MigrateError, PhaseHook, cleanup, retry::RetryPolicy};
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
+use ghostwire::migrate::{MigrateError, Options, PhaseHook, cleanup, retry::RetryPolicy};
 use ghostwire::state::{self, Phase};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
@@ -372,6 +373,61 @@ async fn verification_runs_beside_the_index_builds() {
         "SELECT id, qty::bigint, note, payload FROM oracle",
     )
     .await;
+}
+
+/// An autovacuum worker crawling over the table would hold every swap attempt off for as
+/// long as it runs (it yields only to a lock wait of `deadlock_timeout`): it is cancelled
+/// before the attempt, and the swap goes through.
+#[tokio::test]
+async fn an_autovacuum_on_the_table_is_cancelled_for_the_swap() {
+    // A cluster of its own: autovacuum wakes every second there.
+    let options = ClusterOptions::default().with_setting("autovacuum_naptime", "1s");
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(options)).await.unwrap().unwrap();
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, qty int, note text, payload text);
+             INSERT INTO items (id, qty, note) SELECT g, g, 'n' || g FROM generate_series(1, 20000) g;
+             CREATE TABLE oracle AS SELECT * FROM items;",
+        )
+        .await
+        .unwrap();
+    client.batch_execute("VACUUM ANALYZE items").await.unwrap();
+    let hook_url = url.clone();
+    let hook: PhaseHook = Arc::new(move |p| {
+        let url = hook_url.clone();
+        Box::pin(async move {
+            if p != Phase::Catchup {
+                return;
+            }
+            // Dead rows, and a vacuum that sleeps 100 ms after every page: it takes minutes.
+            let c = common::connect(&url).await;
+            c.batch_execute(
+                "ALTER TABLE items SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                                        autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
+                 UPDATE items SET note = note WHERE id % 10 = 0;",
+            )
+            .await
+            .unwrap();
+            common::wait_for(
+                &c,
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                  WHERE backend_type = 'autovacuum worker' AND query LIKE '%VACUUM public.items%'",
+            )
+            .await;
+        })
+    });
+    let opts = Options { cutover_attempts: 5, ..test_options() };
+    let outcome = run_migration(&url, RETYPE, &opts, Some(hook)).await.expect("swapped despite the autovacuum");
+    assert!(outcome.swap.is_some());
+    let cancelled = strings(
+        &client,
+        "SELECT message FROM ghostwire.events WHERE kind = 'autovacuum' AND (details->>'cancelled')::boolean",
+    )
+    .await;
+    assert!(!cancelled.is_empty() && cancelled[0].contains("VACUUM public.items"), "{cancelled:?}");
+    assert_same_rows(&client, "SELECT id, qty, note FROM items", "SELECT id, qty::bigint, note FROM oracle").await;
 }
 
 /// Columns whose types have no equality operator (`json`, `point`) are compared through

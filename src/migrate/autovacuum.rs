@@ -1,0 +1,65 @@
+//! Autovacuum workers in the way of the swap.
+//!
+//! An autovacuum worker holds SHARE UPDATE EXCLUSIVE on the table it vacuums, for as long as
+//! the vacuum takes (hours on a big table). PostgreSQL cancels it for a lock request that has
+//! waited `deadlock_timeout` (1 s by default), but the swap waits `--lock-timeout` (100 ms) at
+//! most, so every attempt would fail until the vacuum ended. Before each attempt, such
+//! workers on the table (or its TOAST table) are cancelled, as PostgreSQL itself would
+//! do, except vacuums that prevent transaction ID wraparound, which are left to finish. The
+//! vacuum runs again later, on the new table.
+
+use tokio_postgres::Client;
+
+/// An autovacuum worker found holding a lock on the table.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pid: i32,
+    /// What it is doing, as `pg_stat_activity` says (`autovacuum: VACUUM public.t`).
+    pub query: String,
+    /// Cancelled, or why not.
+    pub cancelled: Result<(), String>,
+}
+
+impl Worker {
+    /// One line for the operator.
+    pub fn describe(&self) -> String {
+        match &self.cancelled {
+            Ok(()) => format!("cancelled {} (pid {}) holding the table", self.query, self.pid),
+            Err(why) => format!("{} (pid {}) holds the table: {why}", self.query, self.pid),
+        }
+    }
+}
+
+const HOLDERS: &str = "SELECT DISTINCT a.pid, coalesce(a.query, '')
+      FROM pg_catalog.pg_stat_activity a
+      JOIN pg_catalog.pg_locks l ON l.pid = a.pid AND l.locktype = 'relation' AND l.granted
+     WHERE a.backend_type = 'autovacuum worker'
+       AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+       AND l.relation IN (SELECT c.oid FROM pg_catalog.pg_class c WHERE c.oid = ANY ($1::text[]::regclass[])
+                          UNION ALL
+                          SELECT c.reltoastrelid FROM pg_catalog.pg_class c
+                           WHERE c.oid = ANY ($1::text[]::regclass[]) AND c.reltoastrelid <> 0)
+     ORDER BY 1";
+
+/// Cancels the autovacuum workers holding locks on `tables` (quoted names), except those
+/// preventing wraparound; returns every worker found. Cancelling needs superuser (or, from
+/// PostgreSQL 18, `pg_signal_autovacuum_worker`): without it, the worker is reported.
+pub async fn clear(client: &Client, tables: &[String]) -> Result<Vec<Worker>, tokio_postgres::Error> {
+    let mut found = Vec::new();
+    for row in client.query(HOLDERS, &[&tables]).await? {
+        let (pid, query): (i32, String) = (row.get(0), row.get(1));
+        let cancelled = if query.contains("to prevent wraparound") {
+            Err("it prevents transaction ID wraparound; the swap waits for it".to_owned())
+        } else {
+            match client.query_one("SELECT pg_catalog.pg_cancel_backend($1)", &[&pid]).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!(
+                    "could not cancel it ({}); the swap waits for it to end, or cancel it as a superuser",
+                    crate::db::describe(&e)
+                )),
+            }
+        };
+        found.push(Worker { pid, query, cancelled });
+    }
+    Ok(found)
+}
