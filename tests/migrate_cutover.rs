@@ -87,7 +87,7 @@ async fn a_long_lock_makes_the_cutover_retry_then_give_up_cleanly() {
             // A long transaction that has read the table: its ACCESS SHARE lock blocks the swap
             // (not the writers).
             let c = common::connect(&url).await;
-            c.batch_execute("BEGIN; SELECT count(*) FROM items;").await.unwrap();
+            c.batch_execute("BEGIN; SELECT count(*) AS long_reader FROM items;").await.unwrap();
             *h.lock().await = Some(c);
         }
     });
@@ -97,6 +97,11 @@ async fn a_long_lock_makes_the_cutover_retry_then_give_up_cleanly() {
     let err = run_migration(&db.url, RETYPE, &opts, Some(hook)).await.expect_err("the swap cannot get its lock");
     assert!(matches!(err, MigrateError::CutoverGaveUp { attempts: 4, .. }), "{err}");
     assert!(err.to_string().contains("untouched and writable"), "{err}");
+    // The reason names the session in the way, what it is doing, and for how long.
+    let pid: i32 =
+        holder.lock().await.as_ref().unwrap().query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let named = format!("held by pid {pid} (idle in transaction, in a transaction for ");
+    assert!(err.to_string().contains(&named) && err.to_string().contains("long_reader"), "{err}");
     // The writers never waited long: each attempt gave up its lock request after 50 ms.
     load.wait_for_more(20).await;
     let worst = Duration::from_micros(load.counters.max_latency_us.load(Ordering::Relaxed));

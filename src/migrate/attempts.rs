@@ -105,9 +105,17 @@ impl Run<'_> {
                 Attempt::LockNotGranted { waited } => {
                     metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "lock_timeout").increment(1);
                     metrics::histogram!("ghostwire_lock_wait_seconds").record(waited.as_secs_f64());
+                    // Who held the table for longer than the wait: named for the operator.
+                    let holders = super::blockers::long_holders(&self.control, &spec.original.sql(), waited)
+                        .await
+                        .unwrap_or_default();
                     reason = format!("the lock was not granted within {:?}", self.opts.lock_timeout);
-                    let details =
-                        with_gate(json!({"attempt": attempt, "outcome": "lock_timeout", "lock_wait_ms": ms(waited)}));
+                    if !holders.is_empty() {
+                        let named: Vec<String> = holders.iter().map(|h| h.describe()).collect();
+                        reason.push_str(&format!("; held by {}", named.join(", ")));
+                    }
+                    let details = with_gate(json!({"attempt": attempt, "outcome": "lock_timeout",
+                                                   "lock_wait_ms": ms(waited), "holders": holders}));
                     self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), Some(waited), Some(details))
                         .await;
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
@@ -144,11 +152,11 @@ impl Run<'_> {
         })
     }
 
-    /// Cancels autovacuum workers holding the table or the shadow (`autovacuum`), each an
+    /// Cancels autovacuum workers holding the table or the shadow (`blockers`), each an
     /// event and a note.
     async fn clear_autovacuum(&self, spec: &Spec, attempt: u32) -> Result<(), MigrateError> {
         let tables = [spec.original.sql(), spec.shadow().sql()];
-        let workers = super::autovacuum::clear(&self.control, &tables).await.during(
+        let workers = super::blockers::clear_autovacuum(&self.control, &tables).await.during(
             self.id,
             Phase::Cutover,
             "looking for autovacuum workers on the table",

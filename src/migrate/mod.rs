@@ -8,7 +8,7 @@
 //! are the operator's controls.
 
 mod attempts;
-pub mod autovacuum;
+pub mod blockers;
 pub mod capture;
 pub mod catchup;
 pub mod cleanup;

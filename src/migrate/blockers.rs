@@ -1,4 +1,5 @@
-//! Autovacuum workers in the way of the swap.
+//! Sessions in the way of the swap: autovacuum workers, cancelled before each attempt, and
+//! long transactions holding the table, named when an attempt's lock is not granted.
 //!
 //! An autovacuum worker holds SHARE UPDATE EXCLUSIVE on the table it vacuums, for as long as
 //! the vacuum takes (hours on a big table). PostgreSQL cancels it for a lock request that has
@@ -44,7 +45,7 @@ const HOLDERS: &str = "SELECT DISTINCT a.pid, coalesce(a.query, '')
 /// Cancels the autovacuum workers holding locks on `tables` (quoted names), except those
 /// preventing wraparound; returns every worker found. Cancelling needs superuser (or, from
 /// PostgreSQL 18, `pg_signal_autovacuum_worker`): without it, the worker is reported.
-pub async fn clear(client: &Client, tables: &[String]) -> Result<Vec<Worker>, tokio_postgres::Error> {
+pub async fn clear_autovacuum(client: &Client, tables: &[String]) -> Result<Vec<Worker>, tokio_postgres::Error> {
     let mut found = Vec::new();
     for row in client.query(HOLDERS, &[&tables]).await? {
         let (pid, query): (i32, String) = (row.get(0), row.get(1));
@@ -62,4 +63,50 @@ pub async fn clear(client: &Client, tables: &[String]) -> Result<Vec<Worker>, to
         found.push(Worker { pid, query, cancelled });
     }
     Ok(found)
+}
+
+/// A session whose transaction holds a lock on the table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Holder {
+    pub pid: i32,
+    pub state: String,
+    /// Seconds since its transaction began.
+    pub transaction_seconds: f64,
+    pub query: String,
+}
+
+impl Holder {
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} ({}, in a transaction for {:.1} s: {})",
+            self.pid, self.state, self.transaction_seconds, self.query
+        )
+    }
+}
+
+/// The sessions (at most five, oldest first) holding a lock on `table` in a transaction
+/// older than `older_than`: the likely reason a swap attempt's lock was not granted (a
+/// younger holder is usually a short transaction the lock would have waited out).
+pub async fn long_holders(
+    client: &Client,
+    table: &str,
+    older_than: std::time::Duration,
+) -> Result<Vec<Holder>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM now() - a.xact_start)::float8,
+                    left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80)
+               FROM pg_catalog.pg_stat_activity a
+              WHERE a.pid <> pg_catalog.pg_backend_pid()
+                AND a.xact_start < now() - make_interval(secs => $2)
+                AND a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l
+                               WHERE l.locktype = 'relation' AND l.granted AND l.relation = $1::text::regclass)
+              ORDER BY a.xact_start LIMIT 5",
+            &[&table, &older_than.as_secs_f64()],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Holder { pid: r.get(0), state: r.get(1), transaction_seconds: r.get(2), query: r.get(3) })
+        .collect())
 }
