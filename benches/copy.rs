@@ -29,7 +29,7 @@ async fn connect(url: &str) -> Client {
     client
 }
 
-/// Drops and reloads `orders` with `rows` rows, vacuumed, analyzed and checkpointed.
+/// Drops and reloads `orders` with `rows` rows, vacuumed, analyzed, checkpointed and synced.
 async fn load(client: &Client, rows: i64) {
     client
         .batch_execute(
@@ -59,6 +59,10 @@ async fn load(client: &Client, rows: i64) {
     // One statement each: VACUUM cannot run inside the implicit transaction of a batch.
     client.batch_execute("VACUUM ANALYZE orders").await.expect("vacuum");
     client.batch_execute("CHECKPOINT").await.expect("checkpoint");
+    // The cluster runs with fsync off: the kernel would write the load's pages back during
+    // whichever measurement comes next (30 s later, by default). Flushed now, each
+    // measurement starts from the same clean state.
+    let _ = std::process::Command::new("sync").status();
 }
 
 async fn timed(client: &Client, sql: &str) -> Duration {
