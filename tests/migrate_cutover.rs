@@ -380,11 +380,11 @@ async fn verification_runs_beside_the_index_builds() {
     .await;
 }
 
-/// An autovacuum worker crawling over the table would hold every swap attempt off for as
-/// long as it runs (it yields only to a lock wait of `deadlock_timeout`): it is cancelled
-/// before the attempt, and the swap goes through.
+/// An autovacuum worker crawling over the table would hold off the capture triggers and every
+/// swap attempt for as long as it runs (it yields only to a lock wait of `deadlock_timeout`):
+/// it is cancelled before each, and the migration goes through.
 #[tokio::test]
-async fn an_autovacuum_on_the_table_is_cancelled_for_the_swap() {
+async fn an_autovacuum_on_the_table_is_cancelled_for_the_triggers_and_the_swap() {
     // A cluster of its own: autovacuum wakes every second there.
     let options = ClusterOptions::default().with_setting("autovacuum_naptime", "1s");
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(options)).await.unwrap().unwrap();
@@ -403,35 +403,41 @@ async fn an_autovacuum_on_the_table_is_cancelled_for_the_swap() {
     let hook: PhaseHook = Arc::new(move |p| {
         let url = hook_url.clone();
         Box::pin(async move {
-            if p != Phase::Catchup {
-                return;
-            }
-            // Dead rows, and a vacuum that sleeps 100 ms after every page: it takes minutes.
             let c = common::connect(&url).await;
-            c.batch_execute(
-                "ALTER TABLE items SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
-                                        autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
-                 UPDATE items SET note = note WHERE id % 10 = 0;",
-            )
-            .await
-            .unwrap();
-            common::wait_for(
-                &c,
-                "SELECT count(*) > 0 FROM pg_stat_activity
-                  WHERE backend_type = 'autovacuum worker' AND query LIKE '%VACUUM public.items%'",
-            )
-            .await;
+            if p == Phase::Capture {
+                // Dead rows, and a vacuum that sleeps 100 ms after every page: it takes minutes.
+                c.batch_execute(
+                    "ALTER TABLE items SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                                            autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
+                     UPDATE items SET note = note WHERE id % 10 = 0;",
+                )
+                .await
+                .unwrap();
+            }
+            if p == Phase::Capture || p == Phase::Catchup {
+                // Cancelled before the triggers, it starts again (the dead rows are still
+                // there) before the swap.
+                common::wait_for(
+                    &c,
+                    "SELECT count(*) > 0 FROM pg_stat_activity
+                      WHERE backend_type = 'autovacuum worker' AND query LIKE '%VACUUM public.items%'",
+                )
+                .await;
+            }
         })
     });
     let opts = Options { cutover_attempts: 5, ..test_options() };
-    let outcome = run_migration(&url, RETYPE, &opts, Some(hook)).await.expect("swapped despite the autovacuum");
+    let outcome = run_migration(&url, RETYPE, &opts, Some(hook)).await.expect("migrated despite the autovacuum");
     assert!(outcome.swap.is_some());
     let cancelled = strings(
         &client,
-        "SELECT message FROM ghostwire.events WHERE kind = 'autovacuum' AND (details->>'cancelled')::boolean",
+        "SELECT details->>'before' FROM ghostwire.events
+          WHERE kind = 'autovacuum' AND (details->>'cancelled')::boolean AND message LIKE '%VACUUM public.items%'
+          ORDER BY id",
     )
     .await;
-    assert!(!cancelled.is_empty() && cancelled[0].contains("VACUUM public.items"), "{cancelled:?}");
+    assert_eq!(cancelled.first().map(String::as_str), Some("installing the capture triggers"), "{cancelled:?}");
+    assert!(cancelled.iter().any(|b| b.starts_with("cut-over attempt")), "{cancelled:?}");
     assert_same_rows(&client, "SELECT id, qty, note FROM items", "SELECT id, qty::bigint, note FROM oracle").await;
 }
 

@@ -40,7 +40,7 @@ impl Run<'_> {
                     &[&self.id, &(attempt as i32)],
                 )
                 .await;
-            self.clear_autovacuum(spec, attempt).await?;
+            self.clear_autovacuum(spec, &format!("cut-over attempt {attempt}")).await?;
             // With proxies: hold new work at every proxy first, so no client is inside a
             // transaction (or holds a snapshot) while the swap runs.
             let gated = Instant::now();
@@ -150,24 +150,6 @@ impl Run<'_> {
             attempts: self.opts.cutover_attempts,
             reason,
         })
-    }
-
-    /// Cancels autovacuum workers holding the table or the shadow (`blockers`), each an
-    /// event and a note.
-    async fn clear_autovacuum(&self, spec: &Spec, attempt: u32) -> Result<(), MigrateError> {
-        let tables = [spec.original.sql(), spec.shadow().sql()];
-        let workers = super::blockers::clear_autovacuum(&self.control, &tables).await.during(
-            self.id,
-            Phase::Cutover,
-            "looking for autovacuum workers on the table",
-        )?;
-        for w in workers {
-            let message = w.describe();
-            let details = json!({"attempt": attempt, "pid": w.pid, "query": w.query, "cancelled": w.cancelled.is_ok()});
-            self.event("autovacuum", &message, None, Some(details)).await;
-            self.reporter.note(&message);
-        }
-        Ok(())
     }
 
     /// Drains every proxy; on any failure reopens them all. `Ok(None)` without proxies,

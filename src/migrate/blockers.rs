@@ -1,5 +1,6 @@
-//! Sessions in the way of the swap: autovacuum workers, cancelled before each attempt, and
-//! long transactions holding the table, named when an attempt's lock is not granted.
+//! Sessions in the way of the swap: autovacuum workers, cancelled before each attempt (and
+//! before the capture triggers are installed), and long transactions holding the table,
+//! named when an attempt's lock is not granted.
 //!
 //! An autovacuum worker holds SHARE UPDATE EXCLUSIVE on the table it vacuums, for as long as
 //! the vacuum takes (hours on a big table). PostgreSQL cancels it for a lock request that has

@@ -224,6 +224,8 @@ impl<'a> Run<'a> {
         self.live.update(|p| p.rows_estimated = spec.table.estimated_rows);
         if from <= Phase::Capture {
             self.enter(Phase::Capture, "installing the capture triggers").await?;
+            // CREATE TRIGGER waits for a vacuum of the table as the swap does.
+            self.clear_autovacuum(&spec, "installing the capture triggers").await?;
             capture::install(&self.control, &spec, &self.retry).await.during(
                 self.id,
                 Phase::Capture,
@@ -489,6 +491,24 @@ impl<'a> Run<'a> {
                 count: report.unexplained.len(),
                 sample: sample.join(", "),
             });
+        }
+        Ok(())
+    }
+
+    /// Cancels autovacuum workers holding the table or the shadow before `before` (see
+    /// `blockers`), each an event and a note.
+    pub(super) async fn clear_autovacuum(&self, spec: &Spec, before: &str) -> Result<(), MigrateError> {
+        let tables = [spec.original.sql(), spec.shadow().sql()];
+        let workers = super::blockers::clear_autovacuum(&self.control, &tables).await.during(
+            self.id,
+            self.phase,
+            "looking for autovacuum workers on the table",
+        )?;
+        for w in workers {
+            let message = format!("{}: {}", before, w.describe());
+            let details = json!({"before": before, "pid": w.pid, "query": w.query, "cancelled": w.cancelled.is_ok()});
+            self.event("autovacuum", &message, None, Some(details)).await;
+            self.reporter.note(&message);
         }
         Ok(())
     }
