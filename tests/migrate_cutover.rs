@@ -380,12 +380,9 @@ async fn verification_runs_beside_the_index_builds() {
     .await;
 }
 
-/// An autovacuum worker crawling over the table would hold off the capture triggers and every
-/// swap attempt for as long as it runs (it yields only to a lock wait of `deadlock_timeout`):
-/// it is cancelled before each, and the migration goes through.
-#[tokio::test]
-async fn an_autovacuum_on_the_table_is_cancelled_for_the_triggers_and_the_swap() {
-    // A cluster of its own: autovacuum wakes every second there.
+/// A cluster of its own, where autovacuum wakes every second, with `items` (20,000 rows,
+/// vacuumed) and its copy `oracle`.
+async fn autovacuum_cluster() -> (Cluster, String, Client) {
     let options = ClusterOptions::default().with_setting("autovacuum_naptime", "1s");
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(options)).await.unwrap().unwrap();
     let url = cluster.url("postgres");
@@ -399,30 +396,49 @@ async fn an_autovacuum_on_the_table_is_cancelled_for_the_triggers_and_the_swap()
         .await
         .unwrap();
     client.batch_execute("VACUUM ANALYZE items").await.unwrap();
+    (cluster, url, client)
+}
+
+/// Dead rows in `items`, and an autovacuum of it that sleeps 100 ms after every page: it
+/// takes minutes. Waits until it runs.
+async fn start_crawling_autovacuum(c: &Client) {
+    c.batch_execute(
+        "ALTER TABLE items SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                                autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
+         UPDATE items SET note = note WHERE id % 10 = 0;",
+    )
+    .await
+    .unwrap();
+    wait_for_autovacuum(c).await;
+}
+
+async fn wait_for_autovacuum(c: &Client) {
+    common::wait_for(
+        c,
+        "SELECT count(*) > 0 FROM pg_stat_activity
+          WHERE backend_type = 'autovacuum worker' AND query LIKE '%VACUUM public.items%'",
+    )
+    .await;
+}
+
+/// An autovacuum worker crawling over the table would hold off the capture triggers and every
+/// swap attempt for as long as it runs (it yields only to a lock wait of `deadlock_timeout`):
+/// it is cancelled before each, and the migration goes through.
+#[tokio::test]
+async fn an_autovacuum_on_the_table_is_cancelled_for_the_triggers_and_the_swap() {
+    let (_cluster, url, client) = autovacuum_cluster().await;
     let hook_url = url.clone();
     let hook: PhaseHook = Arc::new(move |p| {
         let url = hook_url.clone();
         Box::pin(async move {
             let c = common::connect(&url).await;
             if p == Phase::Capture {
-                // Dead rows, and a vacuum that sleeps 100 ms after every page: it takes minutes.
-                c.batch_execute(
-                    "ALTER TABLE items SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
-                                            autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
-                     UPDATE items SET note = note WHERE id % 10 = 0;",
-                )
-                .await
-                .unwrap();
+                start_crawling_autovacuum(&c).await;
             }
             if p == Phase::Capture || p == Phase::Catchup {
                 // Cancelled before the triggers, it starts again (the dead rows are still
                 // there) before the swap.
-                common::wait_for(
-                    &c,
-                    "SELECT count(*) > 0 FROM pg_stat_activity
-                      WHERE backend_type = 'autovacuum worker' AND query LIKE '%VACUUM public.items%'",
-                )
-                .await;
+                wait_for_autovacuum(&c).await;
             }
         })
     });
@@ -439,6 +455,32 @@ async fn an_autovacuum_on_the_table_is_cancelled_for_the_triggers_and_the_swap()
     assert_eq!(cancelled.first().map(String::as_str), Some("installing the capture triggers"), "{cancelled:?}");
     assert!(cancelled.iter().any(|b| b.starts_with("cut-over attempt")), "{cancelled:?}");
     assert_same_rows(&client, "SELECT id, qty, note FROM items", "SELECT id, qty::bigint, note FROM oracle").await;
+}
+
+/// `abort` removes the capture triggers even while an autovacuum crawls over the table.
+#[tokio::test]
+async fn abort_cancels_an_autovacuum_in_its_way() {
+    let (_cluster, url, client) = autovacuum_cluster().await;
+    let hook_url = url.clone();
+    let hook: PhaseHook = Arc::new(move |p| {
+        let url = hook_url.clone();
+        Box::pin(async move {
+            if p == Phase::Catchup {
+                let c = common::connect(&url).await;
+                start_crawling_autovacuum(&c).await;
+                let m = state::list(&c, None, 1).await.unwrap().into_iter().next().unwrap();
+                cleanup::stop_runner(&c, &m).await.unwrap();
+                cleanup::abort(&c, &m, &RetryPolicy::default()).await.expect("abort despite the autovacuum");
+            }
+        })
+    });
+    let result = run_migration(&url, RETYPE, &test_options(), Some(hook)).await;
+    assert!(result.is_err(), "the aborted migration carried on");
+    let m = migration_row(&client).await;
+    assert_eq!(m.phase, Phase::Aborted);
+    assert!(debris(&client, m.id).await.is_empty(), "{:?}", debris(&client, m.id).await);
+    let cancelled = strings(&client, "SELECT message FROM ghostwire.events WHERE kind = 'autovacuum'").await;
+    assert!(cancelled.iter().any(|m| m.starts_with("removing the capture triggers: cancelled")), "{cancelled:?}");
 }
 
 /// Columns whose types have no equality operator (`json`, `point`) are compared through

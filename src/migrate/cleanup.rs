@@ -73,6 +73,11 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
     }
     state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
     if exists(client, &m.table).await? {
+        // Dropping a trigger waits for a vacuum of the table, as the swap does.
+        for w in super::blockers::clear_autovacuum(client, &[m.table.sql()]).await? {
+            let message = format!("removing the capture triggers: {}", w.describe());
+            state::event(client, m.id, m.phase, "autovacuum", &message, None, None).await?;
+        }
         ddl(client, retry, "removing the capture triggers", &capture::drop_triggers_sql(m.id, &m.table)).await?;
     }
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
