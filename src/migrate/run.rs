@@ -18,7 +18,7 @@ use super::error::{Context as _, MigrateError};
 use super::live::Live;
 use super::pacing::Throttled;
 use super::retry::{self, RetryPolicy};
-use super::spec::Spec;
+use super::spec::{DeferredIndex, Spec};
 use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
 use crate::db;
 use crate::plan::{Plan, Strategy};
@@ -251,11 +251,8 @@ impl<'a> Run<'a> {
             self.catch_up(&work, &spec).await?;
             if from > Phase::Index {
                 // A resumed run checks the shadow again before the swap, and gathers the
-                // planner's statistics on a session of its own meanwhile.
-                let analyze = analyze(self.session(), spec.shadow().sql(), self.id);
-                let (verified, analyzed) = tokio::join!(self.verify(&spec), analyze);
-                verified?;
-                analyzed?;
+                // planner's statistics meanwhile (the same pool, with no index to build).
+                self.post_copy(&spec, Vec::new(), false).await?;
             }
             self.wait_for_cutover(&work, &spec).await?;
         }
@@ -378,9 +375,23 @@ impl<'a> Run<'a> {
         let have = index::existing(work, spec).await.during(self.id, Phase::Index, "listing the shadow's indexes")?;
         let missing: Vec<_> = spec.deferred_indexes.iter().filter(|d| !have.contains(&d.name)).cloned().collect();
         self.enter(Phase::Index, &format!("building {} index(es)", missing.len())).await?;
+        self.post_copy(spec, missing, true).await?;
+        index::attach_constraints(work, spec).await.map_err(|e| self.post_copy_error(e.into()))?;
+        Ok(())
+    }
+
+    /// Builds `builds`, analyzes the shadow and (unless `--verify none`) verifies it, on one
+    /// pool of sessions; records the builds (with `record_builds`) and the verification, and
+    /// stops on a difference without a pending change.
+    async fn post_copy(
+        &mut self,
+        spec: &Spec,
+        builds: Vec<DeferredIndex>,
+        record_builds: bool,
+    ) -> Result<(), MigrateError> {
         let verify_rows = self.opts.verify.then_some(self.opts.verify_range_rows);
         let mut pool =
-            post_copy::Pool::start(self.session(), spec, missing, self.opts.parallel, verify_rows, &self.cancel);
+            post_copy::Pool::start(self.session(), spec, builds, self.opts.parallel, verify_rows, &self.cancel);
         let mut verifying = None;
         if verify_rows.is_some() && pool.key_index_ready().await {
             self.enter(Phase::Verify, "comparing the original and the shadow (other indexes may still be building)")
@@ -390,11 +401,13 @@ impl<'a> Run<'a> {
         }
         let done = pool.finish().await.map_err(|e| self.post_copy_error(e))?;
         self.check_cancelled()?;
-        let details = json!(
-            done.built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>()
-        );
-        let message = format!("built {} index(es)", done.built.len());
-        self.event("index_done", &message, Some(done.builds_took), Some(details)).await;
+        if record_builds {
+            let details = json!(
+                done.built.iter().map(|(n, d)| json!({"index": n, "ms": d.as_secs_f64() * 1000.0})).collect::<Vec<_>>()
+            );
+            let message = format!("built {} index(es)", done.built.len());
+            self.event("index_done", &message, Some(done.builds_took), Some(details)).await;
+        }
         match (verify_rows, done.report, verifying) {
             (None, ..) => self.event("verify_skipped", "verification skipped (--verify none)", None, None).await,
             (Some(_), Some(report), Some(started)) => self.judge(spec, &report, started.elapsed()).await?,
@@ -406,7 +419,6 @@ impl<'a> Run<'a> {
                 )));
             }
         }
-        index::attach_constraints(work, spec).await.map_err(|e| self.post_copy_error(e.into()))?;
         Ok(())
     }
 
@@ -450,26 +462,6 @@ impl<'a> Run<'a> {
         self.live.update(|p| p.awaiting_cutover = false);
         self.event("cutover_allowed", "cut-over allowed", Some(waited.elapsed()), None).await;
         Ok(())
-    }
-
-    async fn verify(&mut self, spec: &Spec) -> Result<(), MigrateError> {
-        if !self.opts.verify {
-            self.event("verify_skipped", "verification skipped (--verify none)", None, None).await;
-            return Ok(());
-        }
-        self.enter(Phase::Verify, "comparing the original and the shadow").await?;
-        let t = Instant::now();
-        let report = verify::run(&self.session(), spec, self.opts.verify_range_rows, self.opts.parallel, &self.cancel)
-            .await
-            .map_err(|e| match e {
-                verify::VerifyError::Connect(c) => MigrateError::Connect(c),
-                verify::VerifyError::Database(d) => {
-                    MigrateError::Database { id: self.id, phase: Phase::Verify, context: "verifying".into(), source: d }
-                }
-                verify::VerifyError::Worker(w) => MigrateError::Refused(w),
-            })?;
-        self.check_cancelled()?;
-        self.judge(spec, &report, t.elapsed()).await
     }
 
     /// Records a verification's findings; a difference without a pending change stops the run.
@@ -530,10 +522,4 @@ impl<'a> Run<'a> {
         }
         failed
     }
-}
-
-/// Gathers the shadow's statistics on a session of its own.
-async fn analyze(config: Config, shadow: String, id: i64) -> Result<(), MigrateError> {
-    let client = db::connect(&config).await?;
-    client.batch_execute(&format!("ANALYZE {shadow}")).await.during(id, Phase::Verify, "analyzing the shadow")
 }

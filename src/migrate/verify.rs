@@ -12,11 +12,8 @@
 //! key conversion does not keep the key order, shadow rows are matched by key instead of by
 //! range, and extra rows in the shadow are not detected.
 
-use std::sync::Arc;
-
+use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config};
-use tokio_util::sync::CancellationToken;
 
 use super::spec::Spec;
 use crate::sql::ident;
@@ -31,16 +28,6 @@ pub struct Report {
     pub unexplained: Vec<String>,
     /// Matched by key rather than by range (extra shadow rows not detected).
     pub matched_by_key: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    #[error(transparent)]
-    Connect(#[from] crate::db::ConnectError),
-    #[error("{}", crate::db::describe(.0))]
-    Database(#[from] tokio_postgres::Error),
-    #[error("a verification task failed: {0}")]
-    Worker(String),
 }
 
 type Bound = Option<Vec<String>>;
@@ -351,35 +338,4 @@ impl Verifier {
     pub fn empty_report(&self) -> Report {
         Report { matched_by_key: !self.spec.key_order_preserved(), ..Report::default() }
     }
-}
-
-/// Verifies the whole table with `parallel` workers, `range_rows` rows per range.
-pub async fn run(
-    config: &Config,
-    spec: &Spec,
-    range_rows: i64,
-    parallel: usize,
-    cancel: &CancellationToken,
-) -> Result<Report, VerifyError> {
-    let first = crate::db::connect(config).await?;
-    let verifier = Arc::new(Verifier::new(&first, spec, range_rows).await?);
-    let mut workers = Vec::new();
-    let mut first = Some(first);
-    for _ in 0..parallel.max(1) {
-        let client = match first.take() {
-            Some(c) => c,
-            None => crate::db::connect(config).await?,
-        };
-        let (verifier, cancel) = (Arc::clone(&verifier), cancel.clone());
-        workers.push(tokio::spawn(async move {
-            let mut report = Report::default();
-            while !cancel.is_cancelled() && verifier.check_next(&client, &mut report).await? {}
-            Ok::<_, tokio_postgres::Error>(report)
-        }));
-    }
-    let mut total = verifier.empty_report();
-    for w in workers {
-        total.merge(w.await.map_err(|e| VerifyError::Worker(e.to_string()))??);
-    }
-    Ok(total)
 }
