@@ -32,7 +32,7 @@ impl Worker {
     }
 }
 
-const HOLDERS: &str = "SELECT DISTINCT a.pid, coalesce(a.query, '')
+const AUTOVACUUM_HOLDERS: &str = "SELECT DISTINCT a.pid, coalesce(a.query, '')
       FROM pg_catalog.pg_stat_activity a
       JOIN pg_catalog.pg_locks l ON l.pid = a.pid AND l.locktype = 'relation' AND l.granted
      WHERE a.backend_type = 'autovacuum worker'
@@ -48,7 +48,7 @@ const HOLDERS: &str = "SELECT DISTINCT a.pid, coalesce(a.query, '')
 /// PostgreSQL 18, `pg_signal_autovacuum_worker`): without it, the worker is reported.
 pub async fn clear_autovacuum(client: &Client, tables: &[String]) -> Result<Vec<Worker>, tokio_postgres::Error> {
     let mut found = Vec::new();
-    for row in client.query(HOLDERS, &[&tables]).await? {
+    for row in client.query(AUTOVACUUM_HOLDERS, &[&tables]).await? {
         let (pid, query): (i32, String) = (row.get(0), row.get(1));
         let cancelled = if query.contains("to prevent wraparound") {
             Err("it prevents transaction ID wraparound; the swap waits for it".to_owned())

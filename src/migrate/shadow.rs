@@ -234,12 +234,20 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
 
 /// Autovacuum is off on the shadow while it is built: a vacuum there would take cores from the
 /// copy, lock out the index builds until it is cancelled (after `deadlock_timeout`), and
-/// block the swap. The swap restores the original's setting (`swap::script`).
-pub const AUTOVACUUM_SETTING: &str = "autovacuum_enabled=";
+/// block the swap. The swap restores the original's setting (`swap::script`). Only heap
+/// tables have the setting.
+pub fn pauses_autovacuum(def: &TableDef) -> bool {
+    def.access_method.as_deref().is_none_or(|am| am == "heap")
+}
+
+/// An entry of `reloptions` that turns autovacuum on or off.
+pub fn is_autovacuum_setting(option: &str) -> bool {
+    option.starts_with("autovacuum_enabled=")
+}
 
 fn create_table_sql(def: &TableDef, shadow: &QualifiedName) -> String {
-    let heap = def.access_method.as_deref().is_none_or(|am| am == "heap");
-    let own = |o: &&String| !(heap && o.starts_with(AUTOVACUUM_SETTING));
+    let heap = pauses_autovacuum(def);
+    let own = |o: &&String| !(heap && is_autovacuum_setting(o));
     let mut options: Vec<String> = def.reloptions.iter().filter(own).cloned().collect();
     options.extend(def.toast_reloptions.iter().filter(own).map(|o| format!("toast.{o}")));
     if heap {

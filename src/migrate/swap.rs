@@ -221,10 +221,10 @@ pub fn script(spec: &Spec) -> Script {
     if let Some(c) = &t.comment {
         a.push(format!("COMMENT ON TABLE {table_sql} IS {}", literal(c)));
     }
-    if t.access_method.as_deref().is_none_or(|am| am == "heap") {
+    if super::shadow::pauses_autovacuum(t) {
         // Autovacuum was off on the shadow; the original's setting, if it had one, comes back.
         a.push(format!("ALTER TABLE {table_sql} RESET (autovacuum_enabled, toast.autovacuum_enabled)"));
-        let autovacuum = |o: &&String| o.starts_with(super::shadow::AUTOVACUUM_SETTING);
+        let autovacuum = |o: &&String| super::shadow::is_autovacuum_setting(o);
         let set: Vec<String> = (t.reloptions.iter().filter(autovacuum).cloned())
             .chain(t.toast_reloptions.iter().filter(autovacuum).map(|o| format!("toast.{o}")))
             .collect();
