@@ -124,7 +124,7 @@ fn start_load(url: &str, writers: usize, rate: u64, rows: i64) -> Load {
 }
 
 /// One migration of `CHANGE` with `opts`: its outcome and how long it took.
-async fn migration(config: &tokio_postgres::Config, opts: &Options, what: &str) -> (migrate::Outcome, Duration) {
+async fn migration(config: &ghostwire::connect::Params, opts: &Options, what: &str) -> (migrate::Outcome, Duration) {
     let t = Instant::now();
     let outcome = migrate::migrate(config, CHANGE, opts, &migrate::Context::new(&Silent, opts))
         .await
@@ -184,7 +184,7 @@ async fn main() {
         "copy benchmark: {rows} rows, median of {runs} run(s), PostgreSQL {}",
         client.query_one("SHOW server_version", &[]).await.unwrap().get::<_, String>(0)
     );
-    let config: tokio_postgres::Config = url.parse().unwrap();
+    let config = ghostwire::connect::Params::from_conninfo(Some(&url)).unwrap();
     let opts = Options { yes: true, finish: true, ..Options::default() };
     let (mut offline, mut insert, mut floor, mut idle, mut busy) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut unverified, mut one_job) = (vec![], vec![]);

@@ -126,7 +126,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let started = now_us();
-    let config: tokio_postgres::Config = cluster.url("postgres").parse().unwrap();
+    let config = ghostwire::connect::Params::from_conninfo(Some(&cluster.url("postgres"))).unwrap();
     let opts = Options { yes: true, finish: true, proxies: vec![control_url], ..Options::default() };
     let outcome = migrate::migrate(
         &config,

@@ -59,7 +59,7 @@ pub enum EphemeralError {
     Initdb { status: ExitStatus, output: String },
     #[error("the PostgreSQL server did not start ({reason}); the end of its log:\n{log}")]
     Start { reason: String, log: String },
-    #[error("could not connect to the throwaway cluster: {}", crate::db::describe(.0))]
+    #[error("could not connect to the throwaway cluster: {}", crate::connect::describe(.0))]
     Connect(#[from] tokio_postgres::Error),
 }
 

@@ -6,8 +6,8 @@
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod connect;
 pub mod control;
-pub mod db;
 pub mod ephemeral;
 pub mod failpoint;
 pub mod migrate;

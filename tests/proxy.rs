@@ -46,7 +46,7 @@ async fn trust_md5_and_scram_authentication_pass_through() {
             let bad = format!("postgres://app:wrong@{}/postgres", proxy.addr);
             let err =
                 tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().expect("a wrong password is refused");
-            let message = ghostwire::db::describe(&err);
+            let message = ghostwire::connect::describe(&err);
             assert!(message.contains("password authentication failed"), "{auth:?}: {message}");
         }
     }

@@ -24,7 +24,7 @@ pub enum CatalogError {
     TableNotFound(String),
     #[error("{name} is a {kind}, not a table; ghostwire changes ordinary and partitioned tables only")]
     NotATable { name: String, kind: String },
-    #[error("could not read the catalog: {}", crate::db::describe(.0))]
+    #[error("could not read the catalog: {}", crate::connect::describe(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 

@@ -3,7 +3,7 @@
 use super::{CommandError, target};
 use crate::migrate::cleanup::{self, CleanupError};
 use crate::migrate::retry::RetryPolicy;
-use crate::{db, state};
+use crate::{connect, state};
 
 fn classify(e: CleanupError) -> CommandError {
     match e {
@@ -13,8 +13,8 @@ fn classify(e: CleanupError) -> CommandError {
 }
 
 pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
-    let config = db::config(url, "ghostwire abort")?;
-    let client = db::connect(&config).await?;
+    let config = connect::params(url, "ghostwire abort")?;
+    let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
     cleanup::stop_runner(&client, &m).await.map_err(classify)?;
     cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;
@@ -27,8 +27,8 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
 }
 
 pub async fn finish(url: Option<&str>, table: &str) -> Result<(), CommandError> {
-    let config = db::config(url, "ghostwire finish")?;
-    let client = db::connect(&config).await?;
+    let config = connect::params(url, "ghostwire finish")?;
+    let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
     if !state::try_lock_table(&client, &m.table).await.map_err(CommandError::failed)? {
         let pid = state::lock_holder(&client, &m.table).await.ok().flatten().unwrap_or(0);

@@ -95,7 +95,7 @@ pub fn start_load(
                             let _ = client.batch_execute("ROLLBACK").await;
                             stats.errors.fetch_add(1, Ordering::Relaxed);
                             let mut first = stats.first_error.lock().unwrap_or_else(|p| p.into_inner());
-                            first.get_or_insert_with(|| crate::db::describe(&e));
+                            first.get_or_insert_with(|| crate::connect::describe(&e));
                         }
                     }
                     stats.slowest_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -160,7 +160,7 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     let through_proxy = format!("postgres://postgres@{proxy_addr}/postgres");
     let load = start_load(through_proxy, 8, Duration::from_millis(10), rows, Arc::clone(&stop), Arc::clone(&stats));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let config = crate::db::config(Some(&url), "ghostwire demo")?;
+    let config = crate::connect::params(Some(&url), "ghostwire demo")?;
     let options = Options { yes: true, proxies: vec![control_url.clone()], ..Options::default() };
     let result = migrate::migrate(&config, change, &options, &migrate::Context::new(&Lines, &options)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

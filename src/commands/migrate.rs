@@ -13,7 +13,7 @@ use crate::cli::{Capture, MigrateArgs, Verify};
 use crate::migrate::{self, Context, MigrateError, Options, Outcome, Reporter, Settings};
 use crate::plan::report::thousands;
 use crate::state::{self, Phase};
-use crate::{control, db, plan};
+use crate::{connect, control, plan};
 
 /// Prints what the run does, one line at a time (when stdout is not a terminal).
 pub struct Lines;
@@ -98,7 +98,7 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     if let Target::Statement(statement) = target {
         plan::parse::parse(statement).map_err(CommandError::refused)?;
     }
-    let config = db::config(url, "ghostwire migrate")?;
+    let config = connect::params(url, "ghostwire migrate")?;
     let mut opts = options(args);
     if let Target::Statement(statement) = target
         && !opts.yes
@@ -143,8 +143,8 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
 
 /// Plans the statement and asks for consent where it is needed: a change that cannot be
 /// reverted, or resuming an unfinished migration of the same statement.
-async fn ask_consent(config: &tokio_postgres::Config, statement: &str) -> Result<bool, CommandError> {
-    let mut client = db::connect(config).await?;
+async fn ask_consent(config: &connect::Params, statement: &str) -> Result<bool, CommandError> {
+    let mut client = connect::connect(config).await?;
     let p = plan::plan(&mut client, statement)
         .await
         .map_err(|e| if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) })?;

@@ -43,12 +43,9 @@ impl CommandError {
     }
 }
 
-impl From<crate::db::ConnectError> for CommandError {
-    fn from(e: crate::db::ConnectError) -> Self {
-        match e {
-            crate::db::ConnectError::Connect(_) => CommandError::failed(e),
-            _ => CommandError::refused(e),
-        }
+impl From<crate::connect::ConnectError> for CommandError {
+    fn from(e: crate::connect::ConnectError) -> Self {
+        if e.is_refusal() { CommandError::refused(e) } else { CommandError::failed(e) }
     }
 }
 

@@ -5,7 +5,7 @@ use serde_json::json;
 use super::CommandError;
 use crate::plan::report::thousands;
 use crate::state::{self, Migration};
-use crate::{db, migrate};
+use crate::{connect, migrate};
 
 async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> {
     if !m.phase.before_swap() || m.phase < state::Phase::Capture {
@@ -15,8 +15,8 @@ async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> 
 }
 
 pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(), CommandError> {
-    let config = db::config(url, "ghostwire status")?;
-    let client = db::connect(&config).await?;
+    let config = connect::params(url, "ghostwire status")?;
+    let client = connect::connect(&config).await?;
     if !state::schema_exists(&client).await.map_err(CommandError::failed)? {
         if json {
             say!("[]");

@@ -57,7 +57,7 @@ pub async fn clear_autovacuum(client: &Client, tables: &[String]) -> Result<Vec<
                 Ok(_) => Ok(()),
                 Err(e) => Err(format!(
                     "could not cancel it ({}); the swap waits for it to end, or cancel it as a superuser",
-                    crate::db::describe(&e)
+                    crate::connect::describe(&e)
                 )),
             }
         };

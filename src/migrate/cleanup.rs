@@ -17,7 +17,7 @@ use crate::state::{self, Migration, Phase};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
-    #[error("{}", crate::db::describe(.0))]
+    #[error("{}", crate::connect::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error(
         "migration #{id} of {table} is already swapped: the new table is live. `ghostwire finish {table}` drops the old \

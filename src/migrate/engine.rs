@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use crate::connect::Params as Config;
 use tokio_util::sync::CancellationToken;
 
 use super::cutover::Swapped;
@@ -16,7 +18,7 @@ use super::error::{Context as _, MigrateError};
 use super::live::{Live, Settings};
 use super::run::Run;
 use super::spec::{self, Spec};
-use crate::db;
+use crate::connect;
 use crate::plan::{self, Strategy};
 use crate::sql::{QualifiedName, literal};
 use crate::state::{self, Migration, Phase};
@@ -138,12 +140,7 @@ pub struct Outcome {
 /// The connection settings of every ghostwire session: named, and failing rather than
 /// silently filtered by row-level security.
 pub fn session_config(config: &Config, name: &str) -> Config {
-    let mut c = config.clone();
-    c.application_name(name);
-    let options =
-        c.get_options().map(|o| format!("{o} -c row_security=off")).unwrap_or_else(|| "-c row_security=off".into());
-    c.options(&options);
-    c
+    config.named(name).with_setting("row_security", "off")
 }
 
 fn state_err(e: tokio_postgres::Error) -> MigrateError {
@@ -183,7 +180,7 @@ pub async fn migrate(
     opts: &Options,
     ctx: &Context<'_>,
 ) -> Result<Outcome, MigrateError> {
-    let mut control = db::connect(&session_config(config, "ghostwire migrate")).await?;
+    let mut control = connect::connect(&session_config(config, "ghostwire migrate")).await?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
     let plan = plan::plan(&mut control, statement).await?;
     if !plan.revertible && !opts.yes {
@@ -243,7 +240,7 @@ async fn name_session(control: &Client, id: i64) -> Result<(), MigrateError> {
 /// Continues the unfinished migration of `table` (`orders`, `public.orders`,
 /// `"Sales"."Order Items"`) from where it stopped.
 pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<'_>) -> Result<Outcome, MigrateError> {
-    let mut control = db::connect(&session_config(config, "ghostwire resume")).await?;
+    let mut control = connect::connect(&session_config(config, "ghostwire resume")).await?;
     let (schema, name) = plan::parse::table_name(table).map_err(|e| MigrateError::Refused(e.to_string()))?;
     if !state::schema_exists(&control).await.map_err(state_err)? {
         return Err(MigrateError::Refused(format!(

@@ -10,7 +10,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Connect(#[from] crate::db::ConnectError),
+    Connect(#[from] crate::connect::ConnectError),
     /// Another ghostwire process holds the table's lock.
     #[error(
         "another ghostwire process (backend pid {pid}) is migrating {table} right now; wait for it, or stop it with `ghostwire abort {table}`"
@@ -23,7 +23,7 @@ pub enum MigrateError {
     /// Bad input discovered once the shadow exists (nothing on the live table changed).
     #[error("{0}")]
     Refused(String),
-    #[error("migration #{id} failed in phase {phase}: {context}: {}{}", crate::db::describe(source), next_step(*phase))]
+    #[error("migration #{id} failed in phase {phase}: {context}: {}{}", crate::connect::describe(source), next_step(*phase))]
     Database {
         id: i64,
         phase: Phase,
@@ -66,7 +66,7 @@ impl MigrateError {
     pub fn is_refusal(&self) -> bool {
         match self {
             MigrateError::Plan(p) => p.is_refusal(),
-            MigrateError::Connect(c) => !matches!(c, crate::db::ConnectError::Connect(_)),
+            MigrateError::Connect(c) => c.is_refusal(),
             MigrateError::Busy { .. }
             | MigrateError::Unfinished { .. }
             | MigrateError::NeedsConsent(_)

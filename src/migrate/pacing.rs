@@ -57,7 +57,7 @@ impl Run<'_> {
             let settings = self.live.settings();
             let read = capture::backlog(&self.control, spec.migration_id)
                 .await
-                .map_err(|e| format!("cannot read the change backlog: {}", crate::db::describe(&e)));
+                .map_err(|e| format!("cannot read the change backlog: {}", crate::connect::describe(&e)));
             if let Ok(b) = read {
                 self.live.update(|p| p.backlog = b);
                 metrics::gauge!("ghostwire_backlog").set(b as f64);

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use crate::connect::Params as Config;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::index::{self, IndexError};
@@ -31,9 +33,9 @@ use super::verify::{Report, Verifier};
 pub enum PostCopyError {
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("verifying: {}", crate::db::describe(.0))]
+    #[error("verifying: {}", crate::connect::describe(.0))]
     Verify(tokio_postgres::Error),
-    #[error("analyzing the shadow: {}", crate::db::describe(.0))]
+    #[error("analyzing the shadow: {}", crate::connect::describe(.0))]
     Analyze(tokio_postgres::Error),
     #[error("a worker after the copy failed: {0}")]
     Worker(String),

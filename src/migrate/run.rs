@@ -11,7 +11,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use crate::connect::Params as Config;
 
 use super::engine::{Context, Options, Outcome, PhaseHook, Reporter, session_config};
 use super::error::{Context as _, MigrateError};
@@ -20,7 +22,7 @@ use super::pacing::Throttled;
 use super::retry::{self, RetryPolicy};
 use super::spec::{DeferredIndex, Spec};
 use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
-use crate::db;
+use crate::connect;
 use crate::plan::{Plan, Strategy};
 use crate::sql::QualifiedName;
 use crate::state::{self, Migration, Phase};
@@ -93,7 +95,7 @@ impl<'a> Run<'a> {
     /// its log deletions) commit together, so an asynchronous commit lost in a crash loses
     /// both: safe, and no flush wait each time.
     async fn work_session(&self) -> Result<Client, MigrateError> {
-        let client = db::connect(&self.session()).await?;
+        let client = connect::connect(&self.session()).await?;
         client.batch_execute("SET synchronous_commit = off").await.during(
             self.id,
             self.phase,
@@ -513,7 +515,7 @@ impl<'a> Run<'a> {
             match retry::ddl(&self.control, &self.retry, &format!("validating {what}"), &sql).await {
                 Ok(()) => self.event("validate", &format!("validated {what}"), Some(t.elapsed()), None).await,
                 Err(e) => {
-                    let msg = format!("could not validate {what} ({}); it stays NOT VALID", db::describe(&e));
+                    let msg = format!("could not validate {what} ({}); it stays NOT VALID", connect::describe(&e));
                     self.reporter.note(&msg);
                     self.event("validate", &msg, Some(t.elapsed()), None).await;
                     failed.push(what);

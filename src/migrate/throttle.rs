@@ -65,7 +65,7 @@ pub struct Signals {
 
 /// Reads the signals the settings need.
 pub async fn read(client: &Client, s: &Settings, backlog: Result<i64, String>, paused: bool) -> Signals {
-    let why = |what: &str, e: tokio_postgres::Error| format!("{what}: {}", crate::db::describe(&e));
+    let why = |what: &str, e: tokio_postgres::Error| format!("{what}: {}", crate::connect::describe(&e));
     let replica_lag = if s.critical_replica_lag_ms.is_some() || s.max_replica_lag_ms.is_some() {
         Some(replica_lag(client).await.map_err(|e| why("cannot read replica lag", e)))
     } else {

@@ -33,7 +33,7 @@ pub enum PlanError {
     Refused(String),
     #[error(transparent)]
     Catalog(CatalogError),
-    #[error("the database failed while planning: {}", crate::db::describe(.0))]
+    #[error("the database failed while planning: {}", crate::connect::describe(.0))]
     Database(#[from] tokio_postgres::Error),
 }
 

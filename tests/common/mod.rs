@@ -77,8 +77,8 @@ pub fn writes_each_phase(counters: Arc<Counters>, n: u64) -> PhaseHook {
     })
 }
 
-pub fn config(url: &str) -> tokio_postgres::Config {
-    url.parse().expect("a valid URL")
+pub fn config(url: &str) -> ghostwire::connect::Params {
+    ghostwire::connect::Params::from_conninfo(Some(url)).expect("a valid URL")
 }
 
 pub async fn run_migration(
