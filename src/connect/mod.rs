@@ -20,7 +20,7 @@ use tokio_postgres::Client;
 
 pub use conninfo::ConninfoError;
 pub use params::{ChannelBinding, Host, HostKind, Params, Secret, SslMode, TargetSessionAttrs};
-use tls::{ClientTls, Connector, HandshakeError, MakeConnector, TlsSetupError};
+use tls::{ClientTls, HandshakeError, MakeConnector, TlsSetupError};
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -162,8 +162,8 @@ async fn connect_host(
     let mut last = String::new();
     for (i, mode) in modes.iter().enumerate() {
         config.ssl_mode(*mode);
-        let connector = tls.map(|t| Connector { tls: t.clone(), host: host.name() });
-        let attempt = tokio::time::timeout(p.connect_timeout, config.connect(MakeConnector(connector))).await;
+        let connector = MakeConnector::new(tls.cloned(), host.name());
+        let attempt = tokio::time::timeout(p.connect_timeout, config.connect(connector)).await;
         let (client, connection) = match attempt {
             Err(_) => {
                 return Err(format!("timeout expired after {} s (connect_timeout)", p.connect_timeout.as_secs()));

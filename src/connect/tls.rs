@@ -265,7 +265,11 @@ pub fn explain(e: &std::io::Error, host: &str, tls: &ClientTls) -> String {
                 "the server's certificate is for {} but the connection is to \"{host}\" (sslmode=verify-full checks the \
                  name): connect with host= one of those names, or use sslmode=verify-ca to check only that a trusted CA \
                  signed it",
-                if presented.is_empty() { "no host name".to_owned() } else { presented.join(", ") }
+                if presented.is_empty() {
+                    "no host name".to_owned()
+                } else {
+                    presented.iter().map(|n| bare_name(n)).collect::<Vec<_>>().join(", ")
+                }
             ),
             CertificateError::NotValidForName => format!(
                 "the server's certificate does not name \"{host}\" (sslmode=verify-full checks the name): connect with \
@@ -292,6 +296,14 @@ pub fn explain(e: &std::io::Error, host: &str, tls: &ClientTls) -> String {
         ),
         Some(other) => format!("TLS handshake failed: {other}"),
         None => format!("TLS handshake failed: {e}"),
+    }
+}
+
+/// `DnsName("db.example")` (how webpki shows a name) → `db.example`.
+fn bare_name(shown: &str) -> &str {
+    match (shown.find('"'), shown.rfind('"')) {
+        (Some(a), Some(b)) if b > a => &shown[a + 1..b],
+        _ => shown,
     }
 }
 
@@ -378,9 +390,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for TlsSt
 #[error("{0}")]
 pub struct HandshakeError(pub String);
 
-/// One connection's TLS for tokio-postgres: the configuration and the name to check.
+/// One connection's TLS for tokio-postgres: the configuration (none with sslmode=disable,
+/// where tokio-postgres asks for a connector all the same) and the name to check.
 pub struct Connector {
-    pub tls: ClientTls,
+    pub tls: Option<ClientTls>,
     pub host: String,
 }
 
@@ -391,12 +404,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> tokio_postgres::tls::Tl
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let tls = self.tls.ok_or_else(|| HandshakeError("TLS is disabled for this connection".into()))?;
             let name = ServerName::try_from(self.host.clone())
                 .map_err(|_| HandshakeError(format!("\"{}\" is not a valid TLS server name", self.host)))?;
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls.config));
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
             match connector.connect(name, stream).await {
                 Ok(s) => Ok(TlsStream(s)),
-                Err(e) => Err(HandshakeError(explain(&e, &self.host, &self.tls))),
+                Err(e) => Err(HandshakeError(explain(&e, &self.host, &tls))),
             }
         })
     }
@@ -404,6 +418,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> tokio_postgres::tls::Tl
 
 /// tokio-postgres asks for a connector per host; ghostwire connects one host at a time.
 pub struct MakeConnector(pub Option<Connector>);
+
+impl MakeConnector {
+    pub fn new(tls: Option<ClientTls>, host: String) -> MakeConnector {
+        MakeConnector(Some(Connector { tls, host }))
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> tokio_postgres::tls::MakeTlsConnect<S> for MakeConnector {
     type Stream = TlsStream<S>;

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use ghostwire::ephemeral::Cluster;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// A fresh, empty database on the process-wide throwaway cluster.
 pub struct TestDb {
@@ -30,12 +30,16 @@ impl TestDb {
     }
 }
 
+/// Connects through ghostwire's own connection code (TLS and all, as the URL says).
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    match try_connect(url).await {
+        Ok(c) => c,
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+pub async fn try_connect(url: &str) -> Result<Client, ghostwire::connect::ConnectError> {
+    ghostwire::connect::connect(&ghostwire::connect::Params::from_conninfo(Some(url))?).await
 }
 
 /// A role name unique to this database (roles are cluster-wide; tests run in parallel).
@@ -47,6 +51,7 @@ pub fn role(db: &TestDb, base: &str) -> String {
 pub mod items;
 pub mod proxy;
 pub mod running;
+pub mod tls;
 pub mod workload;
 
 use std::sync::Arc;

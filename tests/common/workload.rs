@@ -224,8 +224,7 @@ impl Workload {
                             // The server went away: reconnect (backing off) and carry on.
                             loop {
                                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                                if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                                    tokio::spawn(conn);
+                                if let Ok(c) = super::try_connect(&url).await {
                                     client = c;
                                     break;
                                 }

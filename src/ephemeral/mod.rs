@@ -14,21 +14,23 @@
 //!   0.1 s) is stopped by an `atexit` hook, and folders left behind by dead processes are
 //!   swept the next time a cluster starts.
 
-use std::ffi::CString;
+mod options;
+mod process;
+
 use std::fs;
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio_postgres::NoTls;
+
+pub use options::{ClusterOptions, HostAuth, ServerTls};
+pub use process::Binaries;
+use process::{Postmaster, RunAs, chown, configure, free_port, run_as, sweep_stale_dirs};
 
 /// Prefix of the temporary folders, followed by the owning process id.
 const DIR_PREFIX: &str = "ghostwire-pg-";
@@ -61,6 +63,8 @@ pub enum EphemeralError {
     Start { reason: String, log: String },
     #[error("could not connect to the throwaway cluster: {}", crate::connect::describe(.0))]
     Connect(#[from] tokio_postgres::Error),
+    #[error("could not connect to the throwaway cluster: {0}")]
+    Reach(String),
 }
 
 /// A new, empty folder for a cluster's data, owned by `user` and private to it.
@@ -81,245 +85,6 @@ fn new_dir(kind: &str, user: Option<RunAs>) -> Result<PathBuf, EphemeralError> {
 fn io_err(action: impl Into<String>) -> impl FnOnce(io::Error) -> EphemeralError {
     let action = action.into();
     move |source| EphemeralError::Io { action, source }
-}
-
-/// How clients other than the superuser `postgres` authenticate over TCP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HostAuth {
-    #[default]
-    Trust,
-    Md5,
-    ScramSha256,
-}
-
-impl HostAuth {
-    fn hba_method(self) -> &'static str {
-        match self {
-            HostAuth::Trust => "trust",
-            HostAuth::Md5 => "md5",
-            HostAuth::ScramSha256 => "scram-sha-256",
-        }
-    }
-}
-
-/// Options for [`Cluster::start`].
-#[derive(Debug, Clone, Default)]
-pub struct ClusterOptions {
-    /// Authentication for roles other than `postgres` over TCP (`postgres` is always trusted,
-    /// so the harness can set things up).
-    pub host_auth: HostAuth,
-    /// Also require `host_auth` for the `postgres` superuser.
-    pub auth_superuser: bool,
-    /// Extra `postgresql.conf` settings, applied after the defaults.
-    pub settings: Vec<(String, String)>,
-}
-
-impl ClusterOptions {
-    pub fn with_setting(mut self, name: &str, value: impl ToString) -> Self {
-        self.settings.push((name.to_owned(), value.to_string()));
-        self
-    }
-}
-
-/// Settings every throwaway cluster gets: logical decoding, and speed over durability.
-const BASE_SETTINGS: &[(&str, &str)] = &[
-    ("wal_level", "logical"),
-    ("max_replication_slots", "20"),
-    ("max_wal_senders", "20"),
-    ("max_connections", "300"),
-    ("fsync", "off"),
-    ("synchronous_commit", "off"),
-    ("full_page_writes", "off"),
-    ("shared_buffers", "256MB"),
-    ("maintenance_work_mem", "256MB"),
-    ("max_wal_size", "8GB"),
-    ("checkpoint_timeout", "30min"),
-    ("log_min_messages", "warning"),
-    ("log_line_prefix", "'%m [%p] %d '"),
-    ("lc_messages", "'C'"),
-    ("timezone", "'UTC'"),
-];
-
-/// The server binaries of one PostgreSQL installation.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    pub bindir: PathBuf,
-}
-
-impl Binaries {
-    /// Finds initdb, pg_ctl and postgres: `$GHOSTWIRE_PG_BINDIR`, `pg_config --bindir`, the
-    /// newest `/usr/lib/postgresql/*/bin`, then `PATH`.
-    pub fn find() -> Result<Self, EphemeralError> {
-        let complete = |dir: &Path| ["initdb", "postgres", "pg_ctl"].iter().all(|b| dir.join(b).is_file());
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Some(dir) = std::env::var_os("GHOSTWIRE_PG_BINDIR") {
-            candidates.push(dir.into());
-        }
-        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-            && out.status.success()
-        {
-            candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
-        }
-        if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<(u32, PathBuf)> = entries
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-                    Some((v, e.path().join("bin")))
-                })
-                .collect();
-            versions.sort_by_key(|v| std::cmp::Reverse(v.0));
-            candidates.extend(versions.into_iter().map(|(_, p)| p));
-        }
-        if let Some(path) = std::env::var_os("PATH") {
-            candidates.extend(std::env::split_paths(&path));
-        }
-        candidates
-            .into_iter()
-            .find(|d| complete(d))
-            .map(|bindir| Binaries { bindir })
-            .ok_or(EphemeralError::BinariesNotFound)
-    }
-
-    pub fn path(&self, program: &str) -> PathBuf {
-        self.bindir.join(program)
-    }
-}
-
-/// The user the server processes run as: the current one, or `postgres` when we are root.
-#[derive(Debug, Clone, Copy)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
-}
-
-fn run_as() -> Result<Option<RunAs>, EphemeralError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let name = CString::new("postgres").map_err(|_| EphemeralError::NoPostgresUser)?;
-    // SAFETY: getpwnam returns a pointer into static storage or null; we copy the two ids
-    // out immediately, and cluster start-up is not concurrent with other getpw* users here.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return Err(EphemeralError::NoPostgresUser);
-    }
-    // SAFETY: pw is non-null and points to a valid passwd record.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    Ok(Some(RunAs { uid, gid }))
-}
-
-/// Makes `cmd` run as `user` (when given) and, with `die_with_parent`, receive SIGQUIT (an
-/// immediate shutdown, for the postmaster) when the thread that spawned it exits.
-fn configure(cmd: &mut Command, user: Option<RunAs>, die_with_parent: bool) {
-    // SAFETY: the hook runs between fork and exec and only makes async-signal-safe system
-    // calls (setgroups, setgid, setuid, prctl, getppid), allocating nothing. The identity is
-    // changed first because the kernel clears the parent-death signal on a credential change.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(u) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(u.gid) != 0 || libc::setuid(u.uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if die_with_parent {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() == 1 {
-                    return Err(io::Error::other("parent exited during start-up"));
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-fn chown(path: &Path, user: Option<RunAs>) -> Result<(), EphemeralError> {
-    if let Some(u) = user {
-        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
-            .map_err(io_err(format!("chown {}", path.display())))?;
-    }
-    Ok(())
-}
-
-fn free_port() -> Result<u16, EphemeralError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("find a free TCP port"))?;
-    Ok(listener.local_addr().map_err(io_err("find a free TCP port"))?.port())
-}
-
-fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-}
-
-/// Removes folders of clusters whose owning process is gone (their servers died with it).
-fn sweep_stale_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        if !pid_alive(pid) {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// The running postmaster, owned by a keeper thread that waits for it to exit.
-struct Postmaster {
-    pid: i32,
-    exited: mpsc::Receiver<io::Result<ExitStatus>>,
-    keeper: Option<JoinHandle<()>>,
-}
-
-impl Postmaster {
-    fn spawn(mut cmd: Command) -> Result<Self, EphemeralError> {
-        let (pid_tx, pid_rx) = mpsc::channel::<io::Result<i32>>();
-        let (exit_tx, exit_rx) = mpsc::channel();
-        let keeper = std::thread::Builder::new()
-            .name("ghostwire-pg-keeper".into())
-            .spawn(move || match cmd.spawn() {
-                Ok(mut child) => {
-                    let pid = child.id() as i32;
-                    let _ = pid_tx.send(Ok(pid));
-                    let _ = exit_tx.send(child.wait());
-                }
-                Err(e) => {
-                    let _ = pid_tx.send(Err(e));
-                }
-            })
-            .map_err(io_err("start the keeper thread"))?;
-        let pid = pid_rx
-            .recv()
-            .map_err(|_| io::Error::other("keeper thread died"))
-            .and_then(|r| r)
-            .map_err(io_err("start postgres"))?;
-        Ok(Postmaster { pid, exited: exit_rx, keeper: Some(keeper) })
-    }
-
-    fn has_exited(&self) -> Option<String> {
-        match self.exited.try_recv() {
-            Ok(Ok(status)) => Some(status.to_string()),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some("exited".into()),
-        }
-    }
-
-    /// Sends `signal` and waits for the server to exit; escalates to SIGKILL after `grace`.
-    fn stop(&mut self, signal: i32, grace: Duration) {
-        let Some(keeper) = self.keeper.take() else { return };
-        // SAFETY: pid is our own child, which the keeper has not reaped while it still waits.
-        unsafe { libc::kill(self.pid, signal) };
-        if self.exited.recv_timeout(grace).is_err() {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        }
-        let _ = keeper.join();
-    }
 }
 
 /// A running throwaway cluster. Dropping it stops the server and removes its folder.
@@ -447,25 +212,18 @@ impl Cluster {
             let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             return Err(EphemeralError::Initdb { status: out.status, output });
         }
-        let mut conf = String::from("\n# ghostwire throwaway cluster\n");
-        for (k, v) in BASE_SETTINGS {
-            conf.push_str(&format!("{k} = {v}\n"));
+        append(&self.data_dir().join("postgresql.conf"), &options.conf())?;
+        if let Some(tls) = &options.tls {
+            let ca = options.client_ca_pem.as_ref().map(|pem| ("root.crt", pem));
+            for (file, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)].into_iter().chain(ca) {
+                let path = self.data_dir().join(file);
+                fs::write(&path, pem).map_err(io_err(format!("write {file}")))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(format!("make {file} private")))?;
+                chown(&path, self.user)?;
+            }
         }
-        for (k, v) in &options.settings {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
-        append(&self.data_dir().join("postgresql.conf"), &conf)?;
-        let method = options.host_auth.hba_method();
-        let superuser = if options.auth_superuser { method } else { "trust" };
-        let hba = format!(
-            "local all all trust\n\
-             local replication all trust\n\
-             host all postgres 127.0.0.1/32 {superuser}\n\
-             host replication postgres 127.0.0.1/32 {superuser}\n\
-             host all all 127.0.0.1/32 {method}\n\
-             host replication all 127.0.0.1/32 {method}\n"
-        );
-        fs::write(self.data_dir().join("pg_hba.conf"), hba).map_err(io_err("write pg_hba.conf"))
+        fs::write(self.data_dir().join("pg_hba.conf"), options.hba()).map_err(io_err("write pg_hba.conf"))
     }
 
     fn launch(&self) -> Result<(), EphemeralError> {
@@ -565,15 +323,29 @@ impl Cluster {
         format!("postgres://{user}:{password}@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Connects as the superuser; the connection is driven by a spawned task.
+    /// The folder of the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A keyword/value connection string for `database` as the superuser over the Unix
+    /// socket (trusted whatever the TCP rules are), ignoring the PG* environment's TLS.
+    pub fn socket_conninfo(&self, database: &str) -> String {
+        let quote = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+        format!(
+            "host={} port={} user=postgres dbname={} sslmode=disable",
+            quote(&self.dir.display().to_string()),
+            self.port,
+            quote(database)
+        )
+    }
+
+    /// Connects as the superuser over the Unix socket; the connection is driven by a
+    /// spawned task.
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, EphemeralError> {
-        let (client, conn) = tokio_postgres::connect(&self.url(database), NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("throwaway cluster connection closed: {e}");
-            }
-        });
-        Ok(client)
+        let params = crate::connect::Params::from_conninfo(Some(&self.socket_conninfo(database)))
+            .map_err(|e| EphemeralError::Reach(e.to_string()))?;
+        crate::connect::connect(&params).await.map_err(|e| EphemeralError::Reach(e.to_string()))
     }
 
     /// Creates an empty database with a unique name and returns its URL.
