@@ -104,7 +104,7 @@ async fn main() {
     let port = listener.local_addr().unwrap().port();
     let control_url = format!("http://{}", ctl.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+    tokio::spawn(control::serve(ctl, proxy.control(), None, shutdown.clone()));
     let p = proxy.clone();
     let s = shutdown.clone();
     tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });

@@ -18,9 +18,38 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Database {
-    /// The database, as a libpq URL (postgres://user@host:port/dbname).
+    /// The database: a libpq URL (postgres://user@host:port/dbname?sslmode=verify-full) or
+    /// keyword/value string; what it leaves out comes from the PG* environment, the service
+    /// file and ~/.pgpass, as with psql.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+}
+
+/// The bearer token of a control API: the one this process serves with `--control`, and
+/// the one it sends to another's.
+#[derive(Debug, Clone, Args)]
+pub struct ControlToken {
+    /// Bearer token for the HTTP control API (at least 16 characters); required for a
+    /// --control address beyond loopback.
+    #[arg(long, env = "GHOSTWIRE_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+}
+
+impl ControlToken {
+    pub fn secret(&self) -> Option<crate::connect::Secret> {
+        self.control_token.as_deref().filter(|t| !t.is_empty()).map(crate::connect::Secret::new)
+    }
+}
+
+/// TLS towards the proxy's clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientTls {
+    /// Plain text only (SSLRequest answered N).
+    Disable,
+    /// TLS offered, plain text accepted (the default with --tls-cert).
+    Allow,
+    /// Plain text refused with an error message.
+    Require,
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +93,8 @@ pub enum Command {
         /// Ask a running migration's control API (host:port) instead of the database.
         #[arg(long)]
         control: Option<String>,
+        #[command(flatten)]
+        token: ControlToken,
         /// Only this table (`orders`, `public.orders`, `'"Sales"."Order Items"'`).
         table: Option<String>,
     },
@@ -74,23 +105,31 @@ pub enum Command {
         db: Database,
         #[arg(long)]
         control: Option<String>,
+        #[command(flatten)]
+        token: ControlToken,
         table: Option<String>,
     },
     /// Pause a running migration's copy and catch-up (through its control API).
     Pause {
         #[arg(long)]
         control: String,
+        #[command(flatten)]
+        token: ControlToken,
     },
     /// Allow a postponed cut-over (through the migration's control API).
     Cutover {
         #[arg(long)]
         control: String,
+        #[command(flatten)]
+        token: ControlToken,
     },
     /// Show or change a running migration's settings without a restart (through its control
     /// API): `chunk_rows=5000 max_backlog=null throttle_query='SELECT …'`.
     Settings {
         #[arg(long)]
         control: String,
+        #[command(flatten)]
+        token: ControlToken,
         /// NAME=VALUE pairs; VALUE is JSON (a number, null to clear a limit) or else a string.
         #[arg(value_name = "NAME=VALUE")]
         changes: Vec<String>,
@@ -113,6 +152,18 @@ pub enum Command {
         /// Where the HTTP control API listens (drain, open, status, metrics).
         #[arg(long)]
         control: Option<String>,
+        #[command(flatten)]
+        token: ControlToken,
+        /// The certificate (PEM, leaf first) the proxy shows clients that ask for TLS;
+        /// re-read on SIGHUP.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The private key (PEM, mode 0600) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// TLS towards clients (default: allow with --tls-cert, else disable).
+        #[arg(long, value_enum)]
+        client_tls: Option<ClientTls>,
         /// The longest protocol message accepted, in bytes.
         #[arg(long, default_value_t = ghostwire_proto::MAX_MESSAGE_LEN)]
         max_message_size: u32,
@@ -193,6 +244,15 @@ pub struct MigrateArgs {
     /// settings, metrics.
     #[arg(long)]
     pub control: Option<String>,
+    #[command(flatten)]
+    pub token: ControlToken,
+    /// Bearer token of the proxies' control APIs (default: --control-token).
+    #[arg(long, env = "GHOSTWIRE_PROXY_TOKEN", hide_env_values = true)]
+    pub proxy_token: Option<String>,
+    /// How long to keep reconnecting when the connection to the database is lost (server
+    /// restart, failover, terminated session) before stopping, resumable.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub reconnect_timeout: Duration,
     /// After the copy, keep the shadow in step and wait for `ghostwire cutover --control`.
     #[arg(long)]
     pub postpone_cutover: bool,

@@ -1,7 +1,9 @@
 //! The HTTP control surface (`--control ADDR`): a small HTTP/1.1 server for typed commands,
 //! status and `/metrics`, and the client the engine uses to drive proxies.
 //!
-//! Requests and responses are small JSON documents; bodies are capped at 64 kB.
+//! Requests and responses are small JSON documents; bodies are capped at 64 kB. With a
+//! token (`--control-token`), every request must carry `Authorization: Bearer TOKEN`; an
+//! address beyond loopback is refused without one ([`check_exposure`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,7 +22,46 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::Secret;
+
 const MAX_BODY: usize = 64 * 1024;
+/// The shortest token accepted: long enough not to be guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum ExposureError {
+    #[error(
+        "the control API at {0} would be reachable beyond this machine without a token: pass --control-token TOKEN \
+         (or set GHOSTWIRE_CONTROL_TOKEN), or listen on 127.0.0.1"
+    )]
+    NeedsToken(String),
+    #[error("--control-token must have at least {MIN_TOKEN_LEN} characters")]
+    ShortToken,
+}
+
+/// Refuses a control API that anyone on the network could drive.
+pub fn check_exposure(bound: std::net::SocketAddr, token: Option<&Secret>) -> Result<(), ExposureError> {
+    match token {
+        Some(t) if t.expose().chars().count() < MIN_TOKEN_LEN => Err(ExposureError::ShortToken),
+        Some(_) => Ok(()),
+        None if bound.ip().is_loopback() => Ok(()),
+        None => Err(ExposureError::NeedsToken(bound.to_string())),
+    }
+}
+
+/// Compares in time independent of where the inputs differ.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn authorized(req: &hyper::Request<Incoming>, token: Option<&Secret>) -> bool {
+    let Some(token) = token else { return true };
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| same_secret(given.trim().as_bytes(), token.expose().as_bytes()))
+}
 
 /// A request, reduced to what handlers need.
 #[derive(Debug, Clone)]
@@ -81,14 +122,19 @@ fn query_map(q: Option<&str>) -> HashMap<String, String> {
 
 async fn serve_one(
     handler: Handler,
+    token: Option<Arc<Secret>>,
     req: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = query_map(req.uri().query());
-    let response = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(body) => handler(Request { method, path, query, body: body.to_bytes() }).await,
-        Err(_) => Response::json(413, &serde_json::json!({"error": "request body too large"})),
+    let response = if !authorized(&req, token.as_deref()) {
+        Response::json(401, &serde_json::json!({"error": "missing or wrong bearer token (--control-token)"}))
+    } else {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => handler(Request { method, path, query, body: body.to_bytes() }).await,
+            Err(_) => Response::json(413, &serde_json::json!({"error": "request body too large"})),
+        }
     };
     let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *out.status_mut() =
@@ -99,8 +145,9 @@ async fn serve_one(
     Ok(out)
 }
 
-/// Serves `handler` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, handler: Handler, shutdown: CancellationToken) {
+/// Serves `handler` on `listener` until `shutdown`; with `token`, only to requests that carry it.
+pub async fn serve(listener: TcpListener, handler: Handler, token: Option<Secret>, shutdown: CancellationToken) {
+    let token = token.map(Arc::new);
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -114,8 +161,9 @@ pub async fn serve(listener: TcpListener, handler: Handler, shutdown: Cancellati
         };
         let handler = Arc::clone(&handler);
         let shutdown = shutdown.clone();
+        let token = token.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| serve_one(Arc::clone(&handler), req));
+            let service = service_fn(move |req| serve_one(Arc::clone(&handler), token.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = conn => if let Err(e) = result { tracing::debug!("control API connection: {e}") },
@@ -176,16 +224,19 @@ pub fn authority(base: &str) -> Result<String, ClientError> {
 /// the body.
 pub async fn call(
     base: &str,
+    token: Option<&Secret>,
     method: &str,
     path_and_query: &str,
     timeout: Duration,
 ) -> Result<(u16, String), ClientError> {
-    send(base, method, path_and_query, Bytes::new(), timeout).await
+    send(base, token, method, path_and_query, Bytes::new(), timeout).await
 }
 
-/// Sends one request with `body` (JSON) to the control API at `base`.
+/// Sends one request with `body` (JSON) to the control API at `base`, with `token` as a
+/// bearer token.
 pub async fn send(
     base: &str,
+    token: Option<&Secret>,
     method: &str,
     path_and_query: &str,
     body: Bytes,
@@ -202,13 +253,15 @@ pub async fn send(
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path_and_query)
             .header(hyper::header::HOST, addr.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|_| ClientError::Address(base.to_owned()))?;
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {}", t.expose()));
+        }
+        let req = req.body(Full::new(body)).map_err(|_| ClientError::Address(base.to_owned()))?;
         let res = sender.send_request(req).await.map_err(|source| ClientError::Http { addr: addr.clone(), source })?;
         let status = res.status().as_u16();
         let body =
@@ -230,5 +283,17 @@ mod tests {
         let q = query_map(Some("deadline_ms=250&x"));
         assert_eq!(q.get("deadline_ms").map(String::as_str), Some("250"));
         assert!(q.contains_key("x"));
+    }
+
+    #[test]
+    fn exposure_needs_a_long_enough_token() {
+        let lo: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:9".parse().unwrap();
+        let good = Secret::new("0123456789abcdef");
+        assert!(check_exposure(lo, None).is_ok());
+        assert!(matches!(check_exposure(any, None), Err(ExposureError::NeedsToken(_))));
+        assert!(check_exposure(any, Some(&good)).is_ok());
+        assert!(matches!(check_exposure(lo, Some(&Secret::new("short"))), Err(ExposureError::ShortToken)));
+        assert!(same_secret(b"abc", b"abc") && !same_secret(b"abc", b"abd") && !same_secret(b"ab", b"abc"));
     }
 }

@@ -361,7 +361,7 @@ async fn json_lines_and_metrics() {
     assert!(last["rows_copied"].as_i64().unwrap() > 4000, "{last}");
     assert!(lines.iter().any(|v| v["event"] == "progress" && v["rows"].as_i64().is_some()));
     // The control API is gone with the process.
-    assert!(ghostwire::control::call(&addr, "GET", "/status", Duration::from_secs(2)).await.is_err());
+    assert!(ghostwire::control::call(&addr, None, "GET", "/status", Duration::from_secs(2)).await.is_err());
     assert_matches_oracle(&db.client).await;
 }
 

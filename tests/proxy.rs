@@ -250,19 +250,20 @@ async fn the_control_api_reports_status_and_metrics() {
     let client = connect(&proxy.url_for(&db.url)).await;
     client.batch_execute("BEGIN; SELECT 1;").await.unwrap();
     let (code, body) =
-        ghostwire::control::call(&proxy.control, "GET", "/status", Duration::from_secs(5)).await.unwrap();
+        ghostwire::control::call(&proxy.control, None, "GET", "/status", Duration::from_secs(5)).await.unwrap();
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["sessions"], 1);
     assert_eq!(status["in_transaction"], 1);
     assert_eq!(status["gate"]["state"], "open");
     let (code, metrics) =
-        ghostwire::control::call(&proxy.control, "GET", "/metrics", Duration::from_secs(5)).await.unwrap();
+        ghostwire::control::call(&proxy.control, None, "GET", "/metrics", Duration::from_secs(5)).await.unwrap();
     assert_eq!(code, 200);
     for name in ["ghostwire_proxy_connections_total", "ghostwire_proxy_bytes_total", "ghostwire_proxy_requests_total"] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    let (code, _) = ghostwire::control::call(&proxy.control, "GET", "/nope", Duration::from_secs(5)).await.unwrap();
+    let (code, _) =
+        ghostwire::control::call(&proxy.control, None, "GET", "/nope", Duration::from_secs(5)).await.unwrap();
     assert_eq!(code, 404);
 }
 
@@ -277,7 +278,8 @@ async fn proxy_binary(upstream: &str, grace: &str) -> (tokio::process::Child, u1
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next_line().await.unwrap().unwrap();
-    let port = line.split("listening on 127.0.0.1:").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let after = line.split("listening on 127.0.0.1:").nth(1).unwrap();
+    let port = after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, port)
 }

@@ -1,15 +1,17 @@
 //! The PostgreSQL wire protocol (version 3), as pure functions over bytes: no I/O, no
 //! policy. The proxy uses it to find message boundaries in both directions, to answer the
 //! untagged packets that start a connection, and to read the few messages it must see
-//! (ReadyForQuery, BackendKeyData).
+//! (ReadyForQuery, BackendKeyData, the authentication requests).
 //!
 //! Everything here is bounds-checked and returns errors instead of panicking, whatever the
 //! input; `tests/arbitrary.rs` checks that with random bytes.
 
+mod auth;
 mod framer;
 mod messages;
 mod startup;
 
+pub use auth::{AuthRequest, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, auth_request, fatal_error, sasl_initial_mechanism};
 pub use framer::{Framer, Item};
 pub use messages::{TransactionStatus, backend_key_data, error_fields, ready_for_query};
 pub use startup::{StartupPacket, parse_startup};

@@ -1,7 +1,9 @@
 //! Property tests: no input makes the protocol code panic, and any valid stream split at
 //! any points yields the same messages.
 
-use ghostwire_proto::{Framer, Item, backend_key_data, error_fields, parse_startup, ready_for_query};
+use ghostwire_proto::{
+    Framer, Item, auth_request, backend_key_data, error_fields, parse_startup, ready_for_query, sasl_initial_mechanism,
+};
 use proptest::prelude::*;
 
 /// Feeds `input` to a framer in `chunks`, consuming as told; returns (tag, total) per message.
@@ -53,6 +55,8 @@ proptest! {
         let _ = ready_for_query(&bytes);
         let _ = backend_key_data(&bytes);
         let _ = error_fields(&bytes);
+        let _ = auth_request(&bytes);
+        let _ = sasl_initial_mechanism(&bytes);
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub async fn run(rows: i64) -> Result<(), CommandError> {
     let proxy_addr = listener.local_addr().map_err(CommandError::failed)?;
     let control_url = format!("http://{}", ctl.local_addr().map_err(CommandError::failed)?);
     let shutdown = CancellationToken::new();
-    tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+    tokio::spawn(control::serve(ctl, proxy.control(), None, shutdown.clone()));
     let serving = proxy.clone();
     let stopped = shutdown.clone();
     let proxy_task = tokio::spawn(async move { serving.serve(listener, stopped, Duration::from_secs(1)).await });

@@ -6,17 +6,27 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::CommandError;
+use crate::connect::Secret;
 use crate::control;
 use crate::migrate::{Progress, Settings};
 use crate::plan::report::thousands;
 
-async fn call(addr: &str, method: &str, path: &str) -> Result<serde_json::Value, CommandError> {
-    send(addr, method, path, Bytes::new()).await
+/// A running migration's control API, and the token it wants.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote<'a> {
+    pub addr: &'a str,
+    pub token: Option<&'a Secret>,
 }
 
-async fn send(addr: &str, method: &str, path: &str, body: Bytes) -> Result<serde_json::Value, CommandError> {
-    let (status, body) =
-        control::send(addr, method, path, body, Duration::from_secs(10)).await.map_err(CommandError::failed)?;
+async fn call(remote: Remote<'_>, method: &str, path: &str) -> Result<serde_json::Value, CommandError> {
+    send(remote, method, path, Bytes::new()).await
+}
+
+async fn send(remote: Remote<'_>, method: &str, path: &str, body: Bytes) -> Result<serde_json::Value, CommandError> {
+    let addr = remote.addr;
+    let (status, body) = control::send(addr, remote.token, method, path, body, Duration::from_secs(10))
+        .await
+        .map_err(CommandError::failed)?;
     let value: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
     if status != 200 {
         return Err(CommandError::failed(format!("{addr} answered {status}: {value}")));
@@ -25,14 +35,15 @@ async fn send(addr: &str, method: &str, path: &str, body: Bytes) -> Result<serde
 }
 
 /// Sends `POST path` and prints what the migration says.
-pub async fn command(addr: &str, path: &str) -> Result<(), CommandError> {
-    let v = call(addr, "POST", path).await?;
+pub async fn command(remote: Remote<'_>, path: &str) -> Result<(), CommandError> {
+    let v = call(remote, "POST", path).await?;
     say!("{}", v["ok"].as_str().unwrap_or("done"));
     Ok(())
 }
 
-pub async fn status(addr: &str, json: bool) -> Result<(), CommandError> {
-    let v = call(addr, "GET", "/status").await?;
+pub async fn status(remote: Remote<'_>, json: bool) -> Result<(), CommandError> {
+    let addr = remote.addr;
+    let v = call(remote, "GET", "/status").await?;
     if json {
         say!("{}", serde_json::to_string_pretty(&v).map_err(CommandError::failed)?);
         return Ok(());
@@ -81,12 +92,12 @@ fn patch(changes: &[String]) -> Result<serde_json::Value, CommandError> {
 }
 
 /// `ghostwire settings --control ADDR [NAME=VALUE…]`: changes, then prints, the settings.
-pub async fn settings(addr: &str, changes: &[String]) -> Result<(), CommandError> {
+pub async fn settings(remote: Remote<'_>, changes: &[String]) -> Result<(), CommandError> {
     let v = if changes.is_empty() {
-        call(addr, "GET", "/status").await?
+        call(remote, "GET", "/status").await?
     } else {
         let body = serde_json::to_vec(&patch(changes)?).map_err(CommandError::failed)?;
-        send(addr, "PUT", "/settings", Bytes::from(body)).await?
+        send(remote, "PUT", "/settings", Bytes::from(body)).await?
     };
     say!("{}", serde_json::to_string_pretty(&v["settings"]).map_err(CommandError::failed)?);
     Ok(())

@@ -4,7 +4,6 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::CommandError;
@@ -67,6 +66,8 @@ pub fn options(a: &MigrateArgs) -> Options {
         drain_timeout: a.drain_timeout,
         postpone_cutover: a.postpone_cutover,
         parallel: usize::from(a.jobs),
+        proxy_token: a.proxy_token.as_deref().map(crate::connect::Secret::new).or_else(|| a.token.secret()),
+        reconnect_timeout: a.reconnect_timeout,
         ..Options::default()
     }
 }
@@ -116,15 +117,13 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     });
     let shutdown = CancellationToken::new();
     if let Some(addr) = &args.control {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| CommandError::failed(format!("cannot listen on {addr} for the control API: {e}")))?;
+        let listener = super::proxy::listen_control(addr, args.token.secret().as_ref()).await?;
         control::metrics();
         out.note(&format!(
             "control API on http://{}",
             listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
         ));
-        tokio::spawn(control::serve(listener, ctx.live.control(), shutdown.clone()));
+        tokio::spawn(control::serve(listener, ctx.live.control(), args.token.secret(), shutdown.clone()));
     }
     let result = match target {
         Target::Statement(statement) => migrate::migrate(&config, statement, &opts, &ctx).await,

@@ -59,28 +59,56 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
             (Some(table), _) => {
                 migrate::run(db.database_url.as_deref(), migrate::Target::Resume(&table), &options).await
             }
-            (None, Some(addr)) => live::command(addr, "/resume").await,
+            (None, Some(addr)) => {
+                let token = options.token.secret();
+                live::command(live::Remote { addr, token: token.as_ref() }, "/resume").await
+            }
             (None, None) => Err(CommandError::refused(
                 "name the table whose migration to resume (ghostwire resume TABLE), or a running migration's --control ADDR",
             )),
         },
-        Command::Status { db, json, control, table } => match control {
-            Some(addr) => live::status(&addr, json).await,
+        Command::Status { db, json, control, token, table } => match control {
+            Some(addr) => live::status(live::Remote { addr: &addr, token: token.secret().as_ref() }, json).await,
             None => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
         },
-        Command::Abort { db, control, table } => match (table, control) {
+        Command::Abort { db, control, token, table } => match (table, control) {
             (Some(table), _) => cleanup::abort(db.database_url.as_deref(), &table).await,
-            (None, Some(addr)) => live::command(&addr, "/abort").await,
+            (None, Some(addr)) => {
+                live::command(live::Remote { addr: &addr, token: token.secret().as_ref() }, "/abort").await
+            }
             (None, None) => Err(CommandError::refused(
                 "name the table whose migration to abort, or a running migration's --control ADDR",
             )),
         },
-        Command::Pause { control } => live::command(&control, "/pause").await,
-        Command::Cutover { control } => live::command(&control, "/cutover").await,
-        Command::Settings { control, changes } => live::settings(&control, &changes).await,
+        Command::Pause { control, token } => {
+            live::command(live::Remote { addr: &control, token: token.secret().as_ref() }, "/pause").await
+        }
+        Command::Cutover { control, token } => {
+            live::command(live::Remote { addr: &control, token: token.secret().as_ref() }, "/cutover").await
+        }
+        Command::Settings { control, token, changes } => {
+            live::settings(live::Remote { addr: &control, token: token.secret().as_ref() }, &changes).await
+        }
         Command::Finish { db, table } => cleanup::finish(db.database_url.as_deref(), &table).await,
-        Command::Proxy { listen, upstream, control, max_message_size, shutdown_timeout } => {
-            proxy::run(&listen, &upstream, control.as_deref(), max_message_size, shutdown_timeout).await
+        Command::Proxy {
+            listen,
+            upstream,
+            control,
+            token,
+            tls_cert,
+            tls_key,
+            client_tls,
+            max_message_size,
+            shutdown_timeout,
+        } => {
+            let tls = proxy::Tls { cert: tls_cert, key: tls_key, client: client_tls };
+            let args = proxy::Args {
+                listen: &listen,
+                upstream: &upstream,
+                control: control.as_deref(),
+                token: token.secret(),
+            };
+            proxy::run(args, tls, max_message_size, shutdown_timeout).await
         }
         Command::Demo { rows } => demo::run(rows).await,
     }

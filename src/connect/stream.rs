@@ -69,7 +69,7 @@ pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 pub async fn open(
     host: &Host,
     p: &TlsParams,
-    tls: &ClientTls,
+    tls: Option<&ClientTls>,
 ) -> Result<(ServerStream, Option<CertificateDer<'static>>), String> {
     let HostKind::Tcp(name) = &host.kind else {
         return Err("the proxy's upstream must be a TCP host (host:port), not a Unix socket".into());
@@ -81,9 +81,11 @@ pub async fn open(
     };
     let mut tcp = TcpStream::connect(&target).await.map_err(|e| format!("could not connect to {target}: {e}"))?;
     tcp.set_nodelay(true).ok();
-    if p.mode == SslMode::Disable || p.mode == SslMode::Allow {
-        return Ok((MaybeTls::Plain(tcp), None));
-    }
+    let tls = match tls {
+        _ if p.mode == SslMode::Disable || p.mode == SslMode::Allow => return Ok((MaybeTls::Plain(tcp), None)),
+        Some(tls) => tls,
+        None => return Err(format!("sslmode={} needs a TLS configuration", p.mode.as_str())),
+    };
     if !p.direct {
         let mut request = Vec::with_capacity(8);
         request.extend(8u32.to_be_bytes());

@@ -161,7 +161,11 @@ impl Run<'_> {
         let started = Instant::now();
         let path = format!("/drain?deadline_ms={}", self.opts.drain_timeout.as_millis());
         let timeout = self.opts.drain_timeout + Duration::from_secs(2);
-        let calls = self.opts.proxies.iter().map(|p| crate::control::call(p, "POST", &path, timeout));
+        let calls = self
+            .opts
+            .proxies
+            .iter()
+            .map(|p| crate::control::call(p, self.opts.proxy_token.as_ref(), "POST", &path, timeout));
         let results = futures_util::future::join_all(calls).await;
         let failures: Vec<String> = self
             .opts
@@ -184,7 +188,10 @@ impl Run<'_> {
 
     /// Opens every proxy (one that cannot be reached reopens by itself at its deadline).
     async fn open_proxies(&self) {
-        let calls = self.opts.proxies.iter().map(|p| crate::control::call(p, "POST", "/open", Duration::from_secs(5)));
+        let calls =
+            self.opts.proxies.iter().map(|p| {
+                crate::control::call(p, self.opts.proxy_token.as_ref(), "POST", "/open", Duration::from_secs(5))
+            });
         for (p, r) in self.opts.proxies.iter().zip(futures_util::future::join_all(calls).await) {
             match r {
                 Ok((200, _)) => {}

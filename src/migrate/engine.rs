@@ -51,6 +51,10 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Wait after the copy, keeping the shadow in step, until the cut-over is allowed.
     pub postpone_cutover: bool,
+    /// The bearer token of the proxies' control APIs.
+    pub proxy_token: Option<crate::connect::Secret>,
+    /// How long to keep reconnecting after the connection to the database is lost.
+    pub reconnect_timeout: Duration,
 }
 
 impl Default for Options {
@@ -70,6 +74,8 @@ impl Default for Options {
             proxies: Vec::new(),
             drain_timeout: Duration::from_secs(2),
             postpone_cutover: false,
+            proxy_token: None,
+            reconnect_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -6,8 +6,9 @@
 
 pub mod gate;
 pub mod session;
+mod startup;
+pub mod upstream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,28 +18,95 @@ use serde::Serialize;
 use serde_json::json;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connect::tls::TlsSetupError;
+use crate::connect::tls_server::Acceptor;
 use crate::control::{self, Handler, Request, Response};
 use gate::{DrainError, Gate, GateStatus};
 use session::Session;
+use upstream::Upstream;
 
 /// The default deadline of a drain that names none.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
-    #[error("invalid upstream {0:?}: {1}")]
-    Upstream(String, String),
+    #[error("invalid --upstream: {0}")]
+    Upstream(String),
+    #[error("--client-tls {0} needs a certificate: pass --tls-cert FILE and --tls-key FILE")]
+    NoCertificate(&'static str),
+    #[error("the proxy's TLS certificate: {0}")]
+    Certificate(#[from] TlsSetupError),
+}
+
+/// Whether clients may, or must, use TLS to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTlsMode {
+    /// SSLRequest answered `N`; direct TLS refused.
+    #[default]
+    Disable,
+    /// TLS offered, plain text accepted.
+    Allow,
+    /// Plain text refused with an error message.
+    Require,
+}
+
+impl ClientTlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Require => "require",
+        }
+    }
+}
+
+/// The client leg's TLS: the mode and the certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientLeg {
+    mode: ClientTlsMode,
+    acceptor: Option<Acceptor>,
+}
+
+impl ClientLeg {
+    pub fn new(mode: ClientTlsMode, acceptor: Option<Acceptor>) -> Result<ClientLeg, ProxyError> {
+        if mode != ClientTlsMode::Disable && acceptor.is_none() {
+            return Err(ProxyError::NoCertificate(mode.as_str()));
+        }
+        Ok(ClientLeg { mode, acceptor })
+    }
+
+    fn acceptor(&self) -> Option<&Acceptor> {
+        self.acceptor.as_ref().filter(|_| self.mode != ClientTlsMode::Disable)
+    }
+
+    fn requires_tls(&self) -> bool {
+        self.mode == ClientTlsMode::Require
+    }
+
+    /// The certificate clients see now.
+    fn leaf(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        self.acceptor().and_then(Acceptor::leaf)
+    }
+}
+
+/// How a proxy is set up.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub upstream: String,
+    pub max_message_len: u32,
+    pub client_tls: ClientLeg,
 }
 
 /// Proxy-wide state shared by the sessions.
 #[derive(Debug)]
 pub struct Shared {
     pub gate: Arc<Gate>,
-    upstream: String,
+    upstream: Upstream,
+    client_tls: ClientLeg,
     pub max_message_len: u32,
     sessions: DashMap<u64, Arc<Session>>,
     /// (backend pid, secret key) → session, for cancel requests.
@@ -49,12 +117,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    async fn connect_upstream(&self) -> std::io::Result<TcpStream> {
-        let server = TcpStream::connect(&self.upstream).await?;
-        server.set_nodelay(true).ok();
-        Ok(server)
-    }
-
     fn register(&self, client: String) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
@@ -96,9 +158,14 @@ impl Shared {
         }
         self.cancels.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("ghostwire_proxy_cancels_total").increment(1);
-        match self.connect_upstream().await {
-            Ok(mut server) => {
-                if let Err(e) = server.write_all(packet).await {
+        match self.upstream.open().await {
+            Ok((mut server, _)) => {
+                if let Err(e) = async {
+                    server.write_all(packet).await?;
+                    server.flush().await
+                }
+                .await
+                {
                     tracing::warn!("forwarding a cancel request: {e}");
                 }
             }
@@ -111,6 +178,8 @@ impl Shared {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub upstream: String,
+    pub upstream_sslmode: &'static str,
+    pub client_tls: &'static str,
     pub sessions: usize,
     pub in_transaction: usize,
     pub gate: GateStatus,
@@ -124,16 +193,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// `upstream`: a libpq URL, or `host:port`. Only its host and port are used: clients
-    /// bring their own user, database and credentials.
+    /// `upstream`: a libpq URL or keyword string, or `host:port`. Only its hosts and TLS
+    /// settings are used: clients bring their own user, database and credentials. Clients
+    /// talk plain text to this proxy.
     pub fn new(upstream: &str, max_message_len: u32) -> Result<Proxy, ProxyError> {
-        let address = upstream_address(upstream)?;
+        Proxy::with_options(ProxyOptions {
+            upstream: upstream.to_owned(),
+            max_message_len,
+            client_tls: ClientLeg::default(),
+        })
+    }
+
+    pub fn with_options(options: ProxyOptions) -> Result<Proxy, ProxyError> {
+        let upstream = Upstream::parse(&options.upstream)?;
         control::metrics(); // record from the first connection on
         Ok(Proxy {
             shared: Arc::new(Shared {
                 gate: Arc::new(Gate::default()),
-                upstream: address,
-                max_message_len,
+                upstream,
+                client_tls: options.client_tls,
+                max_message_len: options.max_message_len,
                 sessions: DashMap::new(),
                 backends: DashMap::new(),
                 next_id: AtomicU64::new(0),
@@ -145,6 +224,15 @@ impl Proxy {
 
     pub fn gate(&self) -> &Arc<Gate> {
         &self.shared.gate
+    }
+
+    /// Reads the TLS certificate and key again (SIGHUP): new sessions get them, established
+    /// ones keep theirs.
+    pub fn reload_certificate(&self) -> Result<bool, TlsSetupError> {
+        match &self.shared.client_tls.acceptor {
+            Some(a) => a.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Accepts clients until `shutdown`; then stops accepting, lets clients finish for up to
@@ -193,7 +281,9 @@ impl Proxy {
             })
             .count();
         Status {
-            upstream: self.shared.upstream.clone(),
+            upstream: self.shared.upstream.describe(),
+            upstream_sslmode: self.shared.upstream.sslmode().as_str(),
+            client_tls: self.shared.client_tls.mode.as_str(),
             sessions: self.shared.sessions.len(),
             in_transaction,
             gate: self.shared.gate.status(),
@@ -246,46 +336,4 @@ impl Proxy {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// `postgres://…@host:port/…` or `host:port` → `host:port`.
-fn upstream_address(upstream: &str) -> Result<String, ProxyError> {
-    if !upstream.contains("://") && !upstream.contains('=') {
-        return match upstream.parse::<SocketAddr>() {
-            Ok(a) => Ok(a.to_string()),
-            Err(_) if upstream.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {
-                Ok(upstream.to_owned())
-            }
-            Err(_) => Err(ProxyError::Upstream(upstream.into(), "expected host:port or a postgres:// URL".into())),
-        };
-    }
-    let config: tokio_postgres::Config =
-        upstream.parse().map_err(|e: tokio_postgres::Error| ProxyError::Upstream(upstream.into(), e.to_string()))?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(_) => {
-            return Err(ProxyError::Upstream(
-                upstream.into(),
-                "Unix sockets are not supported yet; use host:port".into(),
-            ));
-        }
-        None => "localhost".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_addresses() {
-        assert_eq!(upstream_address("postgres://u:p@db.example:6543/app").unwrap(), "db.example:6543");
-        assert_eq!(upstream_address("postgres://localhost/app").unwrap(), "localhost:5432");
-        assert_eq!(upstream_address("127.0.0.1:5432").unwrap(), "127.0.0.1:5432");
-        assert_eq!(upstream_address("db:5432").unwrap(), "db:5432");
-        assert!(upstream_address("nonsense").is_err());
-        assert!(upstream_address("postgres:///app?host=/var/run/postgresql").is_err());
-    }
 }

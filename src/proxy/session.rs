@@ -1,25 +1,21 @@
-//! One client connection: startup, then a relay in each direction (session mode: one
-//! server connection per client, so prepared statements, `SET` and temporary tables work).
-//!
-//! Startup: SSLRequest and GSSENCRequest are answered 'N' (no TLS termination yet; the
-//! client goes on in plain text or gives up, as it is configured to); a CancelRequest is
-//! passed to the server when it names one of our sessions; a StartupMessage opens the
-//! server connection and is passed on as it came. Authentication is the server's business:
-//! its messages go through untouched, so trust, md5 and SCRAM all work.
+//! One client connection: its start ([`super::startup`]: encryption, cancel requests,
+//! the login), then a relay in each direction (session mode: one server connection per
+//! client, so prepared statements, `SET` and temporary tables work).
 //!
 //! The client→server relay asks the drain gate before an idle session starts something;
 //! the server→client relay reads ReadyForQuery to know when the session is idle again.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use ghostwire_proto::{Framer, Item, StartupPacket, TransactionStatus};
+use ghostwire_proto::{Framer, Item, TransactionStatus};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::{Shared, startup};
+use crate::connect::stream::MaybeTls;
 
 /// Messages up to this size are held whole (to be inspected); larger ones stream through.
 const HOLD_LIMIT: usize = 64 * 1024;
@@ -56,7 +52,7 @@ impl Session {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub enum SessionError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("protocol error: {0}")]
@@ -65,72 +61,56 @@ enum SessionError {
     ClosedInStartup,
 }
 
+/// How long a login may take, from the first byte to the first ReadyForQuery (as
+/// PostgreSQL's `authentication_timeout`): a login through the proxy never hangs.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves one client until either side closes or `stop` fires.
-pub async fn run(shared: Arc<Shared>, mut client: TcpStream, stop: CancellationToken) {
+pub async fn run(shared: Arc<Shared>, client: TcpStream, stop: CancellationToken) {
     let peer = client.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     client.set_nodelay(true).ok();
-    match startup(&shared, &mut client, &stop).await {
-        Ok(Some((server, leftover))) => relay(shared, client, server, leftover, peer, stop).await,
-        Ok(None) => {}
-        Err(e) => tracing::debug!("session from {peer}: {e}"),
+    match tokio::time::timeout(LOGIN_TIMEOUT, startup::open(&shared, client, &stop)).await {
+        Ok(Ok(Some(ready))) => relay(shared, ready, peer, stop).await,
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::debug!("session from {peer}: {e}"),
+        Err(_) => tracing::info!("session from {peer}: the login did not complete within {LOGIN_TIMEOUT:?}; closed"),
     }
 }
 
-/// Reads startup packets; returns the server connection and any bytes the client sent
-/// after its StartupMessage, or None when the connection ends here (a cancel request).
-async fn startup(
-    shared: &Shared,
-    client: &mut TcpStream,
-    stop: &CancellationToken,
-) -> Result<Option<(TcpStream, BytesMut)>, SessionError> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        let parsed = ghostwire_proto::parse_startup(&buf)?;
-        let Some((packet, len)) = parsed else {
-            let n = tokio::select! {
-                _ = stop.cancelled() => return Ok(None),
-                n = client.read_buf(&mut buf) => n?,
-            };
-            if n == 0 {
-                return Err(SessionError::ClosedInStartup);
-            }
-            continue;
-        };
-        match packet {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                client.write_all(b"N").await?;
-                buf.advance(len);
-            }
-            StartupPacket::Cancel { pid, key } => {
-                shared.forward_cancel(pid, key, &buf[..len]).await;
-                return Ok(None);
-            }
-            StartupPacket::Startup { .. } => {
-                let mut server = shared.connect_upstream().await?;
-                server.write_all(&buf[..len]).await?;
-                buf.advance(len);
-                return Ok(Some((server, buf)));
-            }
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The two halves of a stream: a plain TCP stream splits without a lock.
+fn halves<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: MaybeTls<T>) -> (Reader, Writer) {
+    match stream {
+        MaybeTls::Plain(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        MaybeTls::Tls(tls) => {
+            let (r, w) = tokio::io::split(*tls);
+            (Box::new(r), Box::new(w))
         }
     }
 }
 
-async fn relay(
-    shared: Arc<Shared>,
-    client: TcpStream,
-    server: TcpStream,
-    leftover: BytesMut,
-    peer: String,
-    stop: CancellationToken,
-) {
+async fn relay(shared: Arc<Shared>, ready: startup::Ready, peer: String, stop: CancellationToken) {
     let session = shared.register(peer);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
+    if let Some((pid, key)) = &ready.backend {
+        shared.remember_backend(&session, *pid, key);
+    }
+    {
+        let mut f = session.flags();
+        f.ready = true;
+        f.status = Some(ready.status);
+    }
+    let (client_read, client_write) = halves(ready.client);
+    let (server_read, server_write) = halves(ready.server);
     // The session ends when either direction ends (or the proxy stops): the other is dropped
     // where it waits, and both sockets close with it. One select for the whole session, not
     // one per read.
-    let up = client_to_server(&shared, &session, client_read, server_write, leftover);
-    let down = server_to_client(&shared, &session, server_read, client_write);
+    let up = client_to_server(&shared, &session, client_read, server_write, ready.client_buf);
+    let down = server_to_client(&shared, &session, server_read, client_write, ready.server_buf);
     let ended = tokio::select! {
         r = up => r,
         r = down => r,
@@ -210,10 +190,10 @@ async fn server_to_client(
     session: &Session,
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
+    mut buf: BytesMut,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
     let bytes = metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "server_to_client");
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         let mut ready = 0;
         loop {
@@ -240,10 +220,6 @@ async fn server_to_client(
                                 shared.gate.leave();
                             }
                         }
-                        b'K' => {
-                            let (pid, key) = ghostwire_proto::backend_key_data(body)?;
-                            shared.remember_backend(session, pid, key);
-                        }
                         _ => {}
                     }
                     ready += total;
@@ -269,6 +245,7 @@ async fn forward(
 ) -> Result<(), SessionError> {
     if ready > 0 {
         to.write_all(&buf[..ready]).await?;
+        to.flush().await?; // TLS holds written bytes until flushed
         bytes.increment(ready as u64);
         buf.advance(ready);
     }

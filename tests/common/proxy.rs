@@ -25,7 +25,7 @@ impl TestProxy {
         let addr = listener.local_addr().unwrap();
         let control = format!("http://{}", ctl.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        tokio::spawn(control::serve(ctl, proxy.control(), shutdown.clone()));
+        tokio::spawn(control::serve(ctl, proxy.control(), None, shutdown.clone()));
         let p = proxy.clone();
         let s = shutdown.clone();
         tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(5)).await });
@@ -45,7 +45,7 @@ impl TestProxy {
     }
 
     pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
-        let (status, body) = control::call(&self.control, "POST", path, Duration::from_secs(30)).await.unwrap();
+        let (status, body) = control::call(&self.control, None, "POST", path, Duration::from_secs(30)).await.unwrap();
         (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
     }
 

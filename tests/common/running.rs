@@ -81,7 +81,7 @@ impl Running {
     /// `GET /status`: `{"progress": …, "settings": …}`.
     pub async fn status(&self) -> Value {
         let (code, body) =
-            control::call(&self.addr, "GET", "/status", Duration::from_secs(10)).await.expect("GET /status");
+            control::call(&self.addr, None, "GET", "/status", Duration::from_secs(10)).await.expect("GET /status");
         assert_eq!(code, 200, "{body}");
         serde_json::from_str(&body).expect("/status is JSON")
     }
@@ -91,7 +91,7 @@ impl Running {
     }
 
     pub async fn get(&self, path: &str) -> String {
-        let (code, body) = control::call(&self.addr, "GET", path, Duration::from_secs(10)).await.expect("GET");
+        let (code, body) = control::call(&self.addr, None, "GET", path, Duration::from_secs(10)).await.expect("GET");
         assert_eq!(code, 200, "{body}");
         body
     }
@@ -105,7 +105,7 @@ impl Running {
                 let ended = self.wait_finished().await;
                 panic!("ghostwire ended while waiting for {what}:\n{}", ended.output());
             }
-            if let Ok((200, body)) = control::call(&self.addr, "GET", "/status", Duration::from_secs(10)).await {
+            if let Ok((200, body)) = control::call(&self.addr, None, "GET", "/status", Duration::from_secs(10)).await {
                 let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                 if check(&v["progress"]) {
                     return v["progress"].clone();
