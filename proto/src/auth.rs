@@ -60,6 +60,20 @@ pub fn auth_request(body: &[u8]) -> Result<AuthRequest<'_>, ProtoError> {
     })
 }
 
+/// A whole AuthenticationSASL message offering `mechanisms`.
+pub fn sasl_request(mechanisms: &[&str]) -> Vec<u8> {
+    let mut body = 10i32.to_be_bytes().to_vec();
+    for m in mechanisms {
+        body.extend(m.bytes().filter(|&b| b != 0));
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'R'];
+    out.extend(((body.len() + 4) as u32).to_be_bytes());
+    out.extend(body);
+    out
+}
+
 /// The mechanism a SASLInitialResponse ('p' after AuthenticationSASL) body names.
 pub fn sasl_initial_mechanism(body: &[u8]) -> Result<&str, ProtoError> {
     let bad = ProtoError::Malformed { what: "SASLInitialResponse" };
@@ -95,6 +109,8 @@ mod tests {
         sasl.extend(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
         assert_eq!(auth_request(&sasl).unwrap(), AuthRequest::Sasl(vec![SCRAM_SHA_256_PLUS, SCRAM_SHA_256]));
         assert!(auth_request(&sasl[..sasl.len() - 1]).is_err(), "unterminated list");
+        let rebuilt = sasl_request(&[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]);
+        assert_eq!(&rebuilt[5..], &sasl[..]);
         assert!(auth_request(&[0, 0]).is_err());
         assert!(AuthRequest::SaslContinue.needs_answer() && !AuthRequest::SaslFinal.needs_answer());
         let mut initial = b"SCRAM-SHA-256-PLUS\0".to_vec();

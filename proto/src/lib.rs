@@ -11,7 +11,9 @@ mod framer;
 mod messages;
 mod startup;
 
-pub use auth::{AuthRequest, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, auth_request, fatal_error, sasl_initial_mechanism};
+pub use auth::{
+    AuthRequest, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, auth_request, fatal_error, sasl_initial_mechanism, sasl_request,
+};
 pub use framer::{Framer, Item};
 pub use messages::{TransactionStatus, backend_key_data, error_fields, ready_for_query};
 pub use startup::{StartupPacket, parse_startup};

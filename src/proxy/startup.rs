@@ -4,7 +4,9 @@
 //! require`), cancel requests passed on, the server leg opened with the upstream's
 //! sslmode, and the authentication exchange relayed message by message. The server
 //! authenticates; the proxy only steps in where a login cannot succeed through it: SCRAM
-//! channel binding to a certificate the server does not have.
+//! channel binding to a certificate the server does not have is refused at once with the
+//! fix, and a client on plain text is not offered SCRAM-SHA-256-PLUS (it cannot bind, and
+//! libpq refuses a PLUS offer over plain text).
 
 use bytes::{Buf, BytesMut};
 use ghostwire_proto::{AuthRequest, Framer, Item, StartupPacket, TransactionStatus};
@@ -204,7 +206,20 @@ pub async fn open(shared: &Shared, tcp: TcpStream, stop: &CancellationToken) -> 
         match tag {
             b'R' => {
                 let request = ghostwire_proto::auth_request(body)?;
-                send(&mut client, &message).await?;
+                match &request {
+                    // The server offers SCRAM-SHA-256-PLUS because its leg is TLS; a client
+                    // talking plain text to the proxy cannot bind to it, and libpq gives up
+                    // when it is offered over plain text ("perhaps SSL was stripped by a
+                    // proxy"): offer it the rest. SCRAM itself protects the exchange.
+                    AuthRequest::Sasl(mechanisms)
+                        if !client.is_tls() && mechanisms.contains(&ghostwire_proto::SCRAM_SHA_256_PLUS) =>
+                    {
+                        let kept: Vec<&str> =
+                            mechanisms.iter().copied().filter(|m| *m != ghostwire_proto::SCRAM_SHA_256_PLUS).collect();
+                        send(&mut client, &ghostwire_proto::sasl_request(&kept)).await?;
+                    }
+                    _ => send(&mut client, &message).await?,
+                }
                 if !request.needs_answer() {
                     continue;
                 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ghostwire::control;
-use ghostwire::proxy::{Proxy, Status};
+use ghostwire::proxy::{ClientLeg, Proxy, ProxyOptions, Status};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,18 @@ pub struct TestProxy {
 impl TestProxy {
     /// A proxy relaying to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> TestProxy {
-        let proxy = Proxy::new(upstream, ghostwire_proto::MAX_MESSAGE_LEN).expect("proxy");
+        TestProxy::start_with(upstream, ClientLeg::default()).await
+    }
+
+    /// A proxy relaying to `upstream` (a URL, keyword string or `host:port`) with TLS
+    /// towards clients as `client_tls` says.
+    pub async fn start_with(upstream: &str, client_tls: ClientLeg) -> TestProxy {
+        let options = ProxyOptions {
+            upstream: upstream.to_owned(),
+            max_message_len: ghostwire_proto::MAX_MESSAGE_LEN,
+            client_tls,
+        };
+        let proxy = Proxy::with_options(options).expect("proxy");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ctl = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
