@@ -16,7 +16,7 @@ use tokio_postgres::{Client, GenericClient};
 use crate::sql::QualifiedName;
 
 /// The version of the state schema this ghostwire writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS ghostwire;
@@ -63,6 +63,8 @@ CREATE INDEX IF NOT EXISTS events_by_migration ON ghostwire.events (migration_id
 -- Version 2: the copy's last key (fixed once capture is on), and live throttling state.
 ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS copy_end text[];
 ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS throttled text;
+-- Version 3: `ghostwire abort` asked the process running the migration to stop.
+ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS abort_requested_at timestamptz;
 "#;
 
 /// Where a migration is. Recorded before each phase starts; a failed run keeps the phase it
@@ -382,6 +384,40 @@ pub async fn event(
         )
         .await?;
     Ok(())
+}
+
+/// Marks the migration as being aborted (before its runner's sessions are ended), so a
+/// runner that reconnects knows to stop. Tolerates a state schema from before version 3.
+pub async fn request_abort(client: &impl GenericClient, id: i64) -> Result<(), tokio_postgres::Error> {
+    let has_column: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                             WHERE attrelid = 'ghostwire.migrations'::regclass AND attname = 'abort_requested_at')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !has_column {
+        client
+            .batch_execute(
+                "SET lock_timeout = '2s'; ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS abort_requested_at \
+                 timestamptz; RESET lock_timeout",
+            )
+            .await?;
+    }
+    client.execute("UPDATE ghostwire.migrations SET abort_requested_at = now() WHERE id = $1", &[&id]).await?;
+    Ok(())
+}
+
+/// Whether `ghostwire abort` has asked for the migration to stop.
+pub async fn abort_requested(client: &impl GenericClient, id: i64) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT abort_requested_at IS NOT NULL OR phase = 'aborted' FROM ghostwire.migrations WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.is_none_or(|r| r.get(0)))
 }
 
 /// Records why the run is throttled right now (`None`: it is not).

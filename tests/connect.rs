@@ -7,12 +7,10 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::tls::{Pki, server_log, tls_cluster};
+use common::tls::{PASSWORD, Pki, owner_setup, server_log, tls_cluster};
 use common::try_connect;
 use ghostwire::ephemeral::{Cluster, ClusterOptions, HostAuth};
 use tokio::process::Command;
-
-const PASSWORD: &str = "app-secret";
 
 /// Runs the ghostwire binary with `env` and no other PG* variable, DATABASE_URL or HOME.
 async fn ghostwire(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -29,27 +27,6 @@ async fn ghostwire(args: &[&str], env: &[(&str, &str)]) -> std::process::Output 
 
 fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// Role `app` (not a superuser) with a password, CREATE on database `appdb`, owning schema
-/// `"Sales"` and its table `"Order Items"` (with rows).
-async fn owner_setup(cluster: &Cluster) {
-    let admin = cluster.connect("postgres").await.unwrap();
-    for sql in [
-        &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'"),
-        "CREATE DATABASE appdb",
-        "GRANT CREATE ON DATABASE appdb TO app",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
-    let db = cluster.connect("appdb").await.unwrap();
-    db.batch_execute(
-        "CREATE SCHEMA \"Sales\" AUTHORIZATION app; SET ROLE app;
-         CREATE TABLE \"Sales\".\"Order Items\" (id bigint PRIMARY KEY, qty int, note text);
-         INSERT INTO \"Sales\".\"Order Items\" SELECT g, g, 'n' || g FROM generate_series(1, 2000) g;",
-    )
-    .await
-    .unwrap();
 }
 
 fn url(host: &str, cluster: &Cluster, query: &str) -> String {

@@ -169,7 +169,7 @@ async fn ask_consent(config: &connect::Params, statement: &str) -> Result<bool, 
 fn summary_json(o: &Outcome) -> serde_json::Value {
     json!({
         "event": "done", "migration_id": o.id, "table": o.table.to_string(), "strategy": o.strategy.as_str(),
-        "rows_copied": o.rows_copied, "copy_seconds": o.copy_time.as_secs_f64(), "total_seconds": o.total_time.as_secs_f64(),
+        "rows_copied": o.rows_copied, "rows_copied_by_this_run": o.rows_this_run, "copy_seconds": o.copy_time.as_secs_f64(), "total_seconds": o.total_time.as_secs_f64(),
         "lock_wait_ms": o.swap.map(|s| ms(s.lock_wait)), "lock_hold_ms": o.swap.map(|s| ms(s.lock_hold)),
         "clients_held_ms": o.clients_held.map(ms), "cutover_attempts": o.cutover_attempts, "finished": o.finished,
         "resumed_from": o.resumed_from, "unvalidated_foreign_keys": o.unvalidated,
@@ -192,12 +192,19 @@ fn summary(outcome: &Outcome) {
             outcome.table
         ),
         Some(s) => {
-            let rate = outcome.rows_copied as f64 / outcome.copy_time.as_secs_f64().max(1e-3);
+            let copied = if outcome.rows_this_run > 0 && !outcome.copy_time.is_zero() {
+                let rate = outcome.rows_this_run as f64 / outcome.copy_time.as_secs_f64();
+                format!(
+                    "{} rows copied in {:.1} s ({} rows/s)",
+                    thousands(outcome.rows_copied),
+                    outcome.copy_time.as_secs_f64(),
+                    thousands(rate as i64)
+                )
+            } else {
+                format!("{} rows copied (before this run)", thousands(outcome.rows_copied))
+            };
             say!(
-                "Done: {} rows copied in {:.1} s ({} rows/s); {} swapped in {} attempt(s): lock waited {:.1} ms, held {:.1} ms. Total {:.1} s.",
-                thousands(outcome.rows_copied),
-                outcome.copy_time.as_secs_f64(),
-                thousands(rate as i64),
+                "Done: {copied}; {} swapped in {} attempt(s): lock waited {:.1} ms, held {:.1} ms. Total {:.1} s.",
                 outcome.table,
                 outcome.cutover_attempts,
                 ms(s.lock_wait),

@@ -58,7 +58,7 @@ impl Run<'_> {
                     )
                     .await;
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
-                    tokio::time::sleep(self.retry.pause(attempt)).await;
+                    super::retry::pause_unless_closed(&self.control, self.retry.pause(attempt)).await;
                     self.check_cancelled()?;
                     continue;
                 }
@@ -119,7 +119,7 @@ impl Run<'_> {
                     self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), Some(waited), Some(details))
                         .await;
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
-                    tokio::time::sleep(self.retry.pause(attempt)).await;
+                    super::retry::pause_unless_closed(&self.control, self.retry.pause(attempt)).await;
                 }
                 Attempt::Hazard { sessions, lock_wait } => {
                     metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "snapshot_hazard").increment(1);

@@ -44,6 +44,8 @@ async fn exists(client: &Client, table: &QualifiedName) -> Result<bool, tokio_po
 /// Stops a ghostwire process still working on the migration: its sessions are terminated
 /// (an open cut-over transaction rolls back), then its table lock is taken over.
 pub async fn stop_runner(client: &Client, m: &Migration) -> Result<(), CleanupError> {
+    // First the mark, then the sessions: a runner that reconnects finds it and stops.
+    state::request_abort(client, m.id).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if state::try_lock_table(client, &m.table).await? {

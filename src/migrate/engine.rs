@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::cutover::Swapped;
 use super::error::{Context as _, MigrateError};
 use super::live::{Live, Settings};
+use super::reconnect::Ride;
 use super::run::Run;
 use super::spec::{self, Spec};
 use crate::connect;
@@ -128,7 +129,10 @@ pub struct Outcome {
     pub id: i64,
     pub table: QualifiedName,
     pub strategy: Strategy,
+    /// Rows in the shadow table, copied by this run and by any before it.
     pub rows_copied: i64,
+    /// Rows this run's copy phase copied, in `copy_time` (zero when it had no copy to do).
+    pub rows_this_run: i64,
     pub copy_time: Duration,
     pub total_time: Duration,
     pub swap: Option<Swapped>,
@@ -141,6 +145,27 @@ pub struct Outcome {
     pub clients_held: Option<Duration>,
     /// The phase this run started in (not `planned` when it resumed).
     pub resumed_from: Option<Phase>,
+}
+
+impl Outcome {
+    /// A migration found already past what this run was to do.
+    pub fn already(id: i64, table: QualifiedName, rows_copied: i64, finished: bool) -> Outcome {
+        Outcome {
+            id,
+            table,
+            strategy: Strategy::Copy,
+            rows_copied,
+            rows_this_run: 0,
+            copy_time: Duration::ZERO,
+            total_time: Duration::ZERO,
+            swap: None,
+            cutover_attempts: 0,
+            finished,
+            unvalidated: Vec::new(),
+            clients_held: None,
+            resumed_from: None,
+        }
+    }
 }
 
 /// The connection settings of every ghostwire session: named, and failing rather than
@@ -186,6 +211,7 @@ pub async fn migrate(
     opts: &Options,
     ctx: &Context<'_>,
 ) -> Result<Outcome, MigrateError> {
+    let started = std::time::Instant::now();
     let mut control = connect::connect(&session_config(config, "ghostwire migrate")).await?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
     let plan = plan::plan(&mut control, statement).await?;
@@ -200,7 +226,9 @@ pub async fn migrate(
     if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(state_err)? {
         if same_statement(&m.statement, &plan.statement) && m.phase.before_swap() {
             if opts.yes {
-                return continue_migration(config, control, m, opts, ctx).await;
+                let ride =
+                    Ride { config, id: m.id, table: m.table.clone(), opts, ctx, started, resumed_from: Some(m.phase) };
+                return ride.out(continue_migration(config, control, m, opts, ctx).await).await;
             }
             return Err(MigrateError::NeedsConsent(format!(
                 "migration #{} of {} with this statement is unfinished (phase {}): pass --yes to resume it, or run \
@@ -233,7 +261,9 @@ pub async fn migrate(
         .during(id, Phase::Planned, "recording the plan")?;
     let mut run = Run::new(config, control, opts, ctx, id, plan.table.clone(), plan.strategy);
     let result = run.drive(Phase::Shadow, Some(&plan), None, None).await;
-    run.finish_up(result).await
+    let result = run.finish_up(result).await;
+    drop(run); // its sessions end before any reconnection
+    Ride { config, id, table: plan.table.clone(), opts, ctx, started, resumed_from: None }.out(result).await
 }
 
 async fn name_session(control: &Client, id: i64) -> Result<(), MigrateError> {
@@ -246,6 +276,7 @@ async fn name_session(control: &Client, id: i64) -> Result<(), MigrateError> {
 /// Continues the unfinished migration of `table` (`orders`, `public.orders`,
 /// `"Sales"."Order Items"`) from where it stopped.
 pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<'_>) -> Result<Outcome, MigrateError> {
+    let started = std::time::Instant::now();
     let mut control = connect::connect(&session_config(config, "ghostwire resume")).await?;
     let (schema, name) = plan::parse::table_name(table).map_err(|e| MigrateError::Refused(e.to_string()))?;
     if !state::schema_exists(&control).await.map_err(state_err)? {
@@ -262,10 +293,13 @@ pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<
         .await
         .map_err(state_err)?
         .ok_or_else(|| MigrateError::Refused("the migration vanished".into()))?;
-    continue_migration(config, control, m, opts, ctx).await
+    let ride = Ride { config, id: m.id, table: m.table.clone(), opts, ctx, started, resumed_from: Some(m.phase) };
+    ride.out(continue_migration(config, control, m, opts, ctx).await).await
 }
 
-async fn continue_migration(
+/// Goes on with migration `m` from where its state says it is (the caller holds the
+/// table's lock on `control`).
+pub(super) async fn continue_migration(
     config: &Config,
     mut control: Client,
     m: Migration,
@@ -313,9 +347,7 @@ async fn continue_migration(
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
     let result = run.drive(from, plan.as_ref(), spec, Some(&m)).await;
-    let mut outcome = run.finish_up(result).await?;
-    outcome.resumed_from = Some(m.phase);
-    Ok(outcome)
+    run.finish_up(result).await
 }
 
 /// A migration can go on only if what it built is still there.

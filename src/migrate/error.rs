@@ -51,17 +51,42 @@ pub enum MigrateError {
     Interrupted { id: i64, table: String, phase: Phase },
     #[error("migration #{id} of {table} was aborted in phase {phase}: {reason}. {}", if *.cleaned { "Its shadow table, triggers and change log are removed and the table is as it was; run the migration again once the cause is gone" } else { "Its shadow table and triggers are still there: `ghostwire abort {table}` removes them" })]
     Critical { id: i64, table: String, phase: Phase, reason: String, cleaned: bool },
+    /// The session to the database is gone; the engine reconnects (see `reconnect`).
+    #[error("migration #{id} of {table} lost its connection to the database in phase {phase}: {cause}")]
+    Disconnected { id: i64, table: String, phase: Phase, cause: String },
+    #[error(
+        "migration #{id} of {table} lost its connection to the database in phase {phase} ({cause}) and could not get it back within {waited_s} s (--reconnect-timeout). {}",
+        if phase.before_swap() { format!("The original table is untouched and the run is resumable: `ghostwire resume {table}` continues it from its last checkpoint, `ghostwire abort {table}` removes it") } else { format!("The swap is done; `ghostwire resume {table}` completes what is left") }
+    )]
+    GaveUpReconnecting { id: i64, table: String, phase: Phase, cause: String, waited_s: u64 },
+    #[error(
+        "migration #{id} of {table} was aborted by `ghostwire abort` from elsewhere in phase {phase}; this run stops. That command removes the shadow table, triggers and change log"
+    )]
+    AbortedElsewhere { id: i64, table: String, phase: Phase },
 }
 
 fn next_step(phase: Phase) -> &'static str {
     if phase.before_swap() {
-        ". The original table is untouched; `ghostwire abort TABLE` removes the shadow table, triggers and change log"
+        ". The original table is untouched and the run is resumable: `ghostwire resume TABLE` continues it from its \
+         last checkpoint once the cause is gone, `ghostwire abort TABLE` removes the shadow table, triggers and change log"
     } else {
         ""
     }
 }
 
 impl MigrateError {
+    /// The connection to the database was lost (server restart, failover, terminated
+    /// session, network): reconnecting and going on from the last checkpoint may work.
+    pub fn is_connection_lost(&self) -> bool {
+        use crate::connect::{ConnectError, is_connection_lost};
+        match self {
+            MigrateError::Database { source, .. } => is_connection_lost(source),
+            MigrateError::Plan(PlanError::Database(e)) => is_connection_lost(e),
+            MigrateError::Connect(ConnectError::Failed { .. }) | MigrateError::Disconnected { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Refused before anything was changed (exit status 2), as opposed to a failed run.
     pub fn is_refusal(&self) -> bool {
         match self {

@@ -20,6 +20,7 @@ pub mod index;
 pub mod live;
 mod pacing;
 pub mod post_copy;
+mod reconnect;
 pub mod retry;
 mod run;
 pub mod shadow;

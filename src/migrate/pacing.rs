@@ -54,6 +54,16 @@ impl Run<'_> {
     ) -> Result<(), MigrateError> {
         loop {
             self.check_cancelled()?;
+            // A signal that cannot be read holds the run back, unless it cannot be read
+            // because the session is gone: then the run reconnects.
+            if self.control.is_closed() {
+                return Err(MigrateError::Disconnected {
+                    id: self.id,
+                    table: self.table.to_string(),
+                    phase: self.phase,
+                    cause: "the server closed the session".into(),
+                });
+            }
             let settings = self.live.settings();
             let read = capture::backlog(&self.control, spec.migration_id)
                 .await

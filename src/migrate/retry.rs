@@ -4,7 +4,6 @@
 //! never waits long: each attempt runs under `lock_timeout`, and a lock timeout or deadlock
 //! (recognised by SQLSTATE, not by message) is retried after a jittered, growing pause.
 
-use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
@@ -50,32 +49,6 @@ pub fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Runs `attempt` until it succeeds, fails with something other than a lock conflict, or
-/// the attempts run out (then the last lock error is returned).
-pub async fn with_retries<T, F, Fut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut attempt: F,
-) -> Result<T, tokio_postgres::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
-{
-    let mut n = 1;
-    loop {
-        match attempt().await {
-            Err(e) if is_lock_conflict(&e) && n < policy.attempts => {
-                let pause = policy.pause(n);
-                tracing::info!("{what}: lock not granted (attempt {n} of {}), retrying in {pause:?}", policy.attempts);
-                metrics::counter!("ghostwire_lock_retries_total").increment(1);
-                tokio::time::sleep(pause).await;
-                n += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Runs `sql` (one or several statements) in one transaction; on failure the transaction
 /// is rolled back, so the session is usable again.
 pub async fn in_transaction(client: &tokio_postgres::Client, sql: &str) -> Result<(), tokio_postgres::Error> {
@@ -87,6 +60,19 @@ pub async fn in_transaction(client: &tokio_postgres::Client, sql: &str) -> Resul
     result
 }
 
+/// Sleeps for `pause`, ending early when `client`'s connection is gone (a run aborted
+/// from elsewhere, a server restart: the next statement would fail anyway).
+pub async fn pause_unless_closed(client: &tokio_postgres::Client, pause: Duration) {
+    let until = tokio::time::Instant::now() + pause;
+    while !client.is_closed() {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+    }
+}
+
 /// Runs `sql` (one or several statements) in its own transaction under the policy's
 /// `lock_timeout`, with retries.
 pub async fn ddl(
@@ -96,7 +82,19 @@ pub async fn ddl(
     sql: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let script = format!("{}; {sql}", policy.set_local());
-    with_retries(policy, what, || in_transaction(client, &script)).await
+    let mut n = 1;
+    loop {
+        match in_transaction(client, &script).await {
+            Err(e) if is_lock_conflict(&e) && n < policy.attempts => {
+                let pause = policy.pause(n);
+                tracing::info!("{what}: lock not granted (attempt {n} of {}), retrying in {pause:?}", policy.attempts);
+                metrics::counter!("ghostwire_lock_retries_total").increment(1);
+                pause_unless_closed(client, pause).await;
+                n += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

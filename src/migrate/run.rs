@@ -184,6 +184,7 @@ impl<'a> Run<'a> {
             table: self.table.clone(),
             strategy: self.strategy,
             rows_copied: self.rows_before,
+            rows_this_run: 0,
             copy_time: Duration::ZERO,
             total_time: Duration::ZERO,
             swap: None,
@@ -241,6 +242,7 @@ impl<'a> Run<'a> {
             let t = Instant::now();
             let copied = self.copy(&mut work, &spec, resumed.filter(|m| m.phase == Phase::Copy)).await?;
             outcome.rows_copied += copied;
+            outcome.rows_this_run = copied;
             outcome.copy_time = t.elapsed();
             let details = json!({"rows": copied, "jobs": self.opts.parallel.max(1)});
             self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), Some(details)).await;

@@ -65,7 +65,7 @@ pub async fn create(client: &Client, plan: &Plan, id: i64, retry: &RetryPolicy) 
             Ok(spec) => return Ok(spec),
             Err(Failure::Database(_, e) | Failure::Rejected(e)) if is_lock_conflict(&e) && attempt < retry.attempts => {
                 tracing::info!("creating the shadow table: lock not granted (attempt {attempt}), retrying");
-                tokio::time::sleep(retry.pause(attempt)).await;
+                super::retry::pause_unless_closed(client, retry.pause(attempt)).await;
                 attempt += 1;
             }
             Err(other) => break other,

@@ -30,8 +30,6 @@ pub struct Flags {
     pub outstanding: u32,
     /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
-    /// Authentication done (the first ReadyForQuery arrived).
-    pub ready: bool,
     pub status: Option<TransactionStatus>,
 }
 
@@ -101,7 +99,6 @@ async fn relay(shared: Arc<Shared>, ready: startup::Ready, peer: String, stop: C
     }
     {
         let mut f = session.flags();
-        f.ready = true;
         f.status = Some(ready.status);
     }
     let (client_read, client_write) = halves(ready.client);
@@ -146,7 +143,7 @@ async fn client_to_server(
             {
                 let must_enter = {
                     let f = session.flags();
-                    tag != b'X' && f.ready && !f.busy
+                    tag != b'X' && !f.busy
                 };
                 if must_enter {
                     forward(&mut to, &mut buf, ready, &bytes).await?;
@@ -199,28 +196,22 @@ async fn server_to_client(
         loop {
             match framer.next(&buf[ready..])? {
                 Item::Message { tag, total, body } => {
-                    match tag {
-                        b'Z' => {
-                            let status = ghostwire_proto::ready_for_query(body)?;
-                            let went_idle = {
-                                let mut f = session.flags();
-                                if f.ready {
-                                    f.outstanding = f.outstanding.saturating_sub(1);
-                                }
-                                f.ready = true;
-                                f.status = Some(status);
-                                let idle = f.outstanding == 0 && !f.unsynced && status == TransactionStatus::Idle;
-                                let leave = idle && f.busy;
-                                if leave {
-                                    f.busy = false;
-                                }
-                                leave
-                            };
-                            if went_idle {
-                                shared.gate.leave();
+                    if tag == b'Z' {
+                        let status = ghostwire_proto::ready_for_query(body)?;
+                        let went_idle = {
+                            let mut f = session.flags();
+                            f.outstanding = f.outstanding.saturating_sub(1);
+                            f.status = Some(status);
+                            let idle = f.outstanding == 0 && !f.unsynced && status == TransactionStatus::Idle;
+                            let leave = idle && f.busy;
+                            if leave {
+                                f.busy = false;
                             }
+                            leave
+                        };
+                        if went_idle {
+                            shared.gate.leave();
                         }
-                        _ => {}
                     }
                     ready += total;
                 }

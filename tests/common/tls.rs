@@ -88,3 +88,30 @@ pub async fn tls_cluster(auth: HostAuth, tls_only: bool) -> (Cluster, Pki) {
 pub fn server_log(cluster: &Cluster) -> String {
     std::fs::read_to_string(cluster.socket_dir().join("postgres.log")).unwrap_or_default()
 }
+
+/// The password of role `app`.
+pub const PASSWORD: &str = "app-secret";
+
+/// Role `app` (not a superuser) with a password, CREATE on database `appdb`, owning schema
+/// `"Sales"` and its table `"Order Items"` (2000 rows), as on a managed service.
+pub async fn owner_setup(cluster: &Cluster) {
+    let admin = cluster.connect("postgres").await.unwrap();
+    for sql in [
+        &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'"),
+        "CREATE DATABASE appdb",
+        "GRANT CREATE ON DATABASE appdb TO app",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let db = cluster.connect("appdb").await.unwrap();
+    db.batch_execute(
+        "CREATE SCHEMA \"Sales\" AUTHORIZATION app; SET ROLE app;
+         CREATE TABLE \"Sales\".\"Order Items\" (id bigint PRIMARY KEY, qty int, note text, payload text);
+         CREATE INDEX ON \"Sales\".\"Order Items\" (qty);
+         CREATE TABLE \"Sales\".oracle (id bigint PRIMARY KEY, qty int, note text, payload text);
+         INSERT INTO \"Sales\".\"Order Items\" (id, qty, note) SELECT g, g, 'n' || g FROM generate_series(1, 2000) g;
+         INSERT INTO \"Sales\".oracle SELECT * FROM \"Sales\".\"Order Items\";",
+    )
+    .await
+    .unwrap();
+}
