@@ -330,7 +330,9 @@ pub(super) async fn continue_migration(
                 .during(m.id, m.phase, "removing a half-built shadow")?;
             (Phase::Shadow, Some(plan))
         }
-        (Some(_), Phase::Planned | Phase::Shadow) => (Phase::Capture, None),
+        // A run stopped while installing the capture installs it again (idempotent): the
+        // change log may not exist yet.
+        (Some(_), Phase::Planned | Phase::Shadow | Phase::Capture) => (Phase::Capture, None),
         (Some(s), phase) => {
             check_resumable(&control, &m, s).await?;
             // Verification runs beside the last index builds: from there, the builds left

@@ -93,11 +93,16 @@ impl Ride<'_, '_> {
             waited_s: self.opts.reconnect_timeout.as_secs(),
         };
         let mut last = cause.to_owned();
-        for attempt in 0u32.. {
+        for round in 0u32.. {
             if self.ctx.cancel.is_cancelled() {
                 return Err(MigrateError::Interrupted { id: self.id, table: self.table.to_string(), phase });
             }
-            match connect::connect(&session_config(self.config, &format!("ghostwire migrate #{}", self.id))).await {
+            let params = session_config(self.config, &format!("ghostwire migrate #{}", self.id));
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(left, connect::connect(&params)).await;
+            match attempt.unwrap_or_else(|_| {
+                Err(connect::ConnectError::Failed { attempts: vec!["timed out".into()], nothing_given: false })
+            }) {
                 Ok(control) => match self.take_back(&control, phase, deadline).await {
                     Ok(()) => return Ok(control),
                     Err(e) if e.is_connection_lost() => last = cause_of(&e),
@@ -112,7 +117,7 @@ impl Ride<'_, '_> {
             if now >= deadline {
                 return Err(gave_up(last));
             }
-            tokio::time::sleep(connect::reconnect_pause(attempt).min(deadline - now)).await;
+            tokio::time::sleep(connect::reconnect_pause(round).min(deadline - now)).await;
         }
         Err(gave_up(last))
     }
