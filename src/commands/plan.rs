@@ -17,5 +17,8 @@ pub async fn run(url: Option<&str>, json: bool, statement: &str) -> Result<(), C
     } else {
         say!("{}", plan::render(&plan).trim_end());
     }
-    Ok(())
+    match plan::privileges::refusal(&plan.privileges) {
+        Some(why) => Err(CommandError::refused(why)),
+        None => Ok(()),
+    }
 }

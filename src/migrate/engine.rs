@@ -215,6 +215,11 @@ pub async fn migrate(
     let mut control = connect::connect(&session_config(config, "ghostwire migrate")).await?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
     let plan = plan::plan(&mut control, statement).await?;
+    let mut missing = plan.privileges.clone();
+    missing.extend(plan::privileges::check_limits(&control, &opts.settings).await.map_err(state_err)?);
+    if let Some(why) = plan::privileges::refusal(&missing) {
+        return Err(MigrateError::Refused(why));
+    }
     if !plan.revertible && !opts.yes {
         return Err(MigrateError::NeedsConsent(format!(
             "this change cannot be reverted ({}); pass --yes to run it anyway",
@@ -285,6 +290,10 @@ pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<
         )));
     }
     state::ensure_schema(&mut control).await.map_err(state_err)?;
+    let limits = plan::privileges::check_limits(&control, &opts.settings).await.map_err(state_err)?;
+    if let Some(why) = plan::privileges::refusal(&limits) {
+        return Err(MigrateError::Refused(why));
+    }
     let found = state::find_active(&control, schema.as_deref(), &name).await.map_err(state_err)?;
     let m = found.map_err(MigrateError::Refused)?;
     lock_table(&control, &m.table).await?;

@@ -9,6 +9,7 @@
 mod classify;
 pub mod expr;
 pub mod parse;
+pub mod privileges;
 mod probe;
 pub mod report;
 
@@ -83,6 +84,8 @@ pub struct Plan {
     pub revertible: bool,
     pub revert_notes: Vec<String>,
     pub warnings: Vec<String>,
+    /// What the connected role lacks; those that `block` make `migrate` refuse.
+    pub privileges: Vec<privileges::MissingPrivilege>,
     #[serde(skip)]
     pub parsed: ParsedStatement,
     #[serde(skip)]
@@ -102,6 +105,9 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
                 parsed.subcommand_text(i)
             )));
         }
+    }
+    if let Some(why) = privileges::can_probe(client).await? {
+        return Err(PlanError::Refused(why));
     }
     let outcomes = probe::probe(client, &def, &parsed).await?;
     let mut warnings = Vec::new();
@@ -163,6 +169,7 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     } else {
         format!("run the statement directly on {} under a short lock_timeout, retrying with jitter", def.name)
     };
+    let privileges = privileges::check(client, &def, if through_shadow { Strategy::Copy } else { strategy }).await?;
     let revert_notes: Vec<String> = steps
         .iter()
         .filter(|s| !s.revert.revertible || s.revert.note.contains("must"))
@@ -183,6 +190,7 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         disk_needed_bytes: if through_shadow { def.total_bytes } else { 0 },
         carried_over: if through_shadow { carried_over(&def) } else { Vec::new() },
         warnings,
+        privileges,
         steps,
         parsed,
         table_def: def,

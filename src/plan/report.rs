@@ -122,6 +122,13 @@ pub fn render(plan: &Plan) -> String {
     for w in &plan.warnings {
         let _ = writeln!(out, "Warning:    {w}");
     }
+    for p in &plan.privileges {
+        let label = if p.blocks { "Missing:  " } else { "Note:     " };
+        let _ = writeln!(out, "{label} {}: {}; {}", p.missing, p.consequence, p.fix);
+    }
+    if plan.privileges.iter().any(|p| p.blocks) {
+        let _ = writeln!(out, "ghostwire migrate refuses this until the role has what is missing above.");
+    }
     if def.estimated_rows > 0 && plan.strategy == Strategy::Instant {
         let _ = writeln!(out, "Nothing is copied: the table keeps its data and only its catalog entries change.");
     }
