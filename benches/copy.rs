@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 
 use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const CHANGE: &str = "ALTER TABLE orders ALTER COLUMN amount TYPE bigint";
 
 async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
+    let params = ghostwire::connect::Params::from_conninfo(Some(url)).expect("a valid URL");
+    ghostwire::connect::connect(&params).await.expect("connect")
 }
 
 /// Drops and reloads `orders` with `rows` rows, vacuumed, analyzed, checkpointed and synced.

@@ -16,7 +16,6 @@ use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
 use ghostwire::proxy::Proxy;
 use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 const SCRIPT: &str = "\\set id random(1, :rows)
@@ -77,8 +76,7 @@ async fn main() {
     let rate: u32 = std::env::var("GHOSTWIRE_BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     let cluster =
         Cluster::start(ClusterOptions::default().with_setting("shared_buffers", "1GB")).expect("a throwaway cluster");
-    let (client, conn) = tokio_postgres::connect(&cluster.url("postgres"), NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = cluster.connect("postgres").await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,

@@ -10,8 +10,8 @@ use ghostwire::ephemeral::{Cluster, ClusterOptions};
 async fn starts_with_logical_replication_and_fresh_databases() {
     let cluster = Cluster::shared().expect("cluster");
     let url = cluster.fresh_database().await.expect("db");
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client =
+        ghostwire::connect::connect(&ghostwire::connect::Params::from_conninfo(Some(&url)).unwrap()).await.unwrap();
     let wal: String = client.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
     assert_eq!(wal, "logical");
     let slots: String = client.query_one("SHOW max_replication_slots", &[]).await.unwrap().get(0);

@@ -44,9 +44,8 @@ async fn trust_md5_and_scram_authentication_pass_through() {
         assert_eq!(user, "app", "{auth:?}");
         if auth != HostAuth::Trust {
             let bad = format!("postgres://app:wrong@{}/postgres", proxy.addr);
-            let err =
-                tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().expect("a wrong password is refused");
-            let message = ghostwire::connect::describe(&err);
+            let err = common::try_connect(&bad).await.err().unwrap_or_else(|| panic!("a wrong password is refused"));
+            let message = err.to_string();
             assert!(message.contains("password authentication failed"), "{auth:?}: {message}");
         }
     }

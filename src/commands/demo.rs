@@ -64,11 +64,14 @@ pub fn start_load(
         .map(|c| {
             let (url, stop, stats) = (url.clone(), Arc::clone(&stop), Arc::clone(&stats));
             tokio::spawn(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                let connected = match crate::connect::Params::from_conninfo(Some(&url)) {
+                    Ok(p) => crate::connect::connect(&p).await.ok(),
+                    Err(_) => None,
+                };
+                let Some(client) = connected else {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                tokio::spawn(conn);
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut i = c as i64;
