@@ -6,6 +6,7 @@
 //! knows about TLS.
 
 pub mod conninfo;
+pub mod env;
 pub mod files;
 pub mod params;
 pub mod stream;
