@@ -177,6 +177,7 @@ async fn main() {
     let runs: usize = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let options = ClusterOptions::default().with_setting("shared_buffers", "1GB");
     let cluster = Cluster::start(options).expect("a throwaway cluster");
+    println!("PostgreSQL {} ({})", cluster.binaries().version, cluster.binaries().bindir.display());
     let url = cluster.url("postgres");
     let client = connect(&url).await;
     println!(

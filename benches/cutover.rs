@@ -76,6 +76,7 @@ async fn main() {
     let rate: u32 = std::env::var("GHOSTWIRE_BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     let cluster =
         Cluster::start(ClusterOptions::default().with_setting("shared_buffers", "1GB")).expect("a throwaway cluster");
+    println!("PostgreSQL {} ({})", cluster.binaries().version, cluster.binaries().bindir.display());
     let client = cluster.connect("postgres").await.unwrap();
     client
         .batch_execute(

@@ -112,6 +112,7 @@ async fn main() {
     let tls = certificate();
     let options = ClusterOptions { tls: Some(tls.clone()), ..ClusterOptions::default() };
     let cluster = Cluster::start(options).expect("a throwaway cluster");
+    println!("PostgreSQL {} ({})", cluster.binaries().version, cluster.binaries().bindir.display());
     let pgbench = cluster.binaries().path("pgbench");
     let init = Command::new(&pgbench)
         .args([
@@ -180,6 +181,15 @@ async fn main() {
         }
     }
     shutdown.cancel();
+    // PgBouncer runs under runuser when we are root: killing the child leaves it running.
+    for name in ["plain", "tls"] {
+        if let Ok(pid) = std::fs::read_to_string(dir.path().join(format!("pgbouncer-{name}.pid"))) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: signalling a process this bench started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
     println!("proxy benchmark: pgbench -S -c 8 -j 2, {seconds} s per run, median of {runs}");
     println!("{:<28} {:>10} {:>8}", "", "tps", "ratio");
     let mut base = 1.0;

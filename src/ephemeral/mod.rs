@@ -151,7 +151,11 @@ impl Cluster {
             postmaster: Mutex::new(None),
             next_db: AtomicU64::new(0),
         };
-        let mut cmd = Command::new(self.binaries.path("pg_basebackup"));
+        let basebackup = self
+            .binaries
+            .client_for_server("pg_basebackup")
+            .map_err(|reason| EphemeralError::Start { reason, log: String::new() })?;
+        let mut cmd = Command::new(basebackup);
         cmd.args([
             "-h",
             "127.0.0.1",
@@ -186,6 +190,15 @@ impl Cluster {
             let cluster = Cluster::start(ClusterOptions::default()).map_err(|e| e.to_string())?;
             // SAFETY: registering a plain extern "C" function with no captured state.
             unsafe { libc::atexit(stop_shared_at_exit) };
+            // Straight to the process's stderr, past the test harness's capture: every test
+            // run says which PostgreSQL it ran on.
+            let b = &cluster.binaries;
+            let _ = writeln!(
+                io::stderr().lock(),
+                "ghostwire: throwaway cluster on PostgreSQL {} ({})",
+                b.version,
+                b.bindir.display()
+            );
             Ok(cluster)
         });
         result.as_ref().map_err(|e| EphemeralError::Start { reason: e.clone(), log: String::new() })
@@ -311,6 +324,11 @@ impl Cluster {
 
     pub fn binaries(&self) -> &Binaries {
         &self.binaries
+    }
+
+    /// The server's major version (14 … 18).
+    pub fn major(&self) -> u32 {
+        self.binaries.major
     }
 
     /// A libpq URL for `database` as the superuser `postgres`.

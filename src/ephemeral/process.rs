@@ -18,6 +18,37 @@ use super::{DIR_PREFIX, EphemeralError, io_err};
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub bindir: PathBuf,
+    /// `postgres --version`: "17.10", "15.18", "18beta1" …
+    pub version: String,
+    /// The major version: 14, 15, … 18.
+    pub major: u32,
+}
+
+/// `postgres (PostgreSQL) 17.10 (…)` → ("17.10", 17).
+fn parse_version(output: &str) -> Option<(String, u32)> {
+    let text = output.split("(PostgreSQL)").nth(1)?.split_whitespace().next()?.to_owned();
+    let major = text.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()?;
+    Some((text, major))
+}
+
+/// The version a PostgreSQL program reports.
+fn program_version(program: &Path) -> Option<(String, u32)> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Debian's installations, newest first.
+fn debian_bindirs() -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir("/usr/lib/postgresql") else { return Vec::new() };
+    let mut versions: Vec<(u32, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+    versions.into_iter().map(|(_, p)| p).collect()
 }
 
 impl Binaries {
@@ -34,29 +65,57 @@ impl Binaries {
         {
             candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
         }
-        if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<(u32, PathBuf)> = entries
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-                    Some((v, e.path().join("bin")))
-                })
-                .collect();
-            versions.sort_by_key(|v| std::cmp::Reverse(v.0));
-            candidates.extend(versions.into_iter().map(|(_, p)| p));
-        }
+        candidates.extend(debian_bindirs());
         if let Some(path) = std::env::var_os("PATH") {
             candidates.extend(std::env::split_paths(&path));
         }
-        candidates
-            .into_iter()
-            .find(|d| complete(d))
-            .map(|bindir| Binaries { bindir })
-            .ok_or(EphemeralError::BinariesNotFound)
+        let bindir = candidates.into_iter().find(|d| complete(d)).ok_or(EphemeralError::BinariesNotFound)?;
+        let (version, major) = program_version(&bindir.join("postgres")).ok_or_else(|| EphemeralError::Start {
+            reason: format!("{} --version did not say which PostgreSQL it is", bindir.join("postgres").display()),
+            log: String::new(),
+        })?;
+        Ok(Binaries { bindir, version, major })
     }
 
+    /// A program: from this installation when it has it, else a client program of another
+    /// one (the server packages of other majors carry no psql or pgbench; Debian's newest
+    /// client, then `PATH`).
     pub fn path(&self, program: &str) -> PathBuf {
-        self.bindir.join(program)
+        let own = self.bindir.join(program);
+        if own.is_file() {
+            return own;
+        }
+        let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+        debian_bindirs().into_iter().chain(path).map(|d| d.join(program)).find(|p| p.is_file()).unwrap_or(own)
+    }
+
+    /// A client program that works with this server: of its major or newer (pg_basebackup,
+    /// say, works with servers of its own major or older), or why there is none.
+    pub fn client_for_server(&self, program: &str) -> Result<PathBuf, String> {
+        let found = self.path(program);
+        match program_version(&found) {
+            Some((_, major)) if major >= self.major => Ok(found),
+            Some((v, _)) => Err(format!(
+                "{program} of PostgreSQL {} or newer is not installed (found {v} at {})",
+                self.major,
+                found.display()
+            )),
+            None => Err(format!("{program} is not installed for PostgreSQL {}", self.major)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions() {
+        assert_eq!(super::parse_version("postgres (PostgreSQL) 17.10\n"), Some(("17.10".into(), 17)));
+        assert_eq!(
+            super::parse_version("pg_basebackup (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(("15.18".into(), 15))
+        );
+        assert_eq!(super::parse_version("postgres (PostgreSQL) 18beta1"), Some(("18beta1".into(), 18)));
+        assert_eq!(super::parse_version("nonsense"), None);
     }
 }
 

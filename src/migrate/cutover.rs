@@ -96,7 +96,14 @@ pub async fn attempt(
     last_xid: i64,
     own: &[i32],
 ) -> Result<Outcome, tokio_postgres::Error> {
-    client.batch_execute(&format!("BEGIN; {}", retry.set_local())).await?;
+    // The work session commits asynchronously; the swap must be durable when it returns.
+    client
+        .batch_execute(&format!(
+            "BEGIN; {}; SELECT pg_catalog.set_config('synchronous_commit', 'on', true) \
+             WHERE current_setting('synchronous_commit') = 'off'",
+            retry.set_local()
+        ))
+        .await?;
     let asked = Instant::now();
     if let Err(e) = client.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", spec.original.sql())).await
     {

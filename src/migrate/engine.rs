@@ -213,6 +213,7 @@ pub async fn migrate(
 ) -> Result<Outcome, MigrateError> {
     let started = std::time::Instant::now();
     let mut control = connect::connect(&session_config(config, "ghostwire migrate")).await?;
+    control.batch_execute(DURABLE).await.map_err(state_err)?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
     let plan = plan::plan(&mut control, statement).await?;
     let mut missing = plan.privileges.clone();
@@ -271,12 +272,19 @@ pub async fn migrate(
     Ride { config, id, table: plan.table.clone(), opts, ctx, started, resumed_from: None }.out(result).await
 }
 
+/// Names the control session after the migration, and makes its commits durable before
+/// they return: with a server default of `synchronous_commit = off`, a crash could lose a
+/// phase the run has moved past (the state stays consistent, the running process would not).
 async fn name_session(control: &Client, id: i64) -> Result<(), MigrateError> {
     control
-        .batch_execute(&format!("SET application_name = {}", literal(&format!("ghostwire migrate #{id}"))))
+        .batch_execute(&format!("SET application_name = {}; {DURABLE}", literal(&format!("ghostwire migrate #{id}"))))
         .await
         .during(id, Phase::Planned, "naming the session")
 }
+
+/// Raises `synchronous_commit` to `on` for the session when it is `off` (a stronger setting
+/// is kept).
+pub(super) const DURABLE: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'";
 
 /// Continues the unfinished migration of `table` (`orders`, `public.orders`,
 /// `"Sales"."Order Items"`) from where it stopped.

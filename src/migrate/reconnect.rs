@@ -61,9 +61,10 @@ impl Ride<'_, '_> {
             tracing::warn!("migration #{}: {message}", self.id);
             self.ctx.reporter.note(&message);
             let control = self.reconnect(phase, &cause(&lost)).await?;
-            let m = state::migration(&control, self.id).await.map_err(|e| MigrateError::Plan(e.into()))?.ok_or_else(
-                || MigrateError::Refused(format!("migration #{} vanished from ghostwire.migrations", self.id)),
-            )?;
+            let m = state::migration(&control, self.id)
+                .await
+                .map_err(|e| MigrateError::Plan(e.into()))?
+                .ok_or_else(|| self.vanished())?;
             self.ctx.reporter.note(&format!("reconnected; going on from phase {}", m.phase));
             let _ = state::event(
                 &control,
@@ -132,6 +133,17 @@ impl Ride<'_, '_> {
             context: "taking the migration back after reconnecting".into(),
             source: e,
         };
+        // A crash with synchronous_commit off can take the last commits with it, the state
+        // schema or this migration's row included (and, the log being sequential, all it did).
+        let exists = "SELECT to_regclass('ghostwire.migrations') IS NOT NULL AND EXISTS (SELECT FROM ghostwire.migrations WHERE id = $1)";
+        let found = match control.query_one("SELECT to_regclass('ghostwire.migrations') IS NOT NULL", &[]).await {
+            Ok(r) if r.get::<_, bool>(0) => control.query_one(exists, &[&self.id]).await.map(|r| r.get::<_, bool>(0)),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        };
+        if !found.map_err(db)? {
+            return Err(self.vanished());
+        }
         loop {
             if state::abort_requested(control, self.id).await.map_err(db)? {
                 return Err(MigrateError::AbortedElsewhere { id: self.id, table: self.table.to_string(), phase });
@@ -163,6 +175,17 @@ impl Ride<'_, '_> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl Ride<'_, '_> {
+    fn vanished(&self) -> MigrateError {
+        MigrateError::Refused(format!(
+            "migration #{} of {} is no longer in ghostwire.migrations: the server lost its last commits (a crash \
+             with synchronous_commit off) and with them everything the run had done, so the table is as it was; run \
+             the migration again",
+            self.id, self.table
+        ))
     }
 }
 

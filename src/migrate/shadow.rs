@@ -125,6 +125,13 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
             ))
             .await?;
     }
+    // PostgreSQL 18's NOT VALID NOT NULL constraints hold for new rows only; LIKE made them
+    // validated ones: off the shadow for the copy, re-added NOT VALID at the swap.
+    let mut unvalidated_not_nulls = Vec::new();
+    for c in def.constraints.iter().filter(|c| c.kind == ConstraintKind::NotNull && !c.validated) {
+        client.batch_execute(&format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT IF EXISTS {}", ident(&c.name))).await?;
+        unvalidated_not_nulls.push((c.name.clone(), strip_not_valid(&c.definition)));
+    }
     for c in def.columns.iter().filter(|c| c.statistics_target.is_some()) {
         client
             .batch_execute(&format!(
@@ -197,7 +204,8 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
     let maps = column_maps(plan, &before, &columns, volatile_using);
     let deferred = defer_indexes(client, def, &shadow, &key_index).await?;
     let foreign_keys = foreign_keys(client, def, &shadow_sql, &before, &columns, plan).await?;
-    let deferred_checks = defer_unvalidated_checks(client, &shadow_sql).await?;
+    let mut deferred_checks = defer_unvalidated_checks(client, &shadow_sql).await?;
+    deferred_checks.extend(unvalidated_not_nulls);
 
     let kept: Vec<&String> =
         before.iter().filter(|(n, _)| columns.iter().any(|c| c.attnum == **n)).map(|(_, name)| name).collect();

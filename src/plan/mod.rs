@@ -92,11 +92,29 @@ pub struct Plan {
     pub table_def: TableDef,
 }
 
+/// The PostgreSQL majors ghostwire is tested on.
+pub const OLDEST_MAJOR: i32 = 14;
+pub const NEWEST_MAJOR: i32 = 18;
+
 /// Plans `sql` against the database behind `client`. Changes nothing.
 pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     let parsed = parse::parse(sql)?;
     let (oid, _) = catalog::resolve(client, parsed.table.schema.as_deref(), &parsed.table.name).await?;
     let def = catalog::inspect(client, oid).await?;
+    let mut warnings = Vec::new();
+    match def.server_version_num / 10000 {
+        major if major < OLDEST_MAJOR => {
+            return Err(PlanError::Refused(format!(
+                "PostgreSQL {major} is not supported: ghostwire runs on PostgreSQL {OLDEST_MAJOR} to {NEWEST_MAJOR}, \
+                 each tested (PostgreSQL {major} is past its end of life; upgrade it first)"
+            )));
+        }
+        major if major > NEWEST_MAJOR => warnings.push(format!(
+            "PostgreSQL {major} is newer than any ghostwire was tested on ({OLDEST_MAJOR} to {NEWEST_MAJOR}); its catalog \
+             may hold what this version cannot carry over: try it on a copy first"
+        )),
+        _ => {}
+    }
     refuse_table(&def)?;
     for (i, sub) in parsed.subcommands.iter().enumerate() {
         if let Action::Unsupported { what } = &sub.action {
@@ -110,7 +128,6 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         return Err(PlanError::Refused(why));
     }
     let outcomes = probe::probe(client, &def, &parsed).await?;
-    let mut warnings = Vec::new();
     for (i, outcome) in outcomes.iter().enumerate() {
         if let ProbeOutcome::Rejected { message, reliable } = outcome {
             if *reliable {

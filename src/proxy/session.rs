@@ -78,7 +78,7 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, stop: CancellationToken
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// The two halves of a stream: a plain TCP stream splits without a lock.
+/// The two halves of a stream where one leg is TLS (a plain TCP stream splits without a lock).
 fn halves<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: MaybeTls<T>) -> (Reader, Writer) {
     match stream {
         MaybeTls::Plain(tcp) => {
@@ -97,21 +97,25 @@ async fn relay(shared: Arc<Shared>, ready: startup::Ready, peer: String, stop: C
     if let Some((pid, key)) = &ready.backend {
         shared.remember_backend(&session, *pid, key);
     }
-    {
-        let mut f = session.flags();
-        f.status = Some(ready.status);
-    }
-    let (client_read, client_write) = halves(ready.client);
-    let (server_read, server_write) = halves(ready.server);
+    session.flags().status = Some(ready.status);
+    let (client_buf, server_buf) = (ready.client_buf, ready.server_buf);
     // The session ends when either direction ends (or the proxy stops): the other is dropped
     // where it waits, and both sockets close with it. One select for the whole session, not
-    // one per read.
-    let up = client_to_server(&shared, &session, client_read, server_write, ready.client_buf);
-    let down = server_to_client(&shared, &session, server_read, client_write, ready.server_buf);
-    let ended = tokio::select! {
-        r = up => r,
-        r = down => r,
-        _ = stop.cancelled() => Ok(()),
+    // one per read. Plain text on both legs, the common case, gets its own monomorphic
+    // relay with lock-free halves and no flushes.
+    let ended = match (ready.client, ready.server) {
+        (MaybeTls::Plain(client), MaybeTls::Plain(server)) => {
+            let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+            let up = client_to_server(&shared, &session, cr, sw, client_buf, false);
+            let down = server_to_client(&shared, &session, sr, cw, server_buf, false);
+            tokio::select! { r = up => r, r = down => r, _ = stop.cancelled() => Ok(()) }
+        }
+        (client, server) => {
+            let ((cr, cw), (sr, sw)) = (halves(client), halves(server));
+            let up = client_to_server(&shared, &session, cr, sw, client_buf, true);
+            let down = server_to_client(&shared, &session, sr, cw, server_buf, true);
+            tokio::select! { r = up => r, r = down => r, _ = stop.cancelled() => Ok(()) }
+        }
     };
     if let Err(e) = ended {
         tracing::debug!("session {}: {e}", session.id);
@@ -129,6 +133,7 @@ async fn client_to_server(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut buf: BytesMut,
+    flush: bool,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
     // Counters looked up once per session, not once per message.
@@ -146,7 +151,7 @@ async fn client_to_server(
                     tag != b'X' && !f.busy
                 };
                 if must_enter {
-                    forward(&mut to, &mut buf, ready, &bytes).await?;
+                    forward(&mut to, &mut buf, ready, &bytes, flush).await?;
                     ready = 0;
                     if !shared.gate.try_enter() {
                         let held = shared.gate.enter().await;
@@ -175,7 +180,7 @@ async fn client_to_server(
                 Item::NeedMore => break,
             }
         }
-        forward(&mut to, &mut buf, ready, &bytes).await?;
+        forward(&mut to, &mut buf, ready, &bytes, flush).await?;
         if !refill(&mut from, &mut buf).await? {
             return Ok(()); // the client went away (mid-message or not): close the server side
         }
@@ -188,6 +193,7 @@ async fn server_to_client(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut buf: BytesMut,
+    flush: bool,
 ) -> Result<(), SessionError> {
     let mut framer = Framer::new(shared.max_message_len, HOLD_LIMIT);
     let bytes = metrics::counter!("ghostwire_proxy_bytes_total", "direction" => "server_to_client");
@@ -220,7 +226,7 @@ async fn server_to_client(
                 Item::NeedMore => break,
             }
         }
-        forward(&mut to, &mut buf, ready, &bytes).await?;
+        forward(&mut to, &mut buf, ready, &bytes, flush).await?;
         if !refill(&mut from, &mut buf).await? {
             return Ok(()); // the server closed (terminated backend, shutdown): so do we
         }
@@ -233,10 +239,13 @@ async fn forward(
     buf: &mut BytesMut,
     ready: usize,
     bytes: &metrics::Counter,
+    flush: bool,
 ) -> Result<(), SessionError> {
     if ready > 0 {
         to.write_all(&buf[..ready]).await?;
-        to.flush().await?; // TLS holds written bytes until flushed
+        if flush {
+            to.flush().await?; // TLS holds written bytes until flushed
+        }
         bytes.increment(ready as u64);
         buf.advance(ready);
     }

@@ -42,6 +42,29 @@ pub async fn try_connect(url: &str) -> Result<Client, ghostwire::connect::Connec
     ghostwire::connect::connect(&ghostwire::connect::Params::from_conninfo(Some(url))?).await
 }
 
+/// The major version of the shared cluster's server (14 … 18).
+pub fn major() -> u32 {
+    Cluster::shared().expect("the shared cluster").major()
+}
+
+/// Whether a `program` that works with the server is installed (pg_basebackup works only
+/// with servers of its major or older; other majors' packages carry no client programs).
+/// When none is, says on the real stderr which test is skipped and why.
+pub fn has_client_for_server(cluster: &Cluster, program: &str, test: &str) -> bool {
+    match cluster.binaries().client_for_server(program) {
+        Ok(_) => true,
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "skipped {test} on PostgreSQL {}: {why}",
+                cluster.binaries().version
+            );
+            false
+        }
+    }
+}
+
 /// A role name unique to this database (roles are cluster-wide; tests run in parallel).
 pub fn role(db: &TestDb, base: &str) -> String {
     let db_name = db.url.rsplit('/').next().unwrap_or("db");
