@@ -5,8 +5,11 @@
 //! `GET /metrics`). The engine drains every proxy, swaps the tables and opens them again.
 
 pub mod gate;
+mod relay;
+pub mod reshape;
 pub mod session;
 mod startup;
+pub mod tracker;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -114,9 +117,41 @@ pub struct Shared {
     next_id: AtomicU64,
     connections: AtomicU64,
     cancels: AtomicU64,
+    prepared: PreparedCounts,
+}
+
+/// Prepared statements whose result changed under them, over all sessions.
+#[derive(Debug, Default)]
+struct PreparedCounts {
+    reprepared: AtomicU64,
+    replayed: AtomicU64,
+    reshaped_rows: AtomicU64,
+    passed_on: AtomicU64,
+}
+
+/// What `/status` says of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreparedStatus {
+    /// Statements prepared again after their result changed.
+    pub reprepared: u64,
+    /// Client batches replayed after a `cached plan must not change result type` error.
+    pub replayed: u64,
+    /// Rows returned through a statement rewritten to keep the client's result shape.
+    pub reshaped_rows: u64,
+    /// Such errors passed on to the client (inside a transaction, pipelined, incompatible …).
+    pub errors_passed_on: u64,
 }
 
 impl Shared {
+    /// Adds what a session's tracker counted between `was` and `now`.
+    pub(crate) fn add_counts(&self, now: tracker::Counts, was: tracker::Counts) {
+        let p = &self.prepared;
+        p.reprepared.fetch_add(now.reprepared - was.reprepared.min(now.reprepared), Ordering::Relaxed);
+        p.replayed.fetch_add(now.replayed - was.replayed.min(now.replayed), Ordering::Relaxed);
+        p.reshaped_rows.fetch_add(now.reshaped_rows - was.reshaped_rows.min(now.reshaped_rows), Ordering::Relaxed);
+        p.passed_on.fetch_add(now.passed_on - was.passed_on.min(now.passed_on), Ordering::Relaxed);
+    }
+
     fn register(&self, client: String) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
@@ -125,6 +160,7 @@ impl Shared {
             started: Instant::now(),
             flags: Default::default(),
             backend: Default::default(),
+            tracker: Default::default(),
         });
         self.sessions.insert(id, Arc::clone(&session));
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +221,7 @@ pub struct Status {
     pub gate: GateStatus,
     pub connections_total: u64,
     pub cancels_total: u64,
+    pub prepared: PreparedStatus,
 }
 
 #[derive(Clone)]
@@ -218,6 +255,7 @@ impl Proxy {
                 next_id: AtomicU64::new(0),
                 connections: AtomicU64::new(0),
                 cancels: AtomicU64::new(0),
+                prepared: PreparedCounts::default(),
             }),
         })
     }
@@ -289,6 +327,15 @@ impl Proxy {
             gate: self.shared.gate.status(),
             connections_total: self.shared.connections.load(Ordering::Relaxed),
             cancels_total: self.shared.cancels.load(Ordering::Relaxed),
+            prepared: {
+                let p = &self.shared.prepared;
+                PreparedStatus {
+                    reprepared: p.reprepared.load(Ordering::Relaxed),
+                    replayed: p.replayed.load(Ordering::Relaxed),
+                    reshaped_rows: p.reshaped_rows.load(Ordering::Relaxed),
+                    errors_passed_on: p.passed_on.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 

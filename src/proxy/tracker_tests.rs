@@ -1,0 +1,225 @@
+use super::*;
+
+fn fields(cols: &[(&str, u32)]) -> Vec<u8> {
+    let mut t = (cols.len() as i16).to_be_bytes().to_vec();
+    for (i, (name, oid)) in cols.iter().enumerate() {
+        t.extend(name.as_bytes());
+        t.push(0);
+        t.extend(16384u32.to_be_bytes());
+        t.extend((i as i16 + 1).to_be_bytes());
+        t.extend(oid.to_be_bytes());
+        t.extend((-1i16).to_be_bytes());
+        t.extend((-1i32).to_be_bytes());
+        t.extend(0i16.to_be_bytes());
+    }
+    whole(b'T', &t)
+}
+
+fn params(oids: &[u32]) -> Vec<u8> {
+    let mut t = (oids.len() as i16).to_be_bytes().to_vec();
+    for o in oids {
+        t.extend(o.to_be_bytes());
+    }
+    whole(b't', &t)
+}
+
+fn bind(portal: &str, statement: &str) -> Vec<u8> {
+    let mut b = format!("{portal}\0{statement}\0").into_bytes();
+    b.extend([0, 1, 0, 1]); // one format: binary
+    b.extend([0, 1, 0, 0, 0, 4, 0, 0, 0, 7]); // one value
+    b.extend([0, 1, 0, 1]); // results in binary
+    whole(b'B', &b)
+}
+
+fn execute(portal: &str) -> Vec<u8> {
+    let mut b = format!("{portal}\0").into_bytes();
+    b.extend([0, 0, 0, 0]);
+    whole(b'E', &b)
+}
+
+fn ready(status: u8) -> Vec<u8> {
+    whole(b'Z', &[status])
+}
+
+fn error(code: &str, routine: &str) -> Vec<u8> {
+    whole(b'E', format!("SERROR\0C{code}\0Mcached plan must not change result type\0R{routine}\0\0").as_bytes())
+}
+
+fn stale() -> Vec<u8> {
+    error("0A000", "RevalidateCachedQuery")
+}
+
+/// Feeds a client batch; every message must be forwarded as it is.
+fn client(t: &mut Tracker, msgs: &[Vec<u8>]) {
+    for m in msgs {
+        assert_eq!(t.on_client(m), ClientStep::Forward, "{:?}", m[0] as char);
+    }
+}
+
+fn server(t: &mut Tracker, m: &[u8]) -> Outcome {
+    t.on_server(m)
+}
+
+/// `SELECT * FROM t WHERE id = $1` prepared as `s1` and described: one int4 column.
+fn prepared() -> Tracker {
+    let mut t = Tracker::new();
+    client(
+        &mut t,
+        &[
+            proto::parse_message("s1", "SELECT * FROM t WHERE id = $1", &[]),
+            proto::describe_message(true, "s1"),
+            proto::sync_message(),
+        ],
+    );
+    for m in [whole(b'1', &[]), params(&[23]), fields(&[("id", 23)]), ready(b'I')] {
+        assert!(server(&mut t, &m).forward);
+    }
+    t
+}
+
+fn execute_batch() -> Vec<Vec<u8>> {
+    vec![bind("", "s1"), execute(""), proto::sync_message()]
+}
+
+#[test]
+fn a_healthy_batch_flows_with_its_bind_answer_held_only_until_it_comes() {
+    let mut t = prepared();
+    client(&mut t, &execute_batch());
+    let o = server(&mut t, &whole(b'2', &[]));
+    assert!(o.forward && o.deliver.is_empty());
+    assert!(server(&mut t, &whole(b'D', &[0, 1, 0, 0, 0, 4, 0, 0, 0, 7])).forward);
+    assert!(server(&mut t, &whole(b'C', b"SELECT 1\0")).forward);
+    let o = server(&mut t, &ready(b'I'));
+    assert_eq!((o.forward, o.ready), (true, Some(TransactionStatus::Idle)));
+    assert!(!t.disabled());
+}
+
+#[test]
+fn a_stale_plan_is_prepared_again_as_the_client_knows_it_and_the_batch_replayed() {
+    let mut t = prepared();
+    let batch = execute_batch();
+    client(&mut t, &batch);
+    let o = server(&mut t, &stale());
+    assert!(!o.forward && o.deliver.is_empty(), "the error is not passed on");
+    let probe = o.inject;
+    assert!(String::from_utf8_lossy(&probe).contains(PROBE));
+    // While the proxy recovers, the client's next messages wait.
+    assert_eq!(t.on_client(&proto::sync_message()), ClientStep::Wait);
+    assert_eq!(server(&mut t, &ready(b'I')), Outcome::default(), "the failed batch's end is swallowed");
+    for m in [whole(b'1', &[]), params(&[23]), fields(&[("id", 20)]), whole(b'3', &[])] {
+        assert_eq!(server(&mut t, &m), Outcome::default());
+    }
+    let o = server(&mut t, &ready(b'I'));
+    let reprepare = String::from_utf8_lossy(&o.inject).into_owned();
+    assert!(reprepare.contains("WITH ghostwire_reshaped(c1) AS"), "{reprepare}");
+    assert!(reprepare.contains("c1::pg_catalog.int4 AS \"id\""), "{reprepare}");
+    for m in [whole(b'1', &[]), whole(b'3', &[]), whole(b'1', &[]), whole(b'3', &[])] {
+        assert_eq!(server(&mut t, &m), Outcome::default());
+    }
+    let o = server(&mut t, &ready(b'I'));
+    assert_eq!(o.inject, batch.concat(), "the client's batch, replayed");
+    assert!(o.resume);
+    assert_eq!(t.on_client(&proto::sync_message()), ClientStep::Forward, "the client flows again");
+    // The replay's answers are the client's (the Sync the client sent meanwhile is answered last).
+    for m in [whole(b'2', &[]), whole(b'D', &[0, 1, 0, 0, 0, 4, 0, 0, 0, 7]), whole(b'C', b"SELECT 1\0")] {
+        assert!(server(&mut t, &m).forward);
+    }
+    assert_eq!(server(&mut t, &ready(b'I')).ready, Some(TransactionStatus::Idle));
+    assert_eq!(t.counts, Counts { reprepared: 1, replayed: 1, reshaped_rows: 1, passed_on: 0 });
+}
+
+#[test]
+fn an_unrelated_type_change_gives_the_client_the_servers_error() {
+    let mut t = prepared();
+    client(&mut t, &execute_batch());
+    let err = stale();
+    assert!(!server(&mut t, &err).inject.is_empty());
+    server(&mut t, &ready(b'I'));
+    for m in [whole(b'1', &[]), params(&[23]), fields(&[("id", 25)]), whole(b'3', &[])] {
+        server(&mut t, &m);
+    }
+    let o = server(&mut t, &ready(b'I'));
+    assert_eq!(o.deliver, [err, ready(b'I')].concat());
+    assert!(o.resume && o.inject.is_empty());
+    assert_eq!(o.ready, Some(TransactionStatus::Idle));
+    assert_eq!(t.counts.passed_on, 1);
+}
+
+#[test]
+fn inside_a_transaction_block_the_error_goes_to_the_client() {
+    let mut t = prepared();
+    client(&mut t, &[whole(b'Q', b"BEGIN\0")]);
+    server(&mut t, &whole(b'C', b"BEGIN\0"));
+    server(&mut t, &ready(b'T'));
+    client(&mut t, &execute_batch());
+    let err = stale();
+    let o = server(&mut t, &err);
+    assert!(o.forward && o.inject.is_empty());
+    assert_eq!(server(&mut t, &ready(b'E')).ready, Some(TransactionStatus::Failed));
+    assert_eq!(t.counts.passed_on, 1);
+}
+
+#[test]
+fn other_errors_and_a_second_batch_in_flight_are_passed_on() {
+    let mut t = prepared();
+    client(&mut t, &execute_batch());
+    let o = server(&mut t, &error("23505", "_bt_check_unique"));
+    assert!(o.forward);
+    server(&mut t, &ready(b'I'));
+    // Pipelined: a second batch was sent before the first was answered.
+    client(&mut t, &execute_batch());
+    client(&mut t, &execute_batch());
+    assert!(server(&mut t, &stale()).forward);
+    assert_eq!(t.counts.passed_on, 1);
+}
+
+#[test]
+fn describing_a_rewritten_statement_prepares_it_as_written_first() {
+    let mut t = a_stale_plan_replayed();
+    let step = t.on_client(&proto::describe_message(true, "s1"));
+    let ClientStep::Prefix(prefix) = step else { panic!("expected a prefix, got {step:?}") };
+    assert!(String::from_utf8_lossy(&prefix).contains("SELECT * FROM t WHERE id = $1"));
+    client(&mut t, &[proto::sync_message()]);
+    assert_eq!(server(&mut t, &whole(b'3', &[])), Outcome::default());
+    assert_eq!(server(&mut t, &whole(b'1', &[])), Outcome::default());
+    assert!(server(&mut t, &params(&[23])).forward);
+    assert!(server(&mut t, &fields(&[("id", 20)])).forward);
+    assert!(server(&mut t, &ready(b'I')).forward);
+    // Known by its new shape now: the next execution reshapes nothing.
+    client(&mut t, &execute_batch());
+    for m in [
+        whole(b'2', &[]),
+        whole(b'D', &[0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7]),
+        whole(b'C', b"SELECT 1\0"),
+        ready(b'I'),
+    ] {
+        assert!(server(&mut t, &m).forward);
+    }
+    assert_eq!(t.counts.reshaped_rows, 1);
+}
+
+fn a_stale_plan_replayed() -> Tracker {
+    let mut t = prepared();
+    client(&mut t, &execute_batch());
+    server(&mut t, &stale());
+    server(&mut t, &ready(b'I'));
+    for m in [whole(b'1', &[]), params(&[23]), fields(&[("id", 20)]), whole(b'3', &[]), ready(b'I')] {
+        server(&mut t, &m);
+    }
+    for m in [whole(b'1', &[]), whole(b'3', &[]), whole(b'1', &[]), whole(b'3', &[]), ready(b'I')] {
+        server(&mut t, &m);
+    }
+    for m in [whole(b'2', &[]), whole(b'D', &[0, 1, 0, 0, 0, 4, 0, 0, 0, 7]), whole(b'C', b"SELECT 1\0"), ready(b'I')] {
+        assert!(server(&mut t, &m).forward);
+    }
+    t
+}
+
+#[test]
+fn nonsense_turns_the_bookkeeping_off_and_everything_flows() {
+    let mut t = Tracker::new();
+    let o = server(&mut t, &whole(b'2', &[]));
+    assert!(o.forward && t.disabled());
+    client(&mut t, &execute_batch());
+    assert!(server(&mut t, &stale()).forward);
+}
