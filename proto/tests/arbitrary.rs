@@ -2,7 +2,9 @@
 //! any points yields the same messages.
 
 use ghostwire_proto::{
-    Framer, Item, auth_request, backend_key_data, error_fields, parse_startup, ready_for_query, sasl_initial_mechanism,
+    Framer, Item, Parse, Target, auth_request, backend_key_data, bind_body, bind_names, close_message,
+    describe_message, error_fields, execute_portal, parameter_description, parse_body, parse_message, parse_startup,
+    ready_for_query, row_description, sasl_initial_mechanism, target_body,
 };
 use proptest::prelude::*;
 
@@ -57,6 +59,58 @@ proptest! {
         let _ = error_fields(&bytes);
         let _ = auth_request(&bytes);
         let _ = sasl_initial_mechanism(&bytes);
+        let _ = parse_body(&bytes);
+        let _ = bind_body(&bytes);
+        let _ = bind_names(&bytes);
+        let _ = target_body(&bytes);
+        let _ = execute_portal(&bytes);
+        let _ = parameter_description(&bytes);
+        let _ = row_description(&bytes);
+    }
+
+    #[test]
+    fn the_messages_a_relay_writes_read_back(name in "[^\u{0}]{0,40}", query in "[^\u{0}]{0,200}", types in prop::collection::vec(any::<u32>(), 0..40), statement in any::<bool>()) {
+        let m = parse_message(&name, &query, &types);
+        prop_assert_eq!(m[0], b'P');
+        prop_assert_eq!(u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize + 1, m.len());
+        prop_assert_eq!(parse_body(&m[5..]).unwrap(), Parse { name: &name, query: &query, param_types: types });
+        for m in [describe_message(statement, &name), close_message(statement, &name)] {
+            prop_assert_eq!(u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize + 1, m.len());
+            prop_assert_eq!(target_body(&m[5..]).unwrap(), Target { statement, name: &name });
+        }
+    }
+
+    #[test]
+    fn a_bind_with_any_values_reads_back(portal in "[a-z0-9_]{0,20}", statement in "[a-z0-9_]{0,20}", formats in prop::collection::vec(0i16..2, 0..5), values in prop::collection::vec(prop::option::of(prop::collection::vec(any::<u8>(), 0..50)), 0..8), results in prop::collection::vec(0i16..2, 0..5)) {
+        let mut b = format!("{portal}\0{statement}\0").into_bytes();
+        b.extend((formats.len() as i16).to_be_bytes());
+        for f in &formats {
+            b.extend(f.to_be_bytes());
+        }
+        b.extend((values.len() as i16).to_be_bytes());
+        for v in &values {
+            match v {
+                Some(v) => {
+                    b.extend((v.len() as i32).to_be_bytes());
+                    b.extend(v);
+                }
+                None => b.extend((-1i32).to_be_bytes()),
+            }
+        }
+        b.extend((results.len() as i16).to_be_bytes());
+        for f in &results {
+            b.extend(f.to_be_bytes());
+        }
+        let bind = bind_body(&b).unwrap();
+        prop_assert_eq!((bind.portal, bind.statement), (portal.as_str(), statement.as_str()));
+        prop_assert_eq!(&bind.param_formats, &formats);
+        prop_assert_eq!(&bind.result_formats, &results);
+        prop_assert_eq!(bind.params_all_text(), formats.iter().all(|&f| f == 0));
+        prop_assert_eq!(bind_names(&b).unwrap(), (portal.as_str(), statement.as_str()));
+        // Cut anywhere, it is refused, never misread.
+        for cut in 0..b.len() {
+            prop_assert!(bind_body(&b[..cut]).is_err());
+        }
     }
 
     #[test]

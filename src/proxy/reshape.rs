@@ -32,7 +32,7 @@ pub enum Reshape {
 pub enum Incompatible {
     #[error("column {column} changed from type {old} to {new}, which is not a widening ghostwire can cast back")]
     Type { column: String, old: u32, new: u32 },
-    #[error("the statement no longer returns rows")]
+    #[error("the statement returns rows where it did not, or no longer does")]
     NoRows,
 }
 
@@ -78,8 +78,11 @@ fn source(old: &Field, new: &Field, index: usize) -> Result<Source, Incompatible
     if old.type_oid == new.type_oid {
         return Ok(Source::As(index));
     }
+    // A column that became char(n) reads padded to its length; cast back, it would lose the
+    // padding a fresh statement shows.
+    let padded = new.type_oid == BPCHAR;
     match (family(old.type_oid), family(new.type_oid), type_name(old.type_oid)) {
-        (Some(a), Some(b), Some(name)) if a == b => Ok(Source::Cast(index, name)),
+        (Some(a), Some(b), Some(name)) if a == b && !padded => Ok(Source::Cast(index, name)),
         _ => Err(Incompatible::Type { column: old.name.clone(), old: old.type_oid, new: new.type_oid }),
     }
 }
@@ -109,7 +112,7 @@ fn quote(name: &str) -> String {
 /// How `query`, whose result was `old` when the client described it and is `new` now, can be
 /// prepared again so that the client gets what it expects.
 pub fn reshape(query: &str, old: &[Field], new: &[Field]) -> Result<Reshape, Incompatible> {
-    if new.is_empty() && !old.is_empty() {
+    if new.is_empty() != old.is_empty() {
         return Err(Incompatible::NoRows);
     }
     let pairs = pair(old, new);
@@ -127,7 +130,7 @@ pub fn reshape(query: &str, old: &[Field], new: &[Field]) -> Result<Reshape, Inc
     if unchanged {
         return Ok(Reshape::Same);
     }
-    let body = query.trim_end().trim_end_matches(';').trim_end();
+    let body = query.trim_end_matches(|c: char| c == ';' || c.is_whitespace());
     let aliases: Vec<String> = (1..=new.len()).map(|i| format!("c{i}")).collect();
     let columns: Vec<String> = old
         .iter()
@@ -195,5 +198,63 @@ mod tests {
         assert!(matches!(reshape("SELECT v FROM t", &old, &[field("v", TEXT, -1, 1)]), Err(Incompatible::Type { .. })));
         assert!(matches!(reshape("SELECT v FROM t", &old, &[field("v", 3802, -1, 1)]), Err(Incompatible::Type { .. })));
         assert_eq!(reshape("UPDATE t SET v = 1", &old, &[]), Err(Incompatible::NoRows));
+        let text = [field("v", TEXT, -1, 1)];
+        assert!(matches!(
+            reshape("SELECT v FROM t", &text, &[field("v", BPCHAR, 14, 1)]),
+            Err(Incompatible::Type { .. })
+        ));
+        assert!(matches!(reshape("SELECT v FROM t", &[field("v", BPCHAR, 14, 1)], &text), Ok(Reshape::Rewrite(_))));
+    }
+
+    const TYPES: [u32; 11] = [INT2, INT4, INT8, FLOAT4, FLOAT8, NUMERIC, TEXT, VARCHAR, BPCHAR, 16, 3802];
+
+    fn arbitrary_field() -> impl Strategy<Value = Field> {
+        (
+            "[^\u{0}]{1,30}",
+            prop::sample::select(&[0u32, 16384, 16390][..]),
+            -2i16..6,
+            prop::sample::select(&TYPES[..]),
+            -1i32..40,
+        )
+            .prop_map(|(name, table_oid, attnum, type_oid, typmod)| Field {
+                // As a server names a column: no NUL, at most NAMEDATALEN - 1 bytes.
+                name: name.char_indices().take_while(|(i, c)| i + c.len_utf8() <= 63).map(|(_, c)| c).collect(),
+                table_oid,
+                attnum,
+                type_oid,
+                type_len: -1,
+                typmod,
+                format: 0,
+            })
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Whatever the two shapes, the answer is the same text, an error, or a query the
+        /// server parses whose columns are the old shape's, in order and named as they were.
+        #[test]
+        fn any_two_shapes(old in prop::collection::vec(arbitrary_field(), 0..6), new in prop::collection::vec(arbitrary_field(), 0..6), tail in "[ ;\n]{0,3}") {
+            let query = format!("SELECT * FROM t WHERE a = $1{tail}");
+            match reshape(&query, &old, &new) {
+                Ok(Reshape::Same) => prop_assert_eq!(&old, &new),
+                Ok(Reshape::Rewrite(sql)) => {
+                    let parsed = pg_query::parse(&sql, pg_query::ParserOptions::DEFAULT).map_err(|e| TestCaseError::fail(format!("{sql}: {e}")))?;
+                    let select = match parsed.protobuf.stmts[0].stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                        Some(pg_query::NodeEnum::SelectStmt(s)) => s.clone(),
+                        other => return Err(TestCaseError::fail(format!("not a SELECT: {other:?}"))),
+                    };
+                    let names: Vec<String> = select.target_list.iter().filter_map(|t| match t.node.as_ref() {
+                        Some(pg_query::NodeEnum::ResTarget(r)) => Some(r.name.clone()),
+                        _ => None,
+                    }).collect();
+                    let expected: Vec<String> = old.iter().map(|f| f.name.clone()).collect();
+                    prop_assert_eq!(names, expected);
+                }
+                Err(_) => {}
+            }
+        }
     }
 }

@@ -1,0 +1,407 @@
+//! A session's prepared statements, as the proxy follows them (DESIGN.md §3), and what it
+//! does when one's result changed under it. Pure bookkeeping: the relay's two directions
+//! tell it every message they pass, and it says what to do with each server message; no I/O.
+//!
+//! The client's named statements are kept with their text, the parameter types the server
+//! inferred and the result shape the client was told. Every message sent to the server is
+//! an entry the server's answers are matched against, batch by batch (up to each Sync).
+//! Answers to a batch that binds or describes a statement prepared earlier are held back
+//! until that Bind or Describe is answered (one message, no extra round trip). When it is
+//! answered with `cached plan must not change result type`, in a batch that began outside a
+//! transaction block (its implicit transaction rolled back) and that is the only one in
+//! flight, the proxy keeps the error to itself and recovers:
+//!
+//! 1. probe: the statement's text is prepared under a name of the proxy's, with the old
+//!    parameter types, and described: the new result shape;
+//! 2. re-prepare: the statement is prepared again under its own name, either as it was (the
+//!    client's batch describes it, so the client learns the new shape) or rewritten to
+//!    return the shape the client has ([`super::reshape`]); a trial Parse first, so a
+//!    failure leaves the client's statement as it was;
+//! 3. replay: the client's batch again, its answers to the client.
+//!
+//! Whatever fails on the way gives the client what it would have got (the held answers,
+//! the error, ReadyForQuery). Anything unexpected turns the bookkeeping off for the session:
+//! from then on the proxy only relays.
+
+use std::collections::{HashMap, VecDeque};
+
+use ghostwire_proto::{self as proto, Field, TransactionStatus};
+
+use recovery::Recovery;
+
+/// The longest client batch kept for a replay.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Answers held back at most (then they are passed on, and the batch cannot be replayed).
+const MAX_HELD_BYTES: usize = 1024 * 1024;
+/// Statement texts kept per session.
+const MAX_TEXT_BYTES: usize = 8 * 1024 * 1024;
+/// Names the proxy prepares under.
+const PROBE: &str = "ghostwire_probe";
+const TRIAL: &str = "ghostwire_trial";
+
+/// A named (or the unnamed) statement the client prepared.
+#[derive(Debug, Clone)]
+struct Statement {
+    query: String,
+    /// As the client gave them (0: inferred).
+    client_types: Vec<u32>,
+    /// As the server inferred them (ParameterDescription), once described.
+    params: Option<Vec<u32>>,
+    /// The result the client was last told (empty: no rows), once described.
+    shape: Option<Vec<Field>>,
+    /// Prepared as a rewrite that returns `shape` from a table that changed.
+    rewritten: bool,
+    /// The batch it was prepared in.
+    batch: u64,
+}
+
+/// What a message sent to the server waits for.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// `query` None: too long to keep (the statement is not followed).
+    Parse {
+        name: String,
+        query: Option<String>,
+        types: Vec<u32>,
+    },
+    Bind {
+        portal: String,
+        statement: String,
+        risky: bool,
+    },
+    DescribeStatement {
+        name: String,
+        risky: bool,
+        params: Option<Vec<u32>>,
+    },
+    DescribePortal {
+        portal: String,
+    },
+    Execute {
+        portal: String,
+    },
+    Close {
+        statement: bool,
+        name: String,
+    },
+    /// The end of a batch: Sync, a simple Query or a FunctionCall, answered by ReadyForQuery.
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Client,
+    /// The client's batch sent again: never recovered twice.
+    Replay,
+    Probe,
+    Reprepare,
+}
+
+#[derive(Debug)]
+struct Batch {
+    origin: Origin,
+    seq: u64,
+    entries: VecDeque<(Pending, bool)>,
+    closed: bool,
+    /// Its messages, for a replay (None: too long).
+    bytes: Option<Vec<u8>>,
+    risky: usize,
+    held: Vec<u8>,
+    forwarded: bool,
+    /// Answered by an error: the rest up to ReadyForQuery is skipped by the server.
+    failed: bool,
+    /// This batch's failure is being recovered from: its answers are kept, not passed on.
+    recovering: bool,
+    /// Named statements prepared in it (closed before a replay prepares them again).
+    parsed: Vec<String>,
+}
+
+impl Batch {
+    fn new(origin: Origin, seq: u64) -> Batch {
+        Batch {
+            origin,
+            seq,
+            entries: VecDeque::new(),
+            closed: false,
+            bytes: Some(Vec::new()),
+            risky: 0,
+            held: Vec::new(),
+            forwarded: false,
+            failed: false,
+            recovering: false,
+            parsed: Vec::new(),
+        }
+    }
+
+    fn internal(&self) -> bool {
+        matches!(self.origin, Origin::Probe | Origin::Reprepare)
+    }
+}
+
+/// What the relay does with one server message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Pass this message on (after `deliver`).
+    pub forward: bool,
+    /// Bytes to write to the client first (answers held back, or given up on).
+    pub deliver: Vec<u8>,
+    /// Bytes to send to the server (a probe, a re-prepare, a replay).
+    pub inject: Vec<u8>,
+    /// A ReadyForQuery the client gets (with this message or in `deliver`).
+    pub ready: Option<TransactionStatus>,
+    /// A recovery ended: the client's messages may flow again.
+    pub resume: bool,
+}
+
+/// What the relay does with one client message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientStep {
+    Forward,
+    /// Send these bytes to the server first.
+    Prefix(Vec<u8>),
+    /// Hold the message: a recovery is under way.
+    Wait,
+}
+
+/// Counters for `/status` and `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub reprepared: u64,
+    pub replayed: u64,
+    pub reshaped_rows: u64,
+    pub passed_on: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Tracker {
+    statements: HashMap<String, Statement>,
+    text_bytes: usize,
+    /// Portal → statement.
+    portals: HashMap<String, String>,
+    batches: VecDeque<Batch>,
+    next_seq: u64,
+    /// The transaction status of the last ReadyForQuery.
+    status: Option<TransactionStatus>,
+    recovery: Option<Recovery>,
+    disabled: bool,
+    pub counts: Counts,
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(body.len() + 5);
+    m.push(tag);
+    m.extend(((body.len() + 4) as u32).to_be_bytes());
+    m.extend(body);
+    m
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker::default()
+    }
+
+    pub fn disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// A recovery is under way: the client's messages wait.
+    pub fn recovering(&self) -> bool {
+        self.recovery.is_some()
+    }
+
+    /// Something did not add up: from now on, relay only.
+    fn disable(&mut self, why: &str) -> Outcome {
+        tracing::warn!("prepared-statement bookkeeping off for this session: {why}");
+        self.disabled = true;
+        self.statements.clear();
+        self.portals.clear();
+        let mut out = Outcome { forward: true, ..Outcome::default() };
+        for b in self.batches.drain(..) {
+            out.deliver.extend(b.held);
+        }
+        if let Some(r) = self.recovery.take() {
+            out.deliver.splice(0..0, r.given);
+            out.resume = true;
+        }
+        out
+    }
+
+    fn current_client_batch(&mut self) -> &mut Batch {
+        let open = self.batches.back().is_some_and(|b| !b.closed && b.origin == Origin::Client);
+        if !open {
+            self.next_seq += 1;
+            self.batches.push_back(Batch::new(Origin::Client, self.next_seq));
+        }
+        self.batches.back_mut().expect("just pushed")
+    }
+
+    /// A whole client message (`msg`: tag, length and body), before it is sent.
+    pub fn on_client(&mut self, msg: &[u8]) -> ClientStep {
+        if self.disabled || msg.len() < 5 {
+            return ClientStep::Forward;
+        }
+        if self.recovery.is_some() {
+            return ClientStep::Wait;
+        }
+        let mut prefix = Vec::new();
+        let entry = match self.client_entry(msg[0], &msg[5..], &mut prefix) {
+            Ok(e) => e,
+            Err(why) => {
+                self.disable(&why);
+                return ClientStep::Forward;
+            }
+        };
+        let batch = self.current_client_batch();
+        if let Some(bytes) = batch.bytes.as_mut() {
+            if bytes.len() + msg.len() <= MAX_BATCH_BYTES {
+                bytes.extend(msg);
+            } else {
+                batch.bytes = None;
+            }
+        }
+        if let Some(e) = entry {
+            self.push_entry(e, !prefix.is_empty());
+        }
+        if prefix.is_empty() { ClientStep::Forward } else { ClientStep::Prefix(prefix) }
+    }
+
+    /// Records the answer `entry` awaits in the current client batch. With `prefixed`, the
+    /// proxy's own Close and Parse go before it (answered first, and swallowed).
+    fn push_entry(&mut self, entry: Pending, prefixed: bool) {
+        let seq = self.current_client_batch().seq;
+        let risky =
+            |name: &str, statements: &HashMap<String, Statement>| statements.get(name).is_some_and(|s| s.batch < seq);
+        let entry = match entry {
+            Pending::Bind { portal, statement, .. } => {
+                let r = risky(&statement, &self.statements);
+                Pending::Bind { portal, statement, risky: r }
+            }
+            Pending::DescribeStatement { name, params, .. } => {
+                let r = risky(&name, &self.statements) && !prefixed;
+                Pending::DescribeStatement { name, risky: r, params }
+            }
+            other => other,
+        };
+        let batch = self.current_client_batch();
+        if prefixed && let Pending::DescribeStatement { name, .. } = &entry {
+            batch.entries.push_back((Pending::Close { statement: true, name: name.clone() }, true));
+            batch.entries.push_back((Pending::Parse { name: name.clone(), query: None, types: Vec::new() }, true));
+        }
+        if matches!(entry, Pending::Bind { risky: true, .. } | Pending::DescribeStatement { risky: true, .. }) {
+            batch.risky += 1;
+        }
+        let end = matches!(entry, Pending::End);
+        batch.entries.push_back((entry, false));
+        if end {
+            batch.closed = true;
+        }
+    }
+
+    /// The entry a client message adds (None: it is not answered), and, for a Describe of a
+    /// rewritten statement, the Close and Parse that prepare it as it was first.
+    fn client_entry(&mut self, tag: u8, body: &[u8], prefix: &mut Vec<u8>) -> Result<Option<Pending>, String> {
+        let bad = |e: proto::ProtoError| e.to_string();
+        Ok(Some(match tag {
+            b'P' => {
+                let p = proto::parse_body(body).map_err(bad)?;
+                Pending::Parse { name: p.name.to_owned(), query: Some(p.query.to_owned()), types: p.param_types }
+            }
+            b'B' => {
+                let (portal, statement) = proto::bind_names(body).map_err(bad)?;
+                Pending::Bind { portal: portal.to_owned(), statement: statement.to_owned(), risky: false }
+            }
+            b'D' => {
+                let t = proto::target_body(body).map_err(bad)?;
+                if !t.statement {
+                    Pending::DescribePortal { portal: t.name.to_owned() }
+                } else {
+                    // The client asks what the statement is: if it is a rewrite, it is prepared
+                    // as the client wrote it again, and the client learns the new shape.
+                    if let Some(s) = self.statements.get(t.name).filter(|s| s.rewritten) {
+                        let types = s.params.clone().unwrap_or_else(|| s.client_types.clone());
+                        prefix.extend(proto::close_message(true, t.name));
+                        prefix.extend(proto::parse_message(t.name, &s.query, &types));
+                    }
+                    Pending::DescribeStatement { name: t.name.to_owned(), risky: false, params: None }
+                }
+            }
+            b'E' => Pending::Execute { portal: proto::execute_portal(body).map_err(bad)?.to_owned() },
+            b'C' => {
+                let t = proto::target_body(body).map_err(bad)?;
+                Pending::Close { statement: t.statement, name: t.name.to_owned() }
+            }
+            b'S' | b'F' => Pending::End,
+            b'Q' => {
+                let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).to_ascii_uppercase();
+                if text.contains("DEALLOCATE") || text.contains("DISCARD") {
+                    // SQL-level statements share the protocol's namespace: forget them all.
+                    self.statements.clear();
+                    self.portals.clear();
+                    self.text_bytes = 0;
+                }
+                Pending::End
+            }
+            // Flush, CopyData, CopyDone, CopyFail, Terminate: not answered on their own.
+            b'H' | b'd' | b'c' | b'f' | b'X' => return Ok(None),
+            other => return Err(format!("unexpected client message {:?}", other as char)),
+        }))
+    }
+
+    /// The start of a client message too long to hold (its first `available` bytes): it
+    /// cannot be replayed, and its names must be in what is there.
+    pub fn on_client_large(&mut self, start: &[u8]) -> ClientStep {
+        if self.disabled {
+            return ClientStep::Forward;
+        }
+        if self.recovery.is_some() {
+            return ClientStep::Wait;
+        }
+        let name_at_start = |b: &[u8]| -> Option<String> {
+            let end = b.iter().position(|&c| c == 0)?;
+            std::str::from_utf8(&b[..end]).ok().map(str::to_owned)
+        };
+        let body = start.get(5..).unwrap_or_default();
+        let step = match start.first() {
+            Some(b'd') => return ClientStep::Forward,
+            Some(b'B') => proto::bind_names(body).ok().map(|(portal, statement)| Pending::Bind {
+                portal: portal.to_owned(),
+                statement: statement.to_owned(),
+                risky: false,
+            }),
+            Some(b'P') => name_at_start(body).map(|name| Pending::Parse { name, query: None, types: Vec::new() }),
+            Some(b'Q' | b'F') => Some(Pending::End),
+            _ => None,
+        };
+        self.current_client_batch().bytes = None;
+        match step {
+            Some(e) => self.push_entry(e, false),
+            None => {
+                self.disable("a long client message that cannot be followed");
+            }
+        }
+        ClientStep::Forward
+    }
+
+    fn register(&mut self, name: String, query: String, types: Vec<u32>, batch: u64) {
+        if let Some(old) = self.statements.remove(&name) {
+            self.text_bytes -= old.query.len();
+        }
+        if self.text_bytes + query.len() > MAX_TEXT_BYTES {
+            return; // not followed: its failures go to the client as they are
+        }
+        self.text_bytes += query.len();
+        let s = Statement { query, client_types: types, params: None, shape: None, rewritten: false, batch };
+        self.statements.insert(name, s);
+    }
+}
+
+/// A whole message, for tests and for the session's synthesized answers.
+pub fn whole(tag: u8, body: &[u8]) -> Vec<u8> {
+    message(tag, body)
+}
+
+mod answers;
+mod recovery;
+
+#[cfg(test)]
+mod tests;
