@@ -1,10 +1,13 @@
 //! What clients see during a cut-over: `cargo bench --bench cutover`.
 //!
 //! pgbench (the real client) runs at a fixed rate through `ghostwire proxy` against the
-//! table being migrated, logging every transaction. Meanwhile `ghostwire migrate --proxy`
-//! changes `amount` from integer to bigint. Printed: errors (target: 0), p50/p99/max
-//! latency in steady state and around the cut-over, and the stall clients saw (target:
-//! under 100 ms). `GHOSTWIRE_BENCH_ROWS` (default 1,000,000) sets the table size,
+//! table being migrated, logging every transaction, twice at once: 8 clients on the simple
+//! protocol (a transaction that reads and updates a row), and 4 on prepared statements
+//! (`-M prepared`: `SELECT *` and an UPDATE, each on its own), whose statements go stale at
+//! the swap and are prepared again by the proxy. Meanwhile `ghostwire migrate --proxy`
+//! changes `amount` from integer to bigint. Printed for each: errors (target: 0),
+//! p50/p99/max latency in steady state and around the cut-over, and the stall clients saw
+//! (target: under 100 ms). `GHOSTWIRE_BENCH_ROWS` (default 1,000,000) sets the table size,
 //! `GHOSTWIRE_BENCH_RATE` (default 400) the transactions per second.
 
 use std::path::Path;
@@ -25,6 +28,75 @@ UPDATE orders SET amount = amount + 1, status = 'paid' WHERE id = :id;
 END;
 ";
 
+const PREPARED_SCRIPT: &str = "\\set id random(1, :rows)
+SELECT * FROM orders WHERE id = :id;
+UPDATE orders SET amount = amount + 1 WHERE id = :id;
+";
+
+struct Run {
+    label: &'static str,
+    dir: tempfile::TempDir,
+    child: tokio::process::Child,
+}
+
+/// One pgbench workload.
+#[derive(Clone, Copy)]
+struct Load {
+    label: &'static str,
+    mode: &'static str,
+    script: &'static str,
+    clients: u32,
+    rate: u32,
+}
+
+fn pgbench(cluster: &Cluster, port: u16, load: &Load, seconds: u32, rows: i64) -> Run {
+    let Load { label, mode, script, clients, rate } = *load;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("script.sql"), script).unwrap();
+    let child = tokio::process::Command::new(cluster.binaries().path("pgbench"))
+        .current_dir(dir.path())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-M", mode])
+        .args(["-c", &clients.to_string(), "-j", "1", "-T", &seconds.to_string(), "-R", &rate.to_string()])
+        .args(["-l", "-f", "script.sql"])
+        .arg("-D")
+        .arg(format!("rows={rows}"))
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    Run { label, dir, child }
+}
+
+/// The rows of one pgbench run: steady state, during the migration, around the cut-over.
+fn report(run: &Run, text: &str, (started, ended): (u64, u64), (cut_from, cut_to): (u64, u64)) {
+    let log = read_logs(run.dir.path());
+    let steady: Vec<f64> = log.iter().filter(|(end, _)| *end < started).map(|(_, l)| *l).collect();
+    let during_migration: Vec<f64> =
+        log.iter().filter(|(end, _)| *end >= started && *end <= ended).map(|(_, l)| *l).collect();
+    let around_cutover: Vec<f64> = log
+        .iter()
+        .filter(|(end, l)| *end >= cut_from && end.saturating_sub((*l * 1000.0) as u64) <= cut_to)
+        .map(|(_, l)| *l)
+        .collect();
+    let aborted = text.matches("aborted").count();
+    let failed = text
+        .lines()
+        .find(|l| l.contains("number of failed transactions"))
+        .unwrap_or("number of failed transactions: ?")
+        .trim()
+        .to_owned();
+    println!("{}:", run.label);
+    summary("  steady state (before the migration)", steady);
+    summary("  during the migration", during_migration);
+    summary("  around the cut-over", around_cutover.clone());
+    let worst = around_cutover.iter().copied().fold(0.0, f64::max);
+    println!("  errors: {failed}; clients aborted: {aborted}");
+    println!(
+        "  stall clients saw at the cut-over (slowest transaction): {worst:.1} ms (target: under 100 ms, zero errors)"
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -35,7 +107,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn summary(name: &str, mut v: Vec<f64>) {
     v.sort_by(f64::total_cmp);
     println!(
-        "{name:<34} {:>7} tx   p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
+        "{name:<38} {:>7} tx   p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>7.2} ms",
         v.len(),
         percentile(&v, 0.5),
         percentile(&v, 0.99),
@@ -108,20 +180,18 @@ async fn main() {
     let s = shutdown.clone();
     tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });
 
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("script.sql"), SCRIPT).unwrap();
     let seconds = 25;
-    let pgbench = tokio::process::Command::new(cluster.binaries().path("pgbench"))
-        .current_dir(dir.path())
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-M", "simple"])
-        .args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-R", &rate.to_string(), "-l", "-f", "script.sql"])
-        .arg("-D")
-        .arg(format!("rows={rows}"))
-        .arg("postgres")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pgbench");
+    let loads = [
+        Load { label: "simple protocol, 8 clients", mode: "simple", script: SCRIPT, clients: 8, rate },
+        Load {
+            label: "prepared statements (-M prepared), 4 clients",
+            mode: "prepared",
+            script: PREPARED_SCRIPT,
+            clients: 4,
+            rate: rate / 2,
+        },
+    ];
+    let mut runs: Vec<Run> = loads.iter().map(|l| pgbench(&cluster, port, l, seconds, rows)).collect();
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let started = now_us();
@@ -148,33 +218,29 @@ async fn main() {
         .iter()
         .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
         .collect();
-    let out = pgbench.wait_with_output().await.unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut outputs = Vec::new();
+    for run in &mut runs {
+        let child = &mut run.child;
+        let status = child.wait().await.unwrap();
+        let mut text = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            tokio::io::AsyncReadExt::read_to_string(&mut o, &mut text).await.unwrap();
+        }
+        if let Some(mut e) = child.stderr.take() {
+            tokio::io::AsyncReadExt::read_to_string(&mut e, &mut text).await.unwrap();
+        }
+        outputs.push((status, text));
+    }
+    let prepared = proxy.status().prepared;
     shutdown.cancel();
 
     let swapped_at: u64 = window.first().and_then(|v| v.parse().ok()).unwrap_or(ended);
     let stall_ms: f64 = window.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let cut_from = swapped_at.saturating_sub((stall_ms * 1000.0) as u64 + 50_000);
     let cut_to = swapped_at + 50_000;
-    let log = read_logs(dir.path());
-    let steady: Vec<f64> = log.iter().filter(|(end, _)| *end < started).map(|(_, l)| *l).collect();
-    let during_migration: Vec<f64> =
-        log.iter().filter(|(end, _)| *end >= started && *end <= ended).map(|(_, l)| *l).collect();
-    let around_cutover: Vec<f64> = log
-        .iter()
-        .filter(|(end, l)| *end >= cut_from && end.saturating_sub((*l * 1000.0) as u64) <= cut_to)
-        .map(|(_, l)| *l)
-        .collect();
-    let aborted = text.matches("aborted").count();
-    let failed = text
-        .lines()
-        .find(|l| l.contains("number of failed transactions"))
-        .unwrap_or("number of failed transactions: ?")
-        .trim()
-        .to_owned();
-
     println!(
-        "cut-over benchmark: {rows} rows, pgbench -R {rate} -c 8 (simple protocol) through ghostwire proxy, {seconds} s"
+        "cut-over benchmark: {rows} rows, pgbench -R {rate} -c 8 (simple protocol) and -R {} -c 4 (-M prepared) through ghostwire proxy, {seconds} s",
+        rate / 2
     );
     println!(
         "migration: {:.1} s, copy {:.1} s; swap lock waited {:.1} ms, held {:.1} ms; proxy held clients {stall_ms:.1} ms",
@@ -183,15 +249,14 @@ async fn main() {
         outcome.swap.map(|s| s.lock_wait.as_secs_f64() * 1e3).unwrap_or(0.0),
         outcome.swap.map(|s| s.lock_hold.as_secs_f64() * 1e3).unwrap_or(0.0)
     );
-    summary("steady state (before the migration)", steady);
-    summary("during the migration", during_migration);
-    summary("around the cut-over", around_cutover.clone());
-    let worst = around_cutover.iter().copied().fold(0.0, f64::max);
-    println!("errors: {failed}; clients aborted: {aborted}");
-    println!(
-        "stall clients saw at the cut-over (slowest transaction): {worst:.1} ms (target: under 100 ms, zero errors)"
-    );
-    if !out.status.success() {
-        println!("pgbench exited with {}:\n{text}", out.status);
+    for (run, (status, text)) in runs.iter().zip(&outputs) {
+        report(run, text, (started, ended), (cut_from, cut_to));
+        if !status.success() {
+            println!("  pgbench exited with {status}:\n{text}");
+        }
     }
+    println!(
+        "proxy: {} statements prepared again, {} batches replayed, {} rows reshaped, {} stale-statement errors passed on",
+        prepared.reprepared, prepared.replayed, prepared.reshaped_rows, prepared.errors_passed_on
+    );
 }

@@ -7,7 +7,11 @@
 //! leg is plain text); each path is measured `GHOSTWIRE_BENCH_RUNS` times (default 3,
 //! interleaved) for `GHOSTWIRE_BENCH_SECONDS` (default 10) and the median is printed with
 //! its ratio to direct (direct TLS for the TLS rows). Target: at least PgBouncer's
-//! throughput in both.
+//! throughput in both. Then the same with prepared statements (`-M prepared`), through the
+//! proxy as it runs and with its statement recovery off (`--no-statement-recovery`):
+//! what following every Parse, Bind and Describe costs (target: at most 3%), in throughput
+//! and in the proxy's own CPU time per transaction (this process's, where the proxies run).
+//! `GHOSTWIRE_BENCH_ONLY=prepared` runs only the paths whose name has that text.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -85,19 +89,34 @@ async fn start_pgbouncer(pg_port: u16, dir: &std::path::Path, tls: bool) -> Opti
     None
 }
 
-async fn pgbench_tps(bin: &std::path::Path, port: u16, seconds: u32, sslmode: &str) -> f64 {
+/// CPU time this process (the proxies run in it) has used, in µs.
+fn cpu_us() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(u.ru_utime) + us(u.ru_stime)
+}
+
+/// (transactions per second, CPU µs this process spent per transaction).
+async fn pgbench_tps(bin: &std::path::Path, port: u16, seconds: u32, sslmode: &str, mode: &str) -> (f64, f64) {
+    let cpu = cpu_us();
     let out = Command::new(bin)
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-S", "-c", "8", "-j", "2"])
+        .args(["-M", mode])
         .args(["-T", &seconds.to_string(), "postgres"])
         .env("PGSSLMODE", sslmode)
         .output()
         .await
         .expect("pgbench");
+    let cpu = cpu_us() - cpu;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let tps: f64 = text
+        .lines()
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)))
+        .unwrap_or_else(|| panic!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (tps, cpu / (tps * f64::from(seconds)).max(1.0))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -145,11 +164,12 @@ async fn main() {
     let acceptor = Acceptor::new(&dir.path().join("server.crt"), &dir.path().join("server.key")).unwrap();
     let tls_leg = ClientLeg::new(ClientTlsMode::Require, Some(acceptor)).unwrap();
     let mut proxy_ports = Vec::new();
-    for leg in [plain_leg, tls_leg] {
+    for (leg, recover_statements) in [(plain_leg.clone(), true), (tls_leg, true), (plain_leg, false)] {
         let options = ProxyOptions {
             upstream: upstream.clone(),
             max_message_len: ghostwire_proto::MAX_MESSAGE_LEN,
             client_tls: leg,
+            recover_statements,
         };
         let proxy = Proxy::with_options(options).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -163,21 +183,34 @@ async fn main() {
     if bouncer.is_none() {
         println!("(PgBouncer not found: apt-get install pgbouncer to compare with it)");
     }
-    // (name, port, sslmode) of each path; the first of each group is the baseline.
-    let mut paths: Vec<(&str, u16, &str)> =
-        vec![("direct", cluster.port(), "disable"), ("ghostwire proxy", proxy_ports[0], "disable")];
+    // (name, port, sslmode, protocol) of each path; the first of each group is the baseline.
+    let mut paths: Vec<(&str, u16, &str, &str)> =
+        vec![("direct", cluster.port(), "disable", "simple"), ("ghostwire proxy", proxy_ports[0], "disable", "simple")];
     if let Some((_, port)) = &bouncer {
-        paths.push(("PgBouncer (session mode)", *port, "disable"));
+        paths.push(("PgBouncer (session mode)", *port, "disable", "simple"));
     }
-    paths.push(("direct, TLS", cluster.port(), "require"));
-    paths.push(("ghostwire proxy, TLS", proxy_ports[1], "require"));
+    paths.push(("direct, TLS", cluster.port(), "require", "simple"));
+    paths.push(("ghostwire proxy, TLS", proxy_ports[1], "require", "simple"));
     if let Some((_, port)) = &tls_bouncer {
-        paths.push(("PgBouncer, TLS", *port, "require"));
+        paths.push(("PgBouncer, TLS", *port, "require", "simple"));
+    }
+    paths.push(("direct, prepared", cluster.port(), "disable", "prepared"));
+    paths.push(("ghostwire proxy, prepared", proxy_ports[0], "disable", "prepared"));
+    paths.push(("  without statement recovery", proxy_ports[2], "disable", "prepared"));
+    if let Some((_, port)) = &bouncer {
+        paths.push(("PgBouncer, prepared", *port, "disable", "prepared"));
+    }
+    // GHOSTWIRE_BENCH_ONLY=prepared: only the paths whose name has it (with their baseline).
+    if let Ok(only) = std::env::var("GHOSTWIRE_BENCH_ONLY") {
+        paths.retain(|p| p.0.contains(only.as_str()) || p.0.starts_with("  "));
     }
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for _ in 0..runs {
-        for (i, (_, port, sslmode)) in paths.iter().enumerate() {
-            tps[i].push(pgbench_tps(&pgbench, *port, seconds, sslmode).await);
+        for (i, (_, port, sslmode, mode)) in paths.iter().enumerate() {
+            let (t, c) = pgbench_tps(&pgbench, *port, seconds, sslmode, mode).await;
+            tps[i].push(t);
+            cpu[i].push(c);
         }
     }
     shutdown.cancel();
@@ -191,18 +224,42 @@ async fn main() {
         }
     }
     println!("proxy benchmark: pgbench -S -c 8 -j 2, {seconds} s per run, median of {runs}");
-    println!("{:<28} {:>10} {:>8}", "", "tps", "ratio");
+    println!("{:<28} {:>10} {:>8} {:>14}", "", "tps", "ratio", "proxy µs/tx");
     let mut base = 1.0;
-    for ((name, _, _), v) in paths.iter().zip(&tps) {
+    let mut medians = Vec::new();
+    for (((name, _, _, _), v), c) in paths.iter().zip(&tps).zip(&cpu) {
         let m = median(v.clone());
+        let c = median(c.clone());
+        medians.push((*name, m, c));
         if name.starts_with("direct") {
             base = m;
         }
+        let own =
+            if name.starts_with("direct") || name.starts_with("PgBouncer") { "-".into() } else { format!("{c:.1}") };
         println!(
-            "{name:<28} {m:>10.0} {:>7.2}x   (runs: {})",
+            "{name:<28} {m:>10.0} {:>7.2}x {own:>14}   (runs: {})",
             m / base,
             v.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(" ")
         );
     }
     println!("target: ghostwire proxy at least PgBouncer's throughput, in plain text and with TLS");
+    let of = |n: &str| medians.iter().find(|(name, _, _)| *name == n).map(|(_, m, _)| *m).unwrap_or(f64::NAN);
+    let cpu_of = |n: &str| medians.iter().find(|(name, _, _)| *name == n).map(|(_, _, c)| *c).unwrap_or(f64::NAN);
+    // Paired runs (each run of the two back to back) give the cost with less of the noise.
+    let with = &tps[paths.iter().position(|p| p.0 == "ghostwire proxy, prepared").unwrap_or(0)];
+    let without = &tps[paths.iter().position(|p| p.0 == "  without statement recovery").unwrap_or(0)];
+    let paired = median(with.iter().zip(without).map(|(a, b)| a / b).collect());
+    println!(
+        "statement recovery costs {:.1}% of -M prepared throughput (medians), {:.1}% (median of paired runs); target: at most 3%",
+        (1.0 - of("ghostwire proxy, prepared") / of("  without statement recovery")) * 100.0,
+        (1.0 - paired) * 100.0
+    );
+    // The proxy's own CPU per transaction: what the bookkeeping adds, without the noise of
+    // two cores shared by pgbench, the server and the proxy.
+    println!(
+        "statement recovery adds {:.1}% to the proxy's CPU time per -M prepared transaction ({:.1} against {:.1} µs)",
+        (cpu_of("ghostwire proxy, prepared") / cpu_of("  without statement recovery") - 1.0) * 100.0,
+        cpu_of("ghostwire proxy, prepared"),
+        cpu_of("  without statement recovery")
+    );
 }

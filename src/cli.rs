@@ -170,6 +170,10 @@ pub enum Command {
         /// On SIGINT/SIGTERM: how long to let sessions end before closing them.
         #[arg(long, default_value = "30s", value_parser = duration)]
         shutdown_timeout: Duration,
+        /// Only relay: do not follow prepared statements, and pass "cached plan must not
+        /// change result type" on to clients instead of preparing the statement again.
+        #[arg(long)]
+        no_statement_recovery: bool,
     },
     /// Show ghostwire at work on a throwaway local cluster with a sample table.
     Demo {

@@ -1,7 +1,7 @@
 //! The suite on every other PostgreSQL major installed: the whole suite runs on the default
 //! server binaries (Debian's PostgreSQL 15 here); this runs the migrate oracle tests, the
-//! cut-over tests, the catalog and carry-over tests, the version-specific tests and the
-//! proxy's authentication tests again on each major found under `$GHOSTWIRE_PG_MAJORS`
+//! cut-over tests, the catalog and carry-over tests, the version-specific tests, the
+//! proxy's authentication tests and its prepared-statement recovery again on each major found under `$GHOSTWIRE_PG_MAJORS`
 //! (default `/opt/ghostwire-pg`, where `.ci/pg-majors` installs 14, 16, 17 and 18), by
 //! running those test binaries with `GHOSTWIRE_PG_BINDIR` pointing at the major. Nothing
 //! installed: it says so and passes.
@@ -22,6 +22,8 @@ const SUBSETS: &[(&str, &[&str])] = &[
     ("versions", &[]),
     ("proxy", &["trust_md5_and_scram_authentication_pass_through"]),
     ("proxy_tls", &["every_leg_auth_and_channel_binding_combination"]),
+    ("prepared", &[]),
+    ("reshape_values", &[]),
 ];
 
 /// Majors run at once (each test binary runs its own tests two at a time).

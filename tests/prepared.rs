@@ -147,6 +147,26 @@ async fn tokio_postgres_statements_survive_a_swap_and_instant_changes() {
     assert!(status.prepared.replayed >= 3 && status.prepared.reprepared >= 3, "{:?}", status.prepared);
     assert!(status.prepared.reshaped_rows > 0, "{:?}", status.prepared);
     assert_eq!(status.prepared.errors_passed_on, 0, "{:?}", status.prepared);
+    // The same counts over HTTP: /status, and /metrics (process-wide: at least these).
+    let get = |path: &'static str| {
+        let addr = proxy.control.clone();
+        async move { ghostwire::control::call(&addr, None, "GET", path, Duration::from_secs(10)).await.unwrap().1 }
+    };
+    let over_http: serde_json::Value = serde_json::from_str(&get("/status").await).unwrap();
+    assert_eq!(over_http["prepared"]["replayed"], status.prepared.replayed, "{over_http}");
+    let metrics = get("/metrics").await;
+    for (name, at_least) in [
+        ("ghostwire_proxy_reprepared_total", status.prepared.reprepared),
+        ("ghostwire_proxy_replayed_total", status.prepared.replayed),
+        ("ghostwire_proxy_reshaped_rows_total", status.prepared.reshaped_rows),
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        assert!(value >= at_least as f64, "{name} {value} < {at_least}");
+    }
     // A client that prepares now sees the new table as it is.
     let fresh = connect(&through).await;
     let row = fresh.query_one("SELECT * FROM orders WHERE id = 1", &[]).await.unwrap();

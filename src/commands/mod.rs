@@ -100,6 +100,7 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
             client_tls,
             max_message_size,
             shutdown_timeout,
+            no_statement_recovery,
         } => {
             let tls = proxy::Tls { cert: tls_cert, key: tls_key, client: client_tls };
             let args = proxy::Args {
@@ -107,6 +108,7 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
                 upstream: &upstream,
                 control: control.as_deref(),
                 token: token.secret(),
+                recover_statements: !no_statement_recovery,
             };
             proxy::run(args, tls, max_message_size, shutdown_timeout).await
         }

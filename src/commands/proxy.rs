@@ -83,10 +83,17 @@ pub struct Args<'a> {
     pub upstream: &'a str,
     pub control: Option<&'a str>,
     pub token: Option<Secret>,
+    /// Prepare stale statements again and replay (see proxy/tracker).
+    pub recover_statements: bool,
 }
 
 pub async fn run(args: Args<'_>, tls: Tls, max_message_len: u32, grace: Duration) -> Result<(), CommandError> {
-    let options = ProxyOptions { upstream: args.upstream.to_owned(), max_message_len, client_tls: tls.leg()? };
+    let options = ProxyOptions {
+        upstream: args.upstream.to_owned(),
+        max_message_len,
+        client_tls: tls.leg()?,
+        recover_statements: args.recover_statements,
+    };
     let proxy = Proxy::with_options(options).map_err(CommandError::refused)?;
     let ctl = match args.control {
         Some(addr) => Some(listen_control(addr, args.token.as_ref()).await?),

@@ -102,6 +102,9 @@ pub struct ProxyOptions {
     pub upstream: String,
     pub max_message_len: u32,
     pub client_tls: ClientLeg,
+    /// Follow prepared statements and recover those a table change made stale (the
+    /// default); off, the proxy only relays and clients get the server's error.
+    pub recover_statements: bool,
 }
 
 /// Proxy-wide state shared by the sessions.
@@ -110,6 +113,7 @@ pub struct Shared {
     pub gate: Arc<Gate>,
     upstream: Upstream,
     client_tls: ClientLeg,
+    recover_statements: bool,
     pub max_message_len: u32,
     sessions: DashMap<u64, Arc<Session>>,
     /// (backend pid, secret key) → session, for cancel requests.
@@ -160,7 +164,11 @@ impl Shared {
             started: Instant::now(),
             flags: Default::default(),
             backend: Default::default(),
-            tracker: Default::default(),
+            tracker: std::sync::Mutex::new(if self.recover_statements {
+                tracker::Tracker::new()
+            } else {
+                tracker::Tracker::off()
+            }),
         });
         self.sessions.insert(id, Arc::clone(&session));
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +246,7 @@ impl Proxy {
             upstream: upstream.to_owned(),
             max_message_len,
             client_tls: ClientLeg::default(),
+            recover_statements: true,
         })
     }
 
@@ -249,6 +258,7 @@ impl Proxy {
                 gate: Arc::new(Gate::default()),
                 upstream,
                 client_tls: options.client_tls,
+                recover_statements: options.recover_statements,
                 max_message_len: options.max_message_len,
                 sessions: DashMap::new(),
                 backends: DashMap::new(),

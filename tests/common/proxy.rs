@@ -29,6 +29,7 @@ impl TestProxy {
             upstream: upstream.to_owned(),
             max_message_len: ghostwire_proto::MAX_MESSAGE_LEN,
             client_tls,
+            recover_statements: true,
         };
         let proxy = Proxy::with_options(options).expect("proxy");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -35,7 +35,7 @@ impl Tracker {
             b't' => self.parameters(body).map(|()| false),
             b'T' | b'n' => self.described(tag, body),
             b'D' | b'G' | b'H' | b'W' | b'd' | b'c' | b'V' => self.inside(tag).map(|()| false),
-            b'C' | b'I' | b's' => self.completed().map(|()| false),
+            b'C' | b'I' | b's' => self.completed(tag, body).map(|()| false),
             _ => Err(format!("unexpected server message {:?}", tag as char)),
         };
         match result {
@@ -147,7 +147,9 @@ impl Tracker {
     }
 
     fn described(&mut self, tag: u8, body: &[u8]) -> Result<bool, String> {
-        let shape = if tag == b'T' { proto::row_description(body).map_err(|e| e.to_string())? } else { Vec::new() };
+        // Kept as the server sent it (empty: NoData), read only for a recovery: most
+        // descriptions are the same as the last one, and cost a comparison.
+        let shape: &[u8] = if tag == b'T' { body } else { &[] };
         let b = self.batches.front_mut().ok_or("no batch")?;
         let origin = b.origin;
         match b.entries.front() {
@@ -165,18 +167,20 @@ impl Tracker {
                 if origin == Origin::Probe {
                     if let Some(r) = self.recovery.as_mut() {
                         r.probe_params = params;
-                        r.probe_shape = Some(shape);
+                        r.probe_shape = Some(shape.to_vec());
                     }
                 } else if !internal && let Some(s) = self.statements.get_mut(&name) {
                     s.params = params.or(s.params.take());
-                    s.shape = Some(shape);
+                    if s.shape.as_deref() != Some(shape) {
+                        s.shape = Some(shape.to_vec());
+                    }
                     s.rewritten = false;
                 }
             }
             Pending::DescribePortal { portal } => {
                 if let Some(s) = self.portals.get(&portal).and_then(|n| self.statements.get_mut(n)) {
-                    if !s.rewritten {
-                        s.shape = Some(shape);
+                    if !s.rewritten && s.shape.as_deref() != Some(shape) {
+                        s.shape = Some(shape.to_vec());
                     }
                 }
             }
@@ -187,11 +191,13 @@ impl Tracker {
 
     /// DataRow, the COPY messages and FunctionCallResponse: inside the front entry.
     fn inside(&mut self, tag: u8) -> Result<(), String> {
-        let b = self.batches.front().ok_or("no batch")?;
-        match b.entries.front() {
-            Some((Pending::Execute { portal }, _)) => {
-                let reshaped =
-                    self.portals.get(portal).and_then(|n| self.statements.get(n)).is_some_and(|s| s.rewritten);
+        let b = self.batches.front_mut().ok_or("no batch")?;
+        match b.entries.front_mut() {
+            Some((Pending::Execute { portal, reshaped }, _)) => {
+                let (portals, statements) = (&self.portals, &self.statements);
+                let reshaped = *reshaped.get_or_insert_with(|| {
+                    portals.get(portal).and_then(|n| statements.get(n)).is_some_and(|s| s.rewritten)
+                });
                 if tag == b'D' && reshaped {
                     self.counts.reshaped_rows += 1;
                 }
@@ -203,8 +209,13 @@ impl Tracker {
     }
 
     /// CommandComplete, EmptyQueryResponse, PortalSuspended.
-    fn completed(&mut self) -> Result<(), String> {
+    fn completed(&mut self, tag: u8, body: &[u8]) -> Result<(), String> {
         let b = self.batches.front_mut().ok_or("no batch")?;
+        // COMMIT (also END's tag), ROLLBACK, PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED.
+        let command = body.split(|&c| c == b' ' || c == 0).next().unwrap_or_default();
+        if tag == b'C' && matches!(command, b"COMMIT" | b"ROLLBACK" | b"PREPARE") {
+            b.ended_transaction = true;
+        }
         match b.entries.front() {
             Some((Pending::Execute { .. }, _)) => {
                 b.entries.pop_front();
@@ -222,12 +233,15 @@ impl Tracker {
             return self.disable("a ReadyForQuery before the end of its batch");
         }
         self.status = status;
-        match b.origin {
+        let out = match b.origin {
             Origin::Probe => self.after_probe(),
             Origin::Reprepare => self.after_reprepare(),
             _ if b.recovering => {
                 if let Some(r) = self.recovery.as_mut() {
                     r.given.extend(msg);
+                    // The error left a transaction block open (the batch began one): nothing
+                    // can be replayed in it.
+                    r.failed |= status != Some(TransactionStatus::Idle);
                 }
                 Outcome::default()
             }
@@ -236,6 +250,8 @@ impl Tracker {
                 let deliver = std::mem::take(&mut b.held);
                 Outcome { forward: true, deliver, ready: status, ..Outcome::default() }
             }
-        }
+        };
+        self.recycle(b);
+        out
     }
 }

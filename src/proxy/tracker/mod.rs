@@ -24,6 +24,7 @@
 //! from then on the proxy only relays.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use ghostwire_proto::{self as proto, Field, TransactionStatus};
 
@@ -39,6 +40,27 @@ const MAX_TEXT_BYTES: usize = 8 * 1024 * 1024;
 const PROBE: &str = "ghostwire_probe";
 const TRIAL: &str = "ghostwire_trial";
 
+/// FNV-1a over a statement or portal name: names are short, looked up on every message,
+/// and chosen by the session's own client (which can slow only itself).
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Names<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+
 /// A named (or the unnamed) statement the client prepared.
 #[derive(Debug, Clone)]
 struct Statement {
@@ -48,7 +70,8 @@ struct Statement {
     /// As the server inferred them (ParameterDescription), once described.
     params: Option<Vec<u32>>,
     /// The result the client was last told (empty: no rows), once described.
-    shape: Option<Vec<Field>>,
+    /// As a RowDescription body (empty: NoData); see [`shape_of`].
+    shape: Option<Vec<u8>>,
     /// Prepared as a rewrite that returns `shape` from a table that changed.
     rewritten: bool,
     /// The batch it was prepared in.
@@ -79,6 +102,8 @@ enum Pending {
     },
     Execute {
         portal: String,
+        /// Whether its statement is a rewrite (its rows are counted), once its first row came.
+        reshaped: Option<bool>,
     },
     Close {
         statement: bool,
@@ -97,11 +122,14 @@ enum Origin {
     Reprepare,
 }
 
+/// What a batch waits for, in order; `true`: the proxy's own message.
+type Entries = VecDeque<(Pending, bool)>;
+
 #[derive(Debug)]
 struct Batch {
     origin: Origin,
     seq: u64,
-    entries: VecDeque<(Pending, bool)>,
+    entries: Entries,
     closed: bool,
     /// Its messages, for a replay (None: too long).
     bytes: Option<Vec<u8>>,
@@ -114,6 +142,9 @@ struct Batch {
     recovering: bool,
     /// Named statements prepared in it (closed before a replay prepares them again).
     parsed: Vec<String>,
+    /// A COMMIT (or another end of a transaction) in it completed: what came before the
+    /// error may be durable, and the batch is never replayed.
+    ended_transaction: bool,
 }
 
 impl Batch {
@@ -130,12 +161,18 @@ impl Batch {
             failed: false,
             recovering: false,
             parsed: Vec::new(),
+            ended_transaction: false,
         }
     }
 
     fn internal(&self) -> bool {
         matches!(self.origin, Origin::Probe | Origin::Reprepare)
     }
+}
+
+/// The columns of a RowDescription body kept as the server sent it (empty: none).
+fn shape_of(raw: &[u8]) -> Result<Vec<Field>, proto::ProtoError> {
+    if raw.is_empty() { Ok(Vec::new()) } else { proto::row_description(raw) }
 }
 
 /// What the relay does with one server message.
@@ -174,15 +211,17 @@ pub struct Counts {
 
 #[derive(Debug, Default)]
 pub struct Tracker {
-    statements: HashMap<String, Statement>,
+    statements: Names<Statement>,
     text_bytes: usize,
     /// Portal → statement.
-    portals: HashMap<String, String>,
+    portals: Names<String>,
     batches: VecDeque<Batch>,
     next_seq: u64,
     /// The transaction status of the last ReadyForQuery.
     status: Option<TransactionStatus>,
     recovery: Option<Recovery>,
+    /// The buffers of the last batch answered, for the next (a batch per execution).
+    spare: Option<(Entries, Vec<u8>)>,
     disabled: bool,
     pub counts: Counts,
 }
@@ -198,6 +237,11 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
 impl Tracker {
     pub fn new() -> Tracker {
         Tracker::default()
+    }
+
+    /// A tracker that follows nothing: the session is only relayed.
+    pub fn off() -> Tracker {
+        Tracker { disabled: true, ..Tracker::default() }
     }
 
     pub fn disabled(&self) -> bool {
@@ -230,9 +274,28 @@ impl Tracker {
         let open = self.batches.back().is_some_and(|b| !b.closed && b.origin == Origin::Client);
         if !open {
             self.next_seq += 1;
-            self.batches.push_back(Batch::new(Origin::Client, self.next_seq));
+            let batch = self.new_batch(Origin::Client);
+            self.batches.push_back(batch);
         }
         self.batches.back_mut().expect("just pushed")
+    }
+
+    fn new_batch(&mut self, origin: Origin) -> Batch {
+        let mut b = Batch::new(origin, self.next_seq);
+        if let Some((entries, bytes)) = self.spare.take() {
+            (b.entries, b.bytes) = (entries, Some(bytes));
+        }
+        b
+    }
+
+    /// Keeps an answered batch's buffers for the next one, unless they grew large.
+    fn recycle(&mut self, b: Batch) {
+        let Batch { mut entries, bytes, .. } = b;
+        if let Some(mut bytes) = bytes.filter(|b| b.capacity() <= 64 * 1024) {
+            entries.clear();
+            bytes.clear();
+            self.spare = Some((entries, bytes));
+        }
     }
 
     /// A whole client message (`msg`: tag, length and body), before it is sent.
@@ -269,8 +332,7 @@ impl Tracker {
     /// proxy's own Close and Parse go before it (answered first, and swallowed).
     fn push_entry(&mut self, entry: Pending, prefixed: bool) {
         let seq = self.current_client_batch().seq;
-        let risky =
-            |name: &str, statements: &HashMap<String, Statement>| statements.get(name).is_some_and(|s| s.batch < seq);
+        let risky = |name: &str, statements: &Names<Statement>| statements.get(name).is_some_and(|s| s.batch < seq);
         let entry = match entry {
             Pending::Bind { portal, statement, .. } => {
                 let r = risky(&statement, &self.statements);
@@ -325,7 +387,7 @@ impl Tracker {
                     Pending::DescribeStatement { name: t.name.to_owned(), risky: false, params: None }
                 }
             }
-            b'E' => Pending::Execute { portal: proto::execute_portal(body).map_err(bad)?.to_owned() },
+            b'E' => Pending::Execute { portal: proto::execute_portal(body).map_err(bad)?.to_owned(), reshaped: None },
             b'C' => {
                 let t = proto::target_body(body).map_err(bad)?;
                 Pending::Close { statement: t.statement, name: t.name.to_owned() }

@@ -1,9 +1,9 @@
 //! Recovering from a stale prepared statement: the probe, the re-prepare and the replay
 //! (the steps in the parent module's documentation).
 
-use ghostwire_proto::{self as proto, Field, TransactionStatus};
+use ghostwire_proto::{self as proto, TransactionStatus};
 
-use super::{Batch, Origin, Outcome, PROBE, Pending, TRIAL, Tracker};
+use super::{Batch, Origin, Outcome, PROBE, Pending, TRIAL, Tracker, shape_of};
 use crate::proxy::reshape::{self, Reshape};
 
 /// A recovery in progress.
@@ -19,7 +19,8 @@ pub(super) struct Recovery {
     pub(super) describes: bool,
     pub(super) parsed: Vec<String>,
     pub(super) probe_params: Option<Vec<u32>>,
-    pub(super) probe_shape: Option<Vec<Field>>,
+    /// The probe's RowDescription body (empty: NoData).
+    pub(super) probe_shape: Option<Vec<u8>>,
     pub(super) failed: bool,
     /// (text, types, rewritten) the statement was prepared again with.
     pub(super) plan: Option<(String, Vec<u32>, bool)>,
@@ -65,6 +66,7 @@ impl Tracker {
             && b.closed
             && !b.forwarded
             && b.bytes.is_some()
+            && !b.ended_transaction
             && self.batches.len() == 1
             && self.status == Some(TransactionStatus::Idle);
         let Some(name) = statement.filter(|n| replayable && self.statements.contains_key(n)) else {
@@ -135,14 +137,20 @@ impl Tracker {
             return self.give_up("the statement cannot be prepared on the changed table");
         }
         let Some(s) = self.statements.get(&r.statement) else { return self.give_up("the statement is gone") };
-        let new_shape = r.probe_shape.clone().unwrap_or_default();
+        let Ok(new_shape) = shape_of(r.probe_shape.as_deref().unwrap_or_default()) else {
+            return self.give_up("the server's description of the statement could not be read");
+        };
         let text = if r.describes {
             Some((s.query.clone(), false))
         } else {
-            match s.shape.as_ref().map(|old| reshape::reshape(&s.query, old, &new_shape)) {
+            let old = s.shape.as_deref().map(shape_of);
+            match old.map(|o| {
+                o.map_err(|e| e.to_string())
+                    .and_then(|o| reshape::reshape(&s.query, &o, &new_shape).map_err(|e| e.to_string()))
+            }) {
                 Some(Ok(Reshape::Same)) => Some((s.query.clone(), false)),
                 Some(Ok(Reshape::Rewrite(q))) => Some((q, true)),
-                Some(Err(e)) => return self.give_up(&e.to_string()),
+                Some(Err(e)) => return self.give_up(&e),
                 None => None,
             }
         };
@@ -204,7 +212,8 @@ impl Tracker {
         tracing::debug!("prepared statement {:?} prepared again; replaying the batch", r.statement);
         // The replay: the client's batch, its answers the client's.
         self.next_seq += 1;
-        self.batches.push_back(Batch::new(Origin::Replay, self.next_seq));
+        let batch = self.new_batch(Origin::Replay);
+        self.batches.push_back(batch);
         let mut rest: &[u8] = &r.batch;
         while rest.len() >= 5 {
             let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize + 1;

@@ -160,6 +160,46 @@ fn inside_a_transaction_block_the_error_goes_to_the_client() {
 }
 
 #[test]
+fn a_batch_that_committed_before_the_error_is_never_replayed() {
+    let mut t = prepared();
+    let mut batch = vec![proto::parse_message("", "BEGIN", &[]), bind("", ""), execute("")];
+    batch.extend([proto::parse_message("", "INSERT INTO t VALUES (1)", &[]), bind("", ""), execute("")]);
+    batch.extend([proto::parse_message("", "COMMIT", &[]), bind("", ""), execute("")]);
+    batch.extend(execute_batch());
+    client(&mut t, &batch);
+    for (m, tag) in [(b"BEGIN\0".as_slice(), "BEGIN"), (b"INSERT 0 1\0", "INSERT"), (b"COMMIT\0", "COMMIT")] {
+        for m in [whole(b'1', &[]), whole(b'2', &[]), whole(b'C', m)] {
+            assert!(server(&mut t, &m).deliver.is_empty(), "{tag}");
+        }
+    }
+    let o = server(&mut t, &stale());
+    assert!(o.forward && o.inject.is_empty(), "the INSERT is committed: the error goes to the client");
+    assert_eq!(o.deliver.len(), 3 * (5 + 5 + 5) + 6 + 11 + 7, "with the answers held before it");
+    assert_eq!(t.counts.passed_on, 1);
+}
+
+#[test]
+fn a_batch_that_left_a_transaction_block_open_is_not_replayed() {
+    let mut t = prepared();
+    let mut batch = vec![proto::parse_message("", "BEGIN", &[]), bind("", ""), execute("")];
+    batch.extend(execute_batch());
+    client(&mut t, &batch);
+    for m in [whole(b'1', &[]), whole(b'2', &[]), whole(b'C', b"BEGIN\0")] {
+        server(&mut t, &m);
+    }
+    let err = stale();
+    assert!(!server(&mut t, &err).inject.is_empty(), "a probe");
+    assert_eq!(server(&mut t, &ready(b'E')), Outcome::default());
+    for m in [whole(b'1', &[]), params(&[23]), fields(&[("id", 20)]), whole(b'3', &[])] {
+        server(&mut t, &m);
+    }
+    let o = server(&mut t, &ready(b'E'));
+    assert!(o.resume && o.inject.is_empty(), "given up: {o:?}");
+    assert!(o.deliver.ends_with(&[err, ready(b'E')].concat()));
+    assert_eq!(o.ready, Some(TransactionStatus::Failed));
+}
+
+#[test]
 fn other_errors_and_a_second_batch_in_flight_are_passed_on() {
     let mut t = prepared();
     client(&mut t, &execute_batch());
