@@ -260,6 +260,10 @@ pub struct MigrateArgs {
     /// After the copy, keep the shadow in step and wait for `ghostwire cutover --control`.
     #[arg(long)]
     pub postpone_cutover: bool,
+    /// Run every phase but the swap on the live table, measured; take the cut-over's lock
+    /// once and release it; then remove everything. The table is never changed.
+    #[arg(long, conflicts_with_all = ["finish", "postpone_cutover"])]
+    pub rehearse: bool,
     /// Print progress as JSON lines.
     #[arg(long)]
     pub json: bool,

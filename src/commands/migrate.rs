@@ -68,6 +68,7 @@ pub fn options(a: &MigrateArgs) -> Options {
         parallel: usize::from(a.jobs),
         proxy_token: a.proxy_token.as_deref().map(crate::connect::Secret::new).or_else(|| a.token.secret()),
         reconnect_timeout: a.reconnect_timeout,
+        rehearse: a.rehearse,
         ..Options::default()
     }
 }
@@ -132,6 +133,15 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     shutdown.cancel();
     out.close();
     let outcome = result.map_err(classify)?;
+    if let Some(report) = &outcome.rehearsal {
+        if args.json {
+            JsonLines::emit(json!({"event": "rehearsal", "report": report}));
+        } else {
+            say!();
+            say!("{}", super::rehearsal::render(report).trim_end());
+        }
+        return Ok(());
+    }
     if args.json {
         JsonLines::emit(summary_json(&outcome));
     } else {

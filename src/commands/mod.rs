@@ -17,6 +17,7 @@ mod migrate;
 mod plan;
 mod progress;
 mod proxy;
+mod rehearsal;
 mod status;
 mod target;
 

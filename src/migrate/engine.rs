@@ -56,6 +56,10 @@ pub struct Options {
     pub proxy_token: Option<crate::connect::Secret>,
     /// How long to keep reconnecting after the connection to the database is lost.
     pub reconnect_timeout: Duration,
+    /// Every phase but the swap, measured, then no trace (`--rehearse`).
+    pub rehearse: bool,
+    /// How long a rehearsal counts the application's writes before installing the capture.
+    pub rehearse_baseline: Duration,
 }
 
 impl Default for Options {
@@ -77,6 +81,8 @@ impl Default for Options {
             postpone_cutover: false,
             proxy_token: None,
             reconnect_timeout: Duration::from_secs(60),
+            rehearse: false,
+            rehearse_baseline: super::rehearsal::BASELINE,
         }
     }
 }
@@ -145,6 +151,8 @@ pub struct Outcome {
     pub clients_held: Option<Duration>,
     /// The phase this run started in (not `planned` when it resumed).
     pub resumed_from: Option<Phase>,
+    /// What a rehearsal measured (`--rehearse`; nothing was swapped).
+    pub rehearsal: Option<super::rehearsal::Report>,
 }
 
 impl Outcome {
@@ -164,6 +172,7 @@ impl Outcome {
             unvalidated: Vec::new(),
             clients_held: None,
             resumed_from: None,
+            rehearsal: None,
         }
     }
 }
@@ -227,8 +236,24 @@ pub async fn migrate(
             plan.revert_notes.join("; ")
         )));
     }
+    if opts.rehearse && plan.strategy == Strategy::Instant {
+        return Err(MigrateError::Refused(
+            "this change is catalog-only: it copies nothing and takes its lock once, so there is nothing to rehearse \
+             (`ghostwire plan` says what it does)"
+                .into(),
+        ));
+    }
     state::ensure_schema(&mut control).await.map_err(state_err)?;
     lock_table(&control, &plan.table).await?;
+    if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(state_err)?
+        && opts.rehearse
+    {
+        return Err(MigrateError::Refused(format!(
+            "migration #{} of {} is unfinished (phase {}): a rehearsal runs only beside no other migration of the \
+             table; resume or abort that one first",
+            m.id, m.table, m.phase
+        )));
+    }
     if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(state_err)? {
         if same_statement(&m.statement, &plan.statement) && m.phase.before_swap() {
             if opts.yes {
@@ -247,7 +272,7 @@ pub async fn migrate(
     let settings = json!({
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
-        "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify,
+        "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify, "rehearsal": opts.rehearse,
     });
     let def = &plan.table_def;
     let id = state::insert_migration(
@@ -363,8 +388,15 @@ pub(super) async fn continue_migration(
         "recording the resume",
     )?;
     ctx.reporter.note(&format!("resuming migration #{} of {} in phase {from}", m.id, m.table));
+    let rehearsal: Option<bool> = control
+        .query_one("SELECT (settings->>'rehearsal')::bool FROM ghostwire.migrations WHERE id = $1", &[&m.id])
+        .await
+        .during(m.id, m.phase, "reading the migration's settings")?
+        .get(0);
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
+    // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.
+    run.rehearse = rehearsal.unwrap_or(false);
     let result = run.drive(from, plan.as_ref(), spec, Some(&m)).await;
     run.finish_up(result).await
 }

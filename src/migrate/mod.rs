@@ -21,6 +21,7 @@ pub mod live;
 mod pacing;
 pub mod post_copy;
 mod reconnect;
+pub mod rehearsal;
 pub mod retry;
 mod run;
 pub mod shadow;

@@ -19,6 +19,7 @@ use super::engine::{Context, Options, Outcome, PhaseHook, Reporter, session_conf
 use super::error::{Context as _, MigrateError};
 use super::live::Live;
 use super::pacing::Throttled;
+use super::rehearsal::Meter;
 use super::retry::{self, RetryPolicy};
 use super::spec::{DeferredIndex, Spec};
 use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
@@ -46,6 +47,9 @@ pub(super) struct Run<'a> {
     pub(super) throttled: Option<Throttled>,
     /// The shadow's key index is known to exist (applying changes during the copy needs it).
     pub(super) key_index_ready: bool,
+    /// A rehearsal (`--rehearse`, or a resumed one): no swap, and no trace.
+    pub(super) rehearse: bool,
+    pub(super) meter: Option<Meter>,
 }
 
 impl<'a> Run<'a> {
@@ -84,10 +88,12 @@ impl<'a> Run<'a> {
             rows_before: 0,
             throttled: None,
             key_index_ready: false,
+            rehearse: opts.rehearse,
+            meter: None,
         }
     }
 
-    fn session(&self) -> Config {
+    pub(super) fn session(&self) -> Config {
         session_config(&self.config, &format!("ghostwire migrate #{}", self.id))
     }
 
@@ -109,6 +115,9 @@ impl<'a> Run<'a> {
         self.phase = phase;
         self.live.update(|p| p.phase = phase.as_str().to_owned());
         state::set_phase(&self.control, self.id, phase, message).await.during(self.id, phase, "recording the phase")?;
+        if let Some(meter) = self.meter.as_mut() {
+            meter.entered(&self.control, phase).await;
+        }
         self.reporter.phase(phase, message);
         if let Some(hook) = &self.hook {
             hook(phase).await;
@@ -193,7 +202,13 @@ impl<'a> Run<'a> {
             unvalidated: Vec::new(),
             clients_held: None,
             resumed_from: None,
+            rehearsal: None,
         };
+        if self.rehearse && self.meter.is_none() {
+            let resumed_from = resumed.map(|m| m.phase);
+            let meter = Meter::start(&self.control, plan, resumed_from).await;
+            self.meter = Some(meter.during(self.id, self.phase, "starting the rehearsal's measurements")?);
+        }
         if self.strategy == Strategy::Instant {
             let plan =
                 plan.ok_or_else(|| MigrateError::Refused("nothing to resume in a catalog-only change".into()))?;
@@ -227,6 +242,14 @@ impl<'a> Run<'a> {
         self.live.update(|p| p.rows_estimated = spec.table.estimated_rows);
         if from <= Phase::Capture {
             self.enter(Phase::Capture, "installing the capture triggers").await?;
+            if let Some(meter) = self.meter.as_mut() {
+                self.reporter.note(&format!(
+                    "rehearsal: counting the application's writes for {} s before the capture goes on",
+                    self.opts.rehearse_baseline.as_secs_f64()
+                ));
+                let counted = meter.before_capture(&self.control, &self.table, self.opts.rehearse_baseline).await;
+                counted.during(self.id, Phase::Capture, "counting the application's writes")?;
+            }
             // CREATE TRIGGER waits for a vacuum of the table as the swap does.
             self.clear_autovacuum(&spec, "installing the capture triggers").await?;
             capture::install(&self.control, &spec, &self.retry).await.during(
@@ -252,13 +275,29 @@ impl<'a> Run<'a> {
         }
         if from <= Phase::Catchup {
             self.enter(Phase::Catchup, "applying captured changes").await?;
+            if let Some(meter) = self.meter.as_mut() {
+                let counted = meter.catchup_begins(&self.control, &spec).await;
+                counted.during(self.id, Phase::Catchup, "counting the change backlog")?;
+            }
             self.catch_up(&work, &spec).await?;
             if from > Phase::Index {
                 // A resumed run checks the shadow again before the swap, and gathers the
                 // planner's statistics meanwhile (the same pool, with no index to build).
                 self.post_copy(&spec, Vec::new(), false).await?;
             }
-            self.wait_for_cutover(&work, &spec).await?;
+            if !self.rehearse {
+                self.wait_for_cutover(&work, &spec).await?;
+            }
+        }
+        if self.rehearse {
+            self.enter(Phase::Cutover, "rehearsal: taking the cut-over's lock once, then removing everything").await?;
+            let meter = match self.meter.take() {
+                Some(m) => m,
+                None => Meter::start(&self.control, plan, Some(from)).await.during(self.id, self.phase, "measuring")?,
+            };
+            outcome.rehearsal = Some(self.rehearse(&spec, meter, &outcome).await?);
+            outcome.total_time = started.elapsed();
+            return Ok(outcome);
         }
         if from <= Phase::Cutover {
             self.enter(Phase::Cutover, "swapping the tables").await?;
