@@ -6,7 +6,8 @@
 //! loaded table:
 //!   1. offline `ALTER TABLE orders ALTER COLUMN amount TYPE bigint` (the baseline),
 //!   2. a single `INSERT … SELECT` into a new table plus the index builds (the floor),
-//!   3. `ghostwire migrate` of the same change on an idle table,
+//!   3. `ghostwire migrate` of the same change on an idle table, and the time a
+//!      `--rehearse` of it projects for the real run (no sample: the whole table),
 //!   4. the same without verification (`--verify none`), and with one job (`--jobs 1`),
 //!   5. the same (verified) under a steady write load of 400 writes/s.
 //!
@@ -187,7 +188,8 @@ async fn main() {
     let config = ghostwire::connect::Params::from_conninfo(Some(&url)).unwrap();
     let opts = Options { yes: true, finish: true, ..Options::default() };
     let (mut offline, mut insert, mut floor, mut idle, mut busy) = (vec![], vec![], vec![], vec![], vec![]);
-    let (mut unverified, mut one_job) = (vec![], vec![]);
+    let (mut unverified, mut one_job, mut rehearsed) = (vec![], vec![], vec![]);
+    let rehearsal = Options { rehearse: true, finish: false, rehearse_baseline: Duration::from_secs(1), ..opts.clone() };
     let no_verify = Options { verify: false, ..opts.clone() };
     let single = Options { parallel: 1, ..opts.clone() };
     let mut last_idle = None;
@@ -229,6 +231,11 @@ async fn main() {
         last_idle = Some(o);
 
         load(&client, rows).await;
+        let (o, _) = migration(&config, &rehearsal, "rehearsal").await;
+        let projected = o.rehearsal.map_or(0.0, |r| r.projected_seconds);
+        rehearsed.push(Duration::from_secs_f64(projected));
+
+        load(&client, rows).await;
         unverified.push(migration(&config, &no_verify, "no verify").await.1);
 
         load(&client, rows).await;
@@ -257,14 +264,16 @@ async fn main() {
     line("INSERT … SELECT (no indexes)", median(insert), rows, base);
     line("INSERT … SELECT + index builds (floor)", median(floor), rows, base);
     line("ghostwire migrate, idle", median(idle.clone()), rows, base);
+    line("ghostwire migrate --rehearse, projected", median(rehearsed.clone()), rows, base);
     line("ghostwire migrate, idle, --verify none", median(unverified.clone()), rows, base);
     line("ghostwire migrate, idle, --jobs 1", median(one_job.clone()), rows, base);
     line("ghostwire migrate, 400 writes/s", median(busy.clone()), rows, base);
     let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ");
     println!(
-        "\nall runs (s): offline {}; idle {}; idle unverified {}; idle one job {}; busy {}",
+        "\nall runs (s): offline {}; idle {}; rehearsal projected {}; idle unverified {}; idle one job {}; busy {}",
         secs(&offline),
         secs(&idle),
+        secs(&rehearsed),
         secs(&unverified),
         secs(&one_job),
         secs(&busy)

@@ -39,6 +39,8 @@ pub struct Meter {
     replicas: i64,
     plan: Option<PlanSaid>,
     resumed_from: Option<Phase>,
+    /// Spent counting the application's writes: not part of what a real run takes.
+    counting: Duration,
 }
 
 /// What `plan` said, beside what was measured.
@@ -100,6 +102,7 @@ pub struct Report {
     pub table: String,
     pub statement: String,
     pub resumed_from: Option<String>,
+    /// The rehearsal's time, without the seconds it spent counting the application's writes.
     pub total_seconds: f64,
     /// The projected time of the real run: this one's, plus the swap.
     pub projected_seconds: f64,
@@ -152,6 +155,7 @@ impl Meter {
                 table_bytes: p.table_bytes,
             }),
             resumed_from,
+            counting: Duration::ZERO,
         })
     }
 
@@ -184,6 +188,7 @@ impl Meter {
         tokio::time::sleep(window).await;
         let w1 = writes(client, table).await?;
         self.writes_before = Some((w1 - w0) as f64 / t0.elapsed().as_secs_f64().max(1e-3));
+        self.counting += t0.elapsed();
         self.capture_at = Some((Instant::now(), w1));
         Ok(())
     }
@@ -205,6 +210,10 @@ impl Meter {
                 Some(last) if last.phase == phase.as_str() => last.seconds += seconds,
                 _ => out.push(PhaseTime { phase: phase.as_str().to_owned(), seconds }),
             }
+        }
+        // The capture phase without the counting of writes before it.
+        if let Some(capture) = out.iter_mut().find(|p| p.phase == Phase::Capture.as_str()) {
+            capture.seconds = (capture.seconds - self.counting.as_secs_f64()).max(0.0);
         }
         out
     }
@@ -265,7 +274,8 @@ impl Run<'_> {
                 entries_per_second: (entries > 0 && drain > 0.0).then(|| entries as f64 / drain),
             }
         });
-        let total = meter.started.elapsed().as_secs_f64();
+        // Without the counting of the application's writes, which a real run does not do.
+        let total = meter.started.elapsed().saturating_sub(meter.counting).as_secs_f64();
         let report = Report {
             migration_id: id,
             table: self.table.to_string(),
