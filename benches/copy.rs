@@ -7,7 +7,7 @@
 //!   1. offline `ALTER TABLE orders ALTER COLUMN amount TYPE bigint` (the baseline),
 //!   2. a single `INSERT … SELECT` into a new table plus the index builds (the floor),
 //!   3. `ghostwire migrate` of the same change on an idle table, and the time a
-//!      `--rehearse` of it projects for the real run (no sample: the whole table),
+//!      `--rehearse` of it projects for the real run (the whole table, and a 10% sample),
 //!   4. the same without verification (`--verify none`), and with one job (`--jobs 1`),
 //!   5. the same (verified) under a steady write load of 400 writes/s.
 //!
@@ -188,8 +188,9 @@ async fn main() {
     let config = ghostwire::connect::Params::from_conninfo(Some(&url)).unwrap();
     let opts = Options { yes: true, finish: true, ..Options::default() };
     let (mut offline, mut insert, mut floor, mut idle, mut busy) = (vec![], vec![], vec![], vec![], vec![]);
-    let (mut unverified, mut one_job, mut rehearsed) = (vec![], vec![], vec![]);
-    let rehearsal = Options { rehearse: true, finish: false, rehearse_baseline: Duration::from_secs(1), ..opts.clone() };
+    let (mut unverified, mut one_job, mut rehearsed, mut sampled) = (vec![], vec![], vec![], vec![]);
+    let rehearsal =
+        Options { rehearse: true, finish: false, rehearse_baseline: Duration::from_secs(1), ..opts.clone() };
     let no_verify = Options { verify: false, ..opts.clone() };
     let single = Options { parallel: 1, ..opts.clone() };
     let mut last_idle = None;
@@ -234,6 +235,10 @@ async fn main() {
         let (o, _) = migration(&config, &rehearsal, "rehearsal").await;
         let projected = o.rehearsal.map_or(0.0, |r| r.projected_seconds);
         rehearsed.push(Duration::from_secs_f64(projected));
+        let tenth = Options { sample: Some(0.1), ..rehearsal.clone() };
+        let (o, _) = migration(&config, &tenth, "sampled rehearsal").await;
+        let projected = o.rehearsal.map_or(0.0, |r| r.projected_seconds);
+        sampled.push(Duration::from_secs_f64(projected));
 
         load(&client, rows).await;
         unverified.push(migration(&config, &no_verify, "no verify").await.1);
@@ -265,15 +270,17 @@ async fn main() {
     line("INSERT … SELECT + index builds (floor)", median(floor), rows, base);
     line("ghostwire migrate, idle", median(idle.clone()), rows, base);
     line("ghostwire migrate --rehearse, projected", median(rehearsed.clone()), rows, base);
+    line("  --sample 0.1, projected", median(sampled.clone()), rows, base);
     line("ghostwire migrate, idle, --verify none", median(unverified.clone()), rows, base);
     line("ghostwire migrate, idle, --jobs 1", median(one_job.clone()), rows, base);
     line("ghostwire migrate, 400 writes/s", median(busy.clone()), rows, base);
     let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ");
     println!(
-        "\nall runs (s): offline {}; idle {}; rehearsal projected {}; idle unverified {}; idle one job {}; busy {}",
+        "\nall runs (s): offline {}; idle {}; rehearsal projected {}; from a 10% sample {}; idle unverified {}; idle one job {}; busy {}",
         secs(&offline),
         secs(&idle),
         secs(&rehearsed),
+        secs(&sampled),
         secs(&unverified),
         secs(&one_job),
         secs(&busy)

@@ -201,6 +201,13 @@ pub enum Capture {
     Logical,
 }
 
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction in (0, 1], such as 0.05")),
+    }
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 250ms, 2s, 1m)"))
 }
@@ -264,6 +271,10 @@ pub struct MigrateArgs {
     /// once and release it; then remove everything. The table is never changed.
     #[arg(long, conflicts_with_all = ["finish", "postpone_cutover"])]
     pub rehearse: bool,
+    /// With --rehearse: copy, index and verify this share of the rows (e.g. 0.05), spread
+    /// over the key range, and project the whole run from it.
+    #[arg(long, value_name = "FRACTION", requires = "rehearse", value_parser = fraction)]
+    pub sample: Option<f64>,
     /// Print progress as JSON lines.
     #[arg(long)]
     pub json: bool,

@@ -16,12 +16,14 @@ use ghostwire::migrate::Options;
 
 /// Everything a user would see of the database's own objects: relations (with their
 /// storage: a rewrite changes it), columns, constraints, indexes, triggers, functions and
-/// schemas; ghostwire's state schema left out.
+/// schemas; ghostwire's state schema left out, and temporary tables (a session's own, gone
+/// with it: a killed run's server session may still be ending).
 async fn fingerprint(client: &tokio_postgres::Client) -> String {
     let sql = "SELECT string_agg(x, E'\\n' ORDER BY x) FROM (
         SELECT 'rel ' || n.nspname || '.' || c.relname || ' ' || c.relkind::text || ' ' || c.relfilenode
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'ghostwire') AND n.nspname NOT LIKE 'pg\\_toast%'
+           AND n.nspname NOT LIKE 'pg\\_temp%'
         UNION ALL
         SELECT 'col ' || a.attrelid::regclass || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
                || ' ' || a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
@@ -161,10 +163,61 @@ async fn the_cli_prints_the_report_and_refuses_what_cannot_be_rehearsed() {
     let out = items::ghostwire(&db.url, &["migrate", "--rehearse", "ALTER TABLE items ADD COLUMN x int"], None).await;
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to rehearse"));
-    let out = items::ghostwire(&db.url, &["migrate", "--rehearse", "--finish", items::RETYPE], None).await;
-    assert_eq!(out.status.code(), Some(2));
+    for bad in [
+        &["migrate", "--rehearse", "--finish", items::RETYPE][..],
+        &["migrate", "--sample", "0.1", items::RETYPE],
+        &["migrate", "--rehearse", "--sample", "0", items::RETYPE],
+        &["migrate", "--rehearse", "--sample", "1.5", items::RETYPE],
+    ] {
+        let out = items::ghostwire(&db.url, bad, None).await;
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A sampled one says so.
+    let out = items::ghostwire(&db.url, &["migrate", "--rehearse", "--sample", "0.25", items::RETYPE], None).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("one copy round and one verification range in 4"), "{text}");
     assert_eq!(
         strings(&client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attnum > 0 ORDER BY attnum").await,
         ["bigint", "integer", "text", "text"]
+    );
+}
+
+#[tokio::test]
+async fn a_sampled_rehearsal_copies_a_share_and_projects_the_whole() {
+    let db = TestDb::new().await;
+    let client = db.connect().await;
+    items::create(&client, ROWS).await;
+    let before = fingerprint(&client).await;
+    // New keys right after the table's: the key range stays dense, so one round in ten of
+    // the copy (stepped by key value) is about a tenth of the rows.
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS + 1, 13);
+    load.wait_for_more(30).await;
+    // Rounds of 2 x 300 rows: one in ten copied; verification ranges of 100 rows, one in ten
+    // checked, most of them where the copy skipped (only the shadow's rows are compared).
+    let sampled = Options { sample: Some(0.1), verify_range_rows: 100, ..rehearsal_options() };
+    let hook = writes_each_phase(Arc::clone(&load.counters), 10);
+    let outcome = run_migration(&db.url, items::RETYPE, &sampled, Some(hook)).await.expect("sampled rehearsal");
+    let whole = run_migration(&db.url, items::RETYPE, &rehearsal_options(), None).await.expect("whole rehearsal");
+    load.wait_for_more(20).await;
+    load.stop().await;
+
+    let (s, w) = (outcome.rehearsal.expect("a report"), whole.rehearsal.expect("a report"));
+    assert_eq!((s.sample_one_in, w.sample_one_in), (Some(10), None));
+    let copied = s.copy.as_ref().map_or(0, |c| c.rows);
+    assert!(copied > 0 && copied < ROWS / 3, "copied {copied} of {ROWS} rows");
+    assert!(w.copy.as_ref().is_some_and(|c| c.rows >= ROWS));
+    assert!(s.projected_seconds > s.total_seconds, "{s:?}");
+    eprintln!(
+        "projected from one round in ten: {:.2} s (it took {:.2} s); the whole table rehearsed: {:.2} s",
+        s.projected_seconds, s.total_seconds, w.projected_seconds
+    );
+    assert_eq!(fingerprint(&client).await, before, "the database's objects changed");
+    for id in [outcome.id, whole.id] {
+        assert!(debris(&client, id).await.is_empty(), "{:?}", debris(&client, id).await);
+    }
+    items::assert_matches_oracle(&client).await;
+    assert_eq!(
+        strings(&client, "SELECT coalesce(settings->>'sample', '-') FROM ghostwire.migrations ORDER BY id").await,
+        ["0.1", "-"]
     );
 }

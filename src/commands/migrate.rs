@@ -69,6 +69,7 @@ pub fn options(a: &MigrateArgs) -> Options {
         proxy_token: a.proxy_token.as_deref().map(crate::connect::Secret::new).or_else(|| a.token.secret()),
         reconnect_timeout: a.reconnect_timeout,
         rehearse: a.rehearse,
+        sample: a.sample,
         ..Options::default()
     }
 }

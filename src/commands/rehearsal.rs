@@ -17,6 +17,12 @@ pub fn render(r: &Report) -> String {
         r.migration_id, r.table
     );
     let _ = writeln!(out, "  {}", r.statement);
+    if let Some(k) = r.sample_one_in {
+        let _ = writeln!(
+            out,
+            "  (sampled: one copy round and one verification range in {k}; their phases are scaled by {k} in the projection)"
+        );
+    }
     if let Some(p) = &r.resumed_from {
         let _ = writeln!(out, "  (resumed in phase {p}: the figures cover this run only)");
     }

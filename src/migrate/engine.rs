@@ -60,6 +60,20 @@ pub struct Options {
     pub rehearse: bool,
     /// How long a rehearsal counts the application's writes before installing the capture.
     pub rehearse_baseline: Duration,
+    /// A rehearsal of this share of the rows (`--sample`, in (0, 1]).
+    pub sample: Option<f64>,
+}
+
+impl Options {
+    /// A sampled rehearsal copies one round in this many (None: every one).
+    pub fn sample_every(&self) -> Option<u64> {
+        sample_every(self.sample.filter(|_| self.rehearse))
+    }
+}
+
+/// One in how many, for a sample of `fraction` (None for the whole).
+pub fn sample_every(fraction: Option<f64>) -> Option<u64> {
+    fraction.filter(|f| *f > 0.0 && *f < 1.0).map(|f| (1.0 / f).round().max(1.0) as u64).filter(|k| *k > 1)
 }
 
 impl Default for Options {
@@ -83,6 +97,7 @@ impl Default for Options {
             reconnect_timeout: Duration::from_secs(60),
             rehearse: false,
             rehearse_baseline: super::rehearsal::BASELINE,
+            sample: None,
         }
     }
 }
@@ -273,6 +288,7 @@ pub async fn migrate(
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
         "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify, "rehearsal": opts.rehearse,
+        "sample": opts.sample.filter(|_| opts.rehearse),
     });
     let def = &plan.table_def;
     let id = state::insert_migration(
@@ -388,15 +404,19 @@ pub(super) async fn continue_migration(
         "recording the resume",
     )?;
     ctx.reporter.note(&format!("resuming migration #{} of {} in phase {from}", m.id, m.table));
-    let rehearsal: Option<bool> = control
-        .query_one("SELECT (settings->>'rehearsal')::bool FROM ghostwire.migrations WHERE id = $1", &[&m.id])
+    let stored = control
+        .query_one(
+            "SELECT (settings->>'rehearsal')::bool, (settings->>'sample')::float8 FROM ghostwire.migrations WHERE id = $1",
+            &[&m.id],
+        )
         .await
-        .during(m.id, m.phase, "reading the migration's settings")?
-        .get(0);
+        .during(m.id, m.phase, "reading the migration's settings")?;
+    let (rehearsal, sample): (Option<bool>, Option<f64>) = (stored.get(0), stored.get(1));
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
     // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.
     run.rehearse = rehearsal.unwrap_or(false);
+    run.sample_every = if run.rehearse { sample_every(sample) } else { None };
     let result = run.drive(from, plan.as_ref(), spec, Some(&m)).await;
     run.finish_up(result).await
 }

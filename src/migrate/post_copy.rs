@@ -141,7 +141,8 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `builds` (the shadow's missing indexes), `ANALYZE` and, with `verify_rows`,
-    /// a verification in ranges of that many rows, on `jobs` sessions. Stops at the next
+    /// a verification in ranges of that many rows (of one range in `sample_every`, for a
+    /// sampled rehearsal), on `jobs` sessions. Stops at the next
     /// piece of work when `cancel` fires, and when the pool is dropped.
     pub fn start(
         config: Config,
@@ -149,6 +150,7 @@ impl Pool {
         mut builds: Vec<DeferredIndex>,
         jobs: usize,
         verify_rows: Option<i64>,
+        sample_every: Option<u64>,
         cancel: &CancellationToken,
     ) -> Pool {
         // The key index first: verification waits for it.
@@ -162,7 +164,8 @@ impl Pool {
         let shared_stop = stop.clone();
         let task = tokio::spawn(async move {
             let stage = stage_tx.clone();
-            let result = run(config, spec, builds, jobs, verify_rows, stage_tx, open_rx, shared_stop).await;
+            let verify = verify_rows.map(|rows| (rows, sample_every));
+            let result = run(config, spec, builds, jobs, verify, stage_tx, open_rx, shared_stop).await;
             stage.send_replace(Stage::Ended);
             result
         });
@@ -192,15 +195,17 @@ async fn run(
     spec: Spec,
     builds: Vec<DeferredIndex>,
     jobs: usize,
-    verify_rows: Option<i64>,
+    verify: Option<(i64, Option<u64>)>,
     stage: watch::Sender<Stage>,
     open: watch::Receiver<bool>,
     stop: CancellationToken,
 ) -> Result<Done, PostCopyError> {
     let several = jobs > 1;
     let first = index::build_session(&config, several).await?;
-    let verifier = match verify_rows {
-        Some(rows) => Some(Verifier::new(&first, &spec, rows).await.map_err(PostCopyError::Verify)?),
+    let verifier = match verify {
+        Some((rows, sample_every)) => {
+            Some(Verifier::new(&first, &spec, rows, sample_every).await.map_err(PostCopyError::Verify)?)
+        }
         None => None,
     };
     let report = verifier.as_ref().map(Verifier::empty_report);

@@ -102,9 +102,13 @@ pub struct Report {
     pub table: String,
     pub statement: String,
     pub resumed_from: Option<String>,
+    /// A sampled rehearsal copied, indexed and verified one round of chunks in this many;
+    /// its copy, index and verify times are scaled up by it in the projection.
+    pub sample_one_in: Option<u64>,
     /// The rehearsal's time, without the seconds it spent counting the application's writes.
     pub total_seconds: f64,
-    /// The projected time of the real run: this one's, plus the swap.
+    /// The projected time of the real run: this one's (its sampled phases scaled to the
+    /// whole table), plus the trial lock's wait.
     pub projected_seconds: f64,
     pub phases: Vec<PhaseTime>,
     pub copy: Option<CopyRate>,
@@ -276,14 +280,23 @@ impl Run<'_> {
         });
         // Without the counting of the application's writes, which a real run does not do.
         let total = meter.started.elapsed().saturating_sub(meter.counting).as_secs_f64();
+        let phases = meter.phase_times(end);
+        let scaled: f64 = phases
+            .iter()
+            .map(|p| match (self.sample_every, p.phase.as_str()) {
+                (Some(k), "copy" | "index" | "verify") => p.seconds * k as f64,
+                _ => p.seconds,
+            })
+            .sum();
         let report = Report {
             migration_id: id,
             table: self.table.to_string(),
             statement: String::new(),
             resumed_from: meter.resumed_from.map(|p| p.as_str().to_owned()),
+            sample_one_in: self.sample_every,
             total_seconds: total,
-            projected_seconds: total + trial.wait_ms / 1000.0,
-            phases: meter.phase_times(end),
+            projected_seconds: scaled + trial.wait_ms / 1000.0,
+            phases,
             copy,
             wal_bytes: wal,
             extra_disk_bytes: extra_disk,

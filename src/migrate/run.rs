@@ -49,6 +49,9 @@ pub(super) struct Run<'a> {
     pub(super) key_index_ready: bool,
     /// A rehearsal (`--rehearse`, or a resumed one): no swap, and no trace.
     pub(super) rehearse: bool,
+    /// A sampled rehearsal (`--sample`): one copy round and one verification range in this
+    /// many.
+    pub(super) sample_every: Option<u64>,
     pub(super) meter: Option<Meter>,
 }
 
@@ -89,6 +92,7 @@ impl<'a> Run<'a> {
             throttled: None,
             key_index_ready: false,
             rehearse: opts.rehearse,
+            sample_every: opts.sample_every(),
             meter: None,
         }
     }
@@ -354,6 +358,7 @@ impl<'a> Run<'a> {
             "starting the copy",
         )?;
         let Some(mut copier) = copier else { return Ok(0) };
+        copier.sample_every = self.sample_every;
         if end.is_none() {
             self.control
                 .execute("UPDATE ghostwire.migrations SET copy_end = $2 WHERE id = $1", &[&self.id, &copier.end])
@@ -433,8 +438,15 @@ impl<'a> Run<'a> {
         record_builds: bool,
     ) -> Result<(), MigrateError> {
         let verify_rows = self.opts.verify.then_some(self.opts.verify_range_rows);
-        let mut pool =
-            post_copy::Pool::start(self.session(), spec, builds, self.opts.parallel, verify_rows, &self.cancel);
+        let mut pool = post_copy::Pool::start(
+            self.session(),
+            spec,
+            builds,
+            self.opts.parallel,
+            verify_rows,
+            self.sample_every,
+            &self.cancel,
+        );
         let mut verifying = None;
         if verify_rows.is_some() && pool.key_index_ready().await {
             self.enter(Phase::Verify, "comparing the original and the shadow (other indexes may still be building)")

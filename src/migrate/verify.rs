@@ -68,7 +68,10 @@ enum Comparison {
     Text,
 }
 
-fn queries(spec: &Spec, comparison: Comparison) -> Queries {
+/// `shadow_only` (a sampled rehearsal, whose shadow holds a share of the rows): every shadow
+/// row is compared with the original's, and rows of the original the shadow lacks are not
+/// differences.
+fn queries(spec: &Spec, comparison: Comparison, shadow_only: bool) -> Queries {
     let n = spec.key.len();
     let compared: Vec<_> = spec.columns.iter().filter(|c| c.compare).collect();
     let original = spec.original.sql();
@@ -140,7 +143,7 @@ fn queries(spec: &Spec, comparison: Comparison) -> Queries {
                     coalesce(array_agg('(' || concat_ws(', ', {shown}) || ')') FILTER (WHERE gw.differs AND NOT {pending}), '{{}}')
                FROM (SELECT gw_o.gw_k0 IS NOT NULL AS in_original, {differs} AS differs, {keys_out}
                        FROM (SELECT {orig_cols} FROM ONLY {original} WHERE {orig_where}) gw_o
-                       FULL JOIN (SELECT {shadow_cols} FROM {shadow} WHERE {shadow_where}) gw_s ON {join_on}
+                       {join} JOIN (SELECT {shadow_cols} FROM {shadow} WHERE {shadow_where}) gw_s ON {join_on}
                      OFFSET 0) gw",
             shown = either_key.join(", "),
             keys_out = keys_out.join(", "),
@@ -149,6 +152,7 @@ fn queries(spec: &Spec, comparison: Comparison) -> Queries {
             orig_where = orig_filter(lo, hi),
             shadow_where = shadow_filter(lo, hi, after),
             join_on = join_on.join(" AND "),
+            join = if shadow_only { "RIGHT" } else { "FULL" },
         )
     });
     Queries {
@@ -274,7 +278,7 @@ async fn check_range(
 
 /// Whether every compared column's type has an equality operator (the query plans).
 async fn typed_comparison_works(client: &Client, spec: &Spec) -> bool {
-    client.prepare(&queries(spec, Comparison::Typed).compare[3]).await.is_ok()
+    client.prepare(&queries(spec, Comparison::Typed, false).compare[3]).await.is_ok()
 }
 
 impl Report {
@@ -301,11 +305,20 @@ pub struct Verifier {
     queries: Queries,
     cursor: tokio::sync::Mutex<Cursor>,
     every: i64,
+    /// A sampled rehearsal: one range in this many is checked (rows the shadow has only).
+    sample_every: Option<u64>,
+    handed_out: std::sync::atomic::AtomicU64,
 }
 
 impl Verifier {
-    /// Prepares a verification of `spec` in ranges of `range_rows` rows.
-    pub async fn new(client: &Client, spec: &Spec, range_rows: i64) -> Result<Verifier, tokio_postgres::Error> {
+    /// Prepares a verification of `spec` in ranges of `range_rows` rows; with
+    /// `sample_every`, of one range in that many, comparing the rows the shadow has.
+    pub async fn new(
+        client: &Client,
+        spec: &Spec,
+        range_rows: i64,
+        sample_every: Option<u64>,
+    ) -> Result<Verifier, tokio_postgres::Error> {
         let stepper = match spec.integer_key() {
             true => super::copy::key_bounds(client, spec).await?.map(|(min, max)| {
                 let estimate = spec.table.estimated_rows.max(1);
@@ -316,17 +329,25 @@ impl Verifier {
         let comparison = if typed_comparison_works(client, spec).await { Comparison::Typed } else { Comparison::Text };
         Ok(Verifier {
             spec: spec.clone(),
-            queries: queries(spec, comparison),
+            queries: queries(spec, comparison, sample_every.is_some()),
             cursor: tokio::sync::Mutex::new(Cursor { lower: None, finished: false, stepper }),
             every: range_rows.max(1),
+            sample_every,
+            handed_out: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Checks the next range on `client` and adds it to `report`; false once every range is
     /// taken.
     pub async fn check_next(&self, client: &Client, report: &mut Report) -> Result<bool, tokio_postgres::Error> {
-        let Some((lo, hi)) = next_range(client, &self.spec, &self.cursor, self.every).await? else {
-            return Ok(false);
+        let (lo, hi) = loop {
+            let Some(range) = next_range(client, &self.spec, &self.cursor, self.every).await? else {
+                return Ok(false);
+            };
+            let n = self.handed_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.sample_every.is_none_or(|k| n % k == 0) {
+                break range;
+            }
         };
         let r = check_range(client, &self.spec, &self.queries, &lo, &hi).await?;
         crate::failpoint::hit("verify.range");
