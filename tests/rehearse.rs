@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::items::{self, ROWS};
 use common::workload::{Shape, Workload};
 use common::{TestDb, debris, run_migration, strings, test_options, writes_each_phase};
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::Options;
 
 /// Everything a user would see of the database's own objects: relations (with their
@@ -220,4 +221,59 @@ async fn a_sampled_rehearsal_copies_a_share_and_projects_the_whole() {
         strings(&client, "SELECT coalesce(settings->>'sample', '-') FROM ghostwire.migrations ORDER BY id").await,
         ["0.1", "-"]
     );
+}
+
+#[tokio::test]
+async fn the_trial_lock_names_who_held_the_table_and_replicas_are_watched() {
+    let primary = Arc::new(
+        tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().expect("a cluster"),
+    );
+    let with_standby = common::has_client_for_server(&primary, "pg_basebackup", "rehearsal replica lag");
+    let url = primary.url("postgres");
+    let client = common::connect(&url).await;
+    items::create(&client, ROWS).await;
+    let standby = if with_standby {
+        let p = Arc::clone(&primary);
+        let s = tokio::task::spawn_blocking(move || p.start_standby()).await.unwrap().expect("a standby");
+        common::wait_for(&client, "SELECT count(*) = 1 FROM pg_stat_replication WHERE state = 'streaming'").await;
+        Some(s)
+    } else {
+        None
+    };
+    let load = Workload::start(&url, Shape::items(), 2, ROWS + 1, 17);
+    load.wait_for_more(20).await;
+    // As the cut-over phase begins, a session reads the table in a transaction it keeps
+    // open for a while: the trial lock waits its lock timeout out, and names it.
+    let holder_url = url.clone();
+    let holder_pid = Arc::new(std::sync::Mutex::new(0));
+    let pid_seen = Arc::clone(&holder_pid);
+    let hook: ghostwire::migrate::PhaseHook = Arc::new(move |phase| {
+        let (url, pid_seen) = (holder_url.clone(), Arc::clone(&pid_seen));
+        Box::pin(async move {
+            if phase != ghostwire::state::Phase::Cutover {
+                return;
+            }
+            let holder = common::connect(&url).await;
+            let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+            *pid_seen.lock().unwrap() = pid;
+            holder.batch_execute("BEGIN; SELECT count(*) FROM items").await.unwrap();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let _ = holder.batch_execute("COMMIT").await;
+            });
+        })
+    });
+    let outcome = run_migration(&url, items::RETYPE, &rehearsal_options(), Some(hook)).await.expect("rehearsal");
+    load.stop().await;
+    let report = outcome.rehearsal.expect("a report");
+    let t = &report.trial_lock;
+    assert!(!t.granted && t.wait_ms >= t.lock_timeout_ms * 0.9, "{t:?}");
+    let pid = *holder_pid.lock().unwrap();
+    assert!(t.holders.iter().any(|h| h.pid == pid), "pid {pid} not among {:?}", t.holders);
+    assert!(debris(&client, outcome.id).await.is_empty(), "{:?}", debris(&client, outcome.id).await);
+    items::assert_matches_oracle(&client).await;
+    if standby.is_some() {
+        assert_eq!(report.replicas, 1, "{report:?}");
+        assert!(report.max_replica_lag_seconds.is_some(), "{report:?}");
+    }
 }

@@ -27,9 +27,11 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "  (resumed in phase {p}: the figures cover this run only)");
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "  {:<10} {:>10}", "phase", "time");
+    let _ = writeln!(out, "  {:<10} {:>10} {:>14} {:>10}", "phase", "time", "rows/s", "MB/s");
     for p in &r.phases {
-        let _ = writeln!(out, "  {:<10} {:>9.2}s", p.phase, p.seconds);
+        let rows = p.rows_per_second.map_or_else(String::new, |v| thousands(v.round() as i64));
+        let mb = p.mb_per_second.map_or_else(String::new, |v| format!("{v:.1}"));
+        let _ = writeln!(out, "  {:<10} {:>9.2}s {rows:>14} {mb:>10}", p.phase, p.seconds);
     }
     let _ = writeln!(
         out,

@@ -56,6 +56,10 @@ pub struct PlanSaid {
 pub struct PhaseTime {
     pub phase: String,
     pub seconds: f64,
+    /// For the phases that go through the rows (copy, index, verify): the rows copied, and
+    /// the shadow's heap, over the phase's time.
+    pub rows_per_second: Option<f64>,
+    pub mb_per_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,7 +216,12 @@ impl Meter {
             match out.last_mut() {
                 // A phase entered again (catch-up between steps) adds to itself.
                 Some(last) if last.phase == phase.as_str() => last.seconds += seconds,
-                _ => out.push(PhaseTime { phase: phase.as_str().to_owned(), seconds }),
+                _ => out.push(PhaseTime {
+                    phase: phase.as_str().to_owned(),
+                    seconds,
+                    rows_per_second: None,
+                    mb_per_second: None,
+                }),
             }
         }
         // The capture phase without the counting of writes before it.
@@ -280,7 +289,13 @@ impl Run<'_> {
         });
         // Without the counting of the application's writes, which a real run does not do.
         let total = meter.started.elapsed().saturating_sub(meter.counting).as_secs_f64();
-        let phases = meter.phase_times(end);
+        let mut phases = meter.phase_times(end);
+        for p in phases.iter_mut().filter(|p| matches!(p.phase.as_str(), "copy" | "index" | "verify")) {
+            if p.seconds > 0.0 && outcome.rows_this_run > 0 {
+                p.rows_per_second = Some(outcome.rows_this_run as f64 / p.seconds);
+                p.mb_per_second = Some(heap as f64 / 1e6 / p.seconds);
+            }
+        }
         let scaled: f64 = phases
             .iter()
             .map(|p| match (self.sample_every, p.phase.as_str()) {
