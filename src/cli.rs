@@ -275,6 +275,11 @@ pub struct MigrateArgs {
     /// over the key range, and project the whole run from it.
     #[arg(long, value_name = "FRACTION", requires = "rehearse", value_parser = fraction)]
     pub sample: Option<f64>,
+    /// For RENAME COLUMN and DROP COLUMN: leave the table as it is and show its new shape
+    /// as views in this new schema, for new code (search_path=SCHEMA,…) to run beside the
+    /// old; `ghostwire finish TABLE` applies the change and drops the schema.
+    #[arg(long, value_name = "SCHEMA", conflicts_with_all = ["rehearse", "finish", "postpone_cutover"])]
+    pub version_schema: Option<String>,
     /// Print progress as JSON lines.
     #[arg(long)]
     pub json: bool,

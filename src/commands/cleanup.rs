@@ -17,12 +17,21 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
     cleanup::stop_runner(&client, &m).await.map_err(classify)?;
+    let version = crate::migrate::version_schema::of(&client, &m).await.map_err(CommandError::failed)?;
     cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;
-    say!(
-        "Aborted migration #{} of {}: the shadow table, capture triggers and change log are removed; the table is as it was.",
-        m.id,
-        m.table
-    );
+    match version {
+        Some(schema) => say!(
+            "Aborted migration #{} of {}: version schema {} is dropped; the table is as it was.",
+            m.id,
+            m.table,
+            crate::sql::display_ident(&schema)
+        ),
+        None => say!(
+            "Aborted migration #{} of {}: the shadow table, capture triggers and change log are removed; the table is as it was.",
+            m.id,
+            m.table
+        ),
+    }
     Ok(())
 }
 
@@ -37,7 +46,16 @@ pub async fn finish(url: Option<&str>, table: &str) -> Result<(), CommandError> 
             m.table
         )));
     }
+    let version = crate::migrate::version_schema::of(&client, &m).await.map_err(CommandError::failed)?;
     cleanup::finish(&client, &m).await.map_err(classify)?;
-    say!("Finished migration #{} of {}: the old table is dropped.", m.id, m.table);
+    match version {
+        Some(schema) => say!(
+            "Finished migration #{} of {}: the change is applied to the table and version schema {} is dropped.",
+            m.id,
+            m.table,
+            crate::sql::display_ident(&schema)
+        ),
+        None => say!("Finished migration #{} of {}: the old table is dropped.", m.id, m.table),
+    }
     Ok(())
 }

@@ -70,6 +70,7 @@ pub fn options(a: &MigrateArgs) -> Options {
         reconnect_timeout: a.reconnect_timeout,
         rehearse: a.rehearse,
         sample: a.sample,
+        version_schema: a.version_schema.clone(),
         ..Options::default()
     }
 }
@@ -183,12 +184,25 @@ fn summary_json(o: &Outcome) -> serde_json::Value {
         "rows_copied": o.rows_copied, "rows_copied_by_this_run": o.rows_this_run, "copy_seconds": o.copy_time.as_secs_f64(), "total_seconds": o.total_time.as_secs_f64(),
         "lock_wait_ms": o.swap.map(|s| ms(s.lock_wait)), "lock_hold_ms": o.swap.map(|s| ms(s.lock_hold)),
         "clients_held_ms": o.clients_held.map(ms), "cutover_attempts": o.cutover_attempts, "finished": o.finished,
-        "resumed_from": o.resumed_from, "unvalidated_foreign_keys": o.unvalidated,
+        "resumed_from": o.resumed_from, "unvalidated_foreign_keys": o.unvalidated, "version_schema": o.version_schema,
     })
 }
 
 fn summary(outcome: &Outcome) {
     say!();
+    if let Some(schema) = &outcome.version_schema {
+        let schema = crate::sql::display_ident(schema);
+        say!(
+            "Done: {} is unchanged; version schema {schema} shows its new shape. New code connects with \
+             search_path={schema},{} (e.g. options=-c%20search_path%3D{schema},{} in its URL). Once no old code \
+             runs: ghostwire finish {}",
+            outcome.table,
+            crate::sql::display_ident(&outcome.table.schema),
+            crate::sql::display_ident(&outcome.table.schema),
+            outcome.table
+        );
+        return;
+    }
     match outcome.swap {
         None if outcome.strategy == crate::plan::Strategy::Instant => {
             say!(

@@ -70,6 +70,15 @@ pub async fn stop_runner(client: &Client, m: &Migration) -> Result<(), CleanupEr
 /// Removes the capture triggers, change log, trigger functions and shadow of a migration
 /// that has not swapped. The caller holds the table's advisory lock.
 pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Result<(), CleanupError> {
+    if let Some(schema) = super::version_schema::of(client, m).await?
+        && m.phase == Phase::Swapped
+    {
+        state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
+        super::version_schema::remove(client, &schema, retry).await?;
+        let message = format!("aborted: version schema {} dropped, the table as it was", ident(&schema));
+        state::set_phase(client, m.id, Phase::Aborted, &message).await?;
+        return Ok(());
+    }
     if !m.phase.before_swap() && m.phase != Phase::Aborted {
         return Err(CleanupError::AlreadySwapped { id: m.id, table: m.table.to_string() });
     }
@@ -96,6 +105,12 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     }
     if m.phase != Phase::Swapped {
         return Err(CleanupError::NotSwapped { id: m.id, table: m.table.to_string(), phase: m.phase });
+    }
+    if let Some(schema) = super::version_schema::of(client, m).await? {
+        super::version_schema::contract(client, m, &schema, &RetryPolicy::default()).await?;
+        let message = format!("finished: the change applied to the table, version schema {} dropped", ident(&schema));
+        state::set_phase(client, m.id, Phase::Finished, &message).await?;
+        return Ok(());
     }
     let archive = spec::archive_schema(m.id);
     let old = QualifiedName::new(&archive, &m.table.name);

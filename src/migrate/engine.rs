@@ -62,6 +62,9 @@ pub struct Options {
     pub rehearse_baseline: Duration,
     /// A rehearsal of this share of the rows (`--sample`, in (0, 1]).
     pub sample: Option<f64>,
+    /// Expand a rename or drop into this version schema instead of running it (finish
+    /// contracts).
+    pub version_schema: Option<String>,
 }
 
 impl Options {
@@ -98,6 +101,7 @@ impl Default for Options {
             rehearse: false,
             rehearse_baseline: super::rehearsal::BASELINE,
             sample: None,
+            version_schema: None,
         }
     }
 }
@@ -168,6 +172,8 @@ pub struct Outcome {
     pub resumed_from: Option<Phase>,
     /// What a rehearsal measured (`--rehearse`; nothing was swapped).
     pub rehearsal: Option<super::rehearsal::Report>,
+    /// The version schema a rename or drop was expanded into (`--version-schema`).
+    pub version_schema: Option<String>,
 }
 
 impl Outcome {
@@ -188,6 +194,7 @@ impl Outcome {
             clients_held: None,
             resumed_from: None,
             rehearsal: None,
+            version_schema: None,
         }
     }
 }
@@ -283,6 +290,19 @@ pub async fn migrate(
             )));
         }
         return Err(MigrateError::Unfinished { table: m.table.to_string(), id: m.id, phase: m.phase, error: m.error });
+    }
+    if let Some(schema) = &opts.version_schema {
+        let retry = super::retry::RetryPolicy {
+            lock_timeout: opts.lock_timeout,
+            attempts: opts.cutover_attempts.max(1),
+            ..Default::default()
+        };
+        let id = super::version_schema::expand(&control, &plan, schema, &retry).await?;
+        let mut outcome = Outcome::already(id, plan.table.clone(), 0, false);
+        outcome.strategy = plan.strategy;
+        outcome.version_schema = Some(schema.clone());
+        outcome.total_time = started.elapsed();
+        return Ok(outcome);
     }
     let settings = json!({
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,

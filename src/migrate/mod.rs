@@ -29,6 +29,7 @@ pub mod spec;
 pub mod swap;
 pub mod throttle;
 pub mod verify;
+pub mod version_schema;
 
 pub use engine::{Context, Options, Outcome, PhaseHook, Reporter, Silent, migrate, resume, session_config};
 pub use error::MigrateError;

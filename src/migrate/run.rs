@@ -207,6 +207,7 @@ impl<'a> Run<'a> {
             clients_held: None,
             resumed_from: None,
             rehearsal: None,
+            version_schema: None,
         };
         if self.rehearse && self.meter.is_none() {
             let resumed_from = resumed.map(|m| m.phase);

@@ -169,6 +169,19 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         );
     }
     for s in &steps {
+        let old_name = match &s.action {
+            Action::RenameColumn { from, .. } => Some(from),
+            Action::DropColumn { column, .. } => Some(column),
+            _ => None,
+        };
+        if let Some(name) = old_name {
+            warnings.push(format!(
+                "`{}`: running code that uses {} breaks the moment this runs; `ghostwire migrate --version-schema \
+                 SCHEMA` lets old and new code run side by side until `ghostwire finish`",
+                s.subcommand,
+                crate::sql::ident(name)
+            ));
+        }
         if let Action::AddColumn { not_null: true, has_default: false, generated: false, identity: false, .. } =
             s.action
             && def.estimated_rows > 0

@@ -1,0 +1,238 @@
+//! `migrate --version-schema SCHEMA`: a rename or drop that old and new application code
+//! can run beside each other (expand, then contract).
+//!
+//! Expand: the table is left as it is; `SCHEMA` gets one view per relation of the table's
+//! schema, the changed table's showing its new shape (renamed columns under their new
+//! names, dropped ones left out), each a plain `SELECT` of the columns, so PostgreSQL makes
+//! it automatically updatable (INSERT, UPDATE, DELETE, RETURNING, ON CONFLICT; a column left
+//! out of an INSERT gets the table's own default, identity included), `security_invoker`
+//! where the server has it (15+), with the relation's grants and comments. New code puts
+//! `SCHEMA` first in its search_path; old code keeps using the table. The migration waits
+//! in phase `swapped` (strategy `version`).
+//!
+//! Contract (`finish`): in one transaction under a short lock_timeout, with retries, the
+//! views and the schema go and the statement runs on the table: from then on the new names
+//! resolve in the table's own schema, with the same names, types and defaults the views
+//! showed. Abort: the views and the schema go, the table as it was.
+
+use tokio_postgres::Client;
+
+use super::error::MigrateError;
+use super::retry::{self, RetryPolicy};
+use crate::plan::Plan;
+use crate::plan::parse::Action;
+use crate::sql::{QualifiedName, ident};
+use crate::state::{self, Migration, Phase};
+
+/// What the new shape of the changed table is: (column, its name in the view), in order.
+fn view_columns(plan: &Plan) -> Result<Vec<(String, String)>, MigrateError> {
+    let mut columns: Vec<(String, String)> =
+        plan.table_def.columns.iter().map(|c| (c.name.clone(), c.name.clone())).collect();
+    for sub in &plan.parsed.subcommands {
+        match &sub.action {
+            Action::RenameColumn { from, to } => match columns.iter_mut().find(|(_, shown)| shown == from) {
+                Some(c) => c.1 = to.clone(),
+                None => return Err(MigrateError::Refused(format!("column {} does not exist", ident(from)))),
+            },
+            Action::DropColumn { column, .. } => {
+                let def = plan.table_def.columns.iter().find(|c| &c.name == column);
+                if let Some(c) = def.filter(|c| c.not_null && c.default.is_none() && c.identity.is_none()) {
+                    return Err(MigrateError::Refused(format!(
+                        "column {} is NOT NULL without a default: inserts through the version schema (which \
+                         leaves it out) would fail. Drop the NOT NULL or give it a default first, then run this again",
+                        ident(&c.name)
+                    )));
+                }
+                columns.retain(|(_, shown)| shown != column);
+            }
+            _ => {
+                return Err(MigrateError::Refused(format!(
+                    "`{}` cannot go through a version schema: only RENAME COLUMN and DROP COLUMN can (run it \
+                     without --version-schema)",
+                    plan.parsed.text[sub.span.clone()].trim()
+                )));
+            }
+        }
+    }
+    Ok(columns)
+}
+
+/// The statements that build `schema` (in one transaction).
+async fn expand_sql(client: &Client, plan: &Plan, schema: &str) -> Result<String, MigrateError> {
+    let db = |e: tokio_postgres::Error| {
+        MigrateError::Refused(format!("reading the schema: {}", crate::connect::describe(&e)))
+    };
+    let table = &plan.table;
+    let changed = view_columns(plan)?;
+    let server: i32 =
+        client.query_one("SHOW server_version_num", &[]).await.map_err(db)?.get::<_, String>(0).parse().unwrap_or(0);
+    let with = if server >= 150000 { " WITH (security_invoker = true)" } else { "" };
+    let mut sql = vec![format!("CREATE SCHEMA {}", ident(schema))];
+    // USAGE on the version schema for whoever has it on the table's.
+    let usage = client
+        .query(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
+               FROM pg_namespace n, aclexplode(n.nspacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+              WHERE n.nspname = $1 AND a.privilege_type = 'USAGE'",
+            &[&table.schema],
+        )
+        .await
+        .map_err(db)?;
+    for r in usage {
+        sql.push(format!("GRANT USAGE ON SCHEMA {} TO {}", ident(schema), r.get::<_, String>(0)));
+    }
+    let relations = client
+        .query(
+            "SELECT c.oid, c.relname::text,
+                    array(SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+                    obj_description(c.oid, 'pg_class')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+              ORDER BY c.relname",
+            &[&table.schema],
+        )
+        .await
+        .map_err(db)?;
+    for r in relations {
+        let (oid, name, attnames, comment): (u32, String, Vec<String>, Option<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let source = QualifiedName::new(&table.schema, &name);
+        let view = QualifiedName::new(schema, &name);
+        let columns: Vec<(String, String)> = if name == table.name {
+            changed.clone()
+        } else {
+            attnames.iter().map(|a| (a.clone(), a.clone())).collect()
+        };
+        let list: Vec<String> = columns
+            .iter()
+            .map(|(c, shown)| if c == shown { ident(c) } else { format!("{} AS {}", ident(c), ident(shown)) })
+            .collect();
+        sql.push(format!("CREATE VIEW {}{with} AS SELECT {} FROM {}", view.sql(), list.join(", "), source.sql()));
+        if let Some(c) = comment {
+            sql.push(format!("COMMENT ON VIEW {} IS {}", view.sql(), crate::sql::literal(&c)));
+        }
+        let grants = client
+            .query(
+                "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END, a.privilege_type
+                   FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+                  WHERE c.oid = $1 AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER')",
+                &[&oid],
+            )
+            .await
+            .map_err(db)?;
+        for g in grants {
+            let (grantee, privilege): (String, String) = (g.get(0), g.get(1));
+            sql.push(format!("GRANT {privilege} ON {} TO {grantee}", view.sql()));
+        }
+        let column_comments = client
+            .query(
+                "SELECT a.attname::text, col_description(a.attrelid, a.attnum) FROM pg_attribute a
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                    AND col_description(a.attrelid, a.attnum) IS NOT NULL",
+                &[&oid],
+            )
+            .await
+            .map_err(db)?;
+        for c in column_comments {
+            let (col, text): (String, String) = (c.get(0), c.get(1));
+            if let Some((_, shown)) = columns.iter().find(|(name, _)| *name == col) {
+                sql.push(format!(
+                    "COMMENT ON COLUMN {}.{} IS {}",
+                    view.sql(),
+                    ident(shown),
+                    crate::sql::literal(&text)
+                ));
+            }
+        }
+    }
+    Ok(sql.join(";\n"))
+}
+
+/// Expands: builds `schema` and records the migration, waiting for `finish`.
+pub async fn expand(control: &Client, plan: &Plan, schema: &str, retry: &RetryPolicy) -> Result<i64, MigrateError> {
+    let exists: bool = control
+        .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(schema)])
+        .await
+        .map_err(|e| MigrateError::Refused(crate::connect::describe(&e)))?
+        .get(0);
+    if exists {
+        return Err(MigrateError::Refused(format!(
+            "schema {} exists already: name a new one for the version schema",
+            ident(schema)
+        )));
+    }
+    let sql = expand_sql(control, plan, schema).await?;
+    let def = &plan.table_def;
+    let settings = serde_json::json!({ "version_schema": schema });
+    let database =
+        |phase, context: &str, source| MigrateError::Database { id: 0, phase, context: context.into(), source };
+    let id =
+        state::insert_migration(control, &def.name, def.oid, &plan.statement, "version", def.estimated_rows, &settings)
+            .await
+            .map_err(|e| database(Phase::Planned, "recording the migration", e))?;
+    retry::ddl(control, retry, "creating the version schema", &sql).await.map_err(|e| MigrateError::Database {
+        id,
+        phase: Phase::Planned,
+        context: "creating the version schema".into(),
+        source: e,
+    })?;
+    let message = format!(
+        "version schema {} open: new code uses search_path={},{}; `ghostwire finish {}` applies the change once no \
+         old code runs",
+        ident(schema),
+        ident(schema),
+        ident(&plan.table.schema),
+        plan.table
+    );
+    state::set_phase(control, id, Phase::Swapped, &message).await.map_err(|e| MigrateError::Database {
+        id,
+        phase: Phase::Swapped,
+        context: "recording the phase".into(),
+        source: e,
+    })?;
+    Ok(id)
+}
+
+/// The version schema of a migration, when it went through one.
+pub async fn of(client: &Client, m: &Migration) -> Result<Option<String>, tokio_postgres::Error> {
+    if m.strategy != "version" {
+        return Ok(None);
+    }
+    let row = client
+        .query_one("SELECT settings->>'version_schema' FROM ghostwire.migrations WHERE id = $1", &[&m.id])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Drops the views ghostwire made in `schema`, then the schema (RESTRICT: an object someone
+/// else put there stops it, with the error).
+fn remove_sql(schema: &str) -> String {
+    format!(
+        "DO $gw$ DECLARE v record; BEGIN
+           FOR v IN SELECT c.oid::regclass AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = {} AND c.relkind = 'v' LOOP
+             EXECUTE 'DROP VIEW ' || v.name;
+           END LOOP;
+         END $gw$;
+         DROP SCHEMA IF EXISTS {}",
+        crate::sql::literal(schema),
+        ident(schema)
+    )
+}
+
+/// Contract: the views go and the statement runs on the table, in one transaction.
+pub async fn contract(
+    client: &Client,
+    m: &Migration,
+    schema: &str,
+    retry: &RetryPolicy,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!("{};\n{}", remove_sql(schema), m.statement);
+    retry::ddl(client, retry, "applying the change and dropping the version schema", &sql).await
+}
+
+/// Abort: the views go; the table stays as it was.
+pub async fn remove(client: &Client, schema: &str, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
+    retry::ddl(client, retry, "dropping the version schema", &remove_sql(schema)).await
+}

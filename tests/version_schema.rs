@@ -1,0 +1,245 @@
+//! `migrate --version-schema`: a rename or a drop that old and new code run beside each
+//! other. Two writers at once, the old names on the table and the new names through the
+//! version schema (search_path in the connection's options), each inserting (identity and
+//! defaults, RETURNING), updating, deleting and upserting (ON CONFLICT) with prepared
+//! statements, every write mirrored into an oracle in the same transaction; after `finish`
+//! the new-names writer goes on without an error and the table equals the oracle. `abort`
+//! leaves the table as it was; what cannot work in both versions is refused.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::items::ghostwire;
+use common::{TestDb, assert_same_rows, connect, strings};
+
+/// A writer through `url`, naming the login column `name_col`; counts its transactions and
+/// collects its errors.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn writer(url: String, name_col: &'static str, tag: &'static str, with_legacy: bool) -> Writer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s, d, e) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
+    let task = tokio::spawn(async move {
+        let mut c = connect(&url).await;
+        let legacy = if with_legacy { ", legacy" } else { "" };
+        let legacy_value = if with_legacy { ", 'x'" } else { "" };
+        let insert =
+            format!("INSERT INTO users ({name_col}{legacy}) VALUES ($1{legacy_value}) RETURNING id, verified, visits");
+        let upsert = format!(
+            "INSERT INTO users ({name_col}) VALUES ($1) ON CONFLICT ({name_col}) DO UPDATE SET visits = users.visits + 1
+             RETURNING id, visits"
+        );
+        let mut n = 0u64;
+        let mut mine: Vec<(i64, String)> = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            n += 1;
+            let result: Result<(), tokio_postgres::Error> = async {
+                let tx = c.transaction().await?;
+                match n % 4 {
+                    0 | 1 => {
+                        let name = format!("{tag}{n}");
+                        let row = tx.query_one(&insert, &[&name]).await?;
+                        let (id, verified, visits): (i64, bool, i32) = (row.get(0), row.get(1), row.get(2));
+                        tx.execute("INSERT INTO oracle VALUES ($1, $2, $3, $4)", &[&id, &name, &verified, &visits])
+                            .await?;
+                        mine.push((id, name));
+                    }
+                    2 if !mine.is_empty() => {
+                        let (_, name) = mine[(n as usize * 7) % mine.len()].clone();
+                        let row = tx.query_one(&upsert, &[&name]).await?;
+                        let (id, visits): (i64, i32) = (row.get(0), row.get(1));
+                        tx.execute("UPDATE oracle SET visits = $2 WHERE id = $1", &[&id, &visits]).await?;
+                    }
+                    3 if mine.len() > 5 => {
+                        let (id, _) = mine.remove((n as usize * 3) % mine.len());
+                        tx.execute("DELETE FROM users WHERE id = $1", &[&id]).await?;
+                        tx.execute("DELETE FROM oracle WHERE id = $1", &[&id]).await?;
+                    }
+                    _ => {
+                        let sql = format!(
+                            "UPDATE users SET verified = NOT verified WHERE {name_col} = $1 RETURNING id, verified"
+                        );
+                        for row in tx.query(&sql, &[&format!("{tag}1")]).await? {
+                            let (id, verified): (i64, bool) = (row.get(0), row.get(1));
+                            tx.execute("UPDATE oracle SET verified = $2 WHERE id = $1", &[&id, &verified]).await?;
+                        }
+                    }
+                }
+                tx.commit().await
+            }
+            .await;
+            if let Err(err) = result {
+                e.lock().unwrap().push(ghostwire::connect::describe(&err));
+            }
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Writer { stop, done, errors, task }
+}
+
+impl Writer {
+    async fn more(&self, n: u64) {
+        let target = self.done.load(Ordering::Relaxed) + n;
+        while self.done.load(Ordering::Relaxed) < target {
+            assert!(!self.task.is_finished(), "the writer stopped: {:?}", self.errors.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the writer");
+        self.errors.lock().unwrap().clone()
+    }
+}
+
+fn with_search_path(url: &str, path: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{path}")
+}
+
+async fn users(db: &TestDb) {
+    db.exec(
+        "CREATE TABLE users (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, username text NOT NULL UNIQUE,
+                             verified boolean NOT NULL DEFAULT false, visits int NOT NULL DEFAULT 0, legacy text);
+         COMMENT ON COLUMN users.username IS 'the login';
+         CREATE TABLE oracle (id bigint PRIMARY KEY, login text NOT NULL, verified boolean NOT NULL, visits int NOT NULL);
+         INSERT INTO users (username) SELECT 'seed' || g FROM generate_series(1, 100) g;
+         INSERT INTO oracle SELECT id, username, verified, visits FROM users;",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
+    let db = TestDb::new().await;
+    users(&db).await;
+    let client = db.connect().await;
+    let old = writer(db.url.clone(), "username", "o", false);
+    old.more(20).await;
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--version-schema", "app_v2", "ALTER TABLE users RENAME COLUMN username TO email"],
+        None,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("search_path=app_v2,public"), "{text}");
+    // The table is untouched; the view shows the new name, with the column's comment.
+    let cols = "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attnum > 0 AND NOT attisdropped AND attrelid = ";
+    assert_eq!(
+        strings(&client, &format!("{cols} 'public.users'::regclass")).await,
+        ["id,username,verified,visits,legacy"]
+    );
+    assert_eq!(
+        strings(&client, &format!("{cols} 'app_v2.users'::regclass")).await,
+        ["id,email,verified,visits,legacy"]
+    );
+    assert_eq!(strings(&client, "SELECT col_description('app_v2.users'::regclass, 2)").await, ["the login"]);
+
+    let new = writer(with_search_path(&db.url, "app_v2,public"), "email", "n", false);
+    new.more(40).await;
+    old.more(40).await;
+    let old_errors = old.finish().await;
+    assert!(old_errors.is_empty(), "the old code failed: {old_errors:?}");
+    let out = ghostwire(&db.url, &["finish", "users"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    new.more(40).await; // the same prepared statements, now on the table itself
+    let new_errors = new.finish().await;
+    assert!(new_errors.is_empty(), "the new code failed: {new_errors:?}");
+
+    assert_eq!(
+        strings(&client, &format!("{cols} 'public.users'::regclass")).await,
+        ["id,email,verified,visits,legacy"]
+    );
+    assert!(strings(&client, "SELECT nspname FROM pg_namespace WHERE nspname = 'app_v2'").await.is_empty());
+    assert_same_rows(&client, "SELECT id, email, verified, visits FROM users", "SELECT * FROM oracle").await;
+    assert_eq!(strings(&client, "SELECT phase FROM ghostwire.migrations").await, ["finished"]);
+}
+
+#[tokio::test]
+async fn a_dropped_column_stays_for_old_code_until_finish_and_abort_undoes_it() {
+    let db = TestDb::new().await;
+    users(&db).await;
+    let client = db.connect().await;
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--yes", "--version-schema", "app_v3", "ALTER TABLE users DROP COLUMN legacy"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old = writer(db.url.clone(), "username", "o", true);
+    let new = writer(with_search_path(&db.url, "app_v3,public"), "username", "n", false);
+    old.more(30).await;
+    new.more(30).await;
+    assert!(old.finish().await.is_empty());
+    let out = ghostwire(&db.url, &["finish", "users"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    new.more(30).await;
+    let errors = new.finish().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_same_rows(&client, "SELECT id, username, verified, visits FROM users", "SELECT * FROM oracle").await;
+    assert!(
+        strings(&client, "SELECT attname FROM pg_attribute WHERE attrelid = 'users'::regclass AND attname = 'legacy'")
+            .await
+            .is_empty()
+    );
+
+    // Abort, before finish: the version schema goes, the table stays as it was.
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--version-schema", "app_v4", "ALTER TABLE users RENAME COLUMN visits TO hits"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ghostwire(&db.url, &["abort", "users"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(strings(&client, "SELECT nspname FROM pg_namespace WHERE nspname = 'app_v4'").await.is_empty());
+    assert_eq!(
+        strings(&client, "SELECT attname FROM pg_attribute WHERE attrelid = 'users'::regclass AND attnum = 4").await,
+        ["visits"]
+    );
+}
+
+#[tokio::test]
+async fn plan_warns_and_what_cannot_work_in_both_versions_is_refused() {
+    let db = TestDb::new().await;
+    users(&db).await;
+    let out = ghostwire(&db.url, &["plan", "ALTER TABLE users RENAME COLUMN username TO email"], None).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("--version-schema"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Inserts through the new version would leave out a NOT NULL column without a default.
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--yes", "--version-schema", "v2", "ALTER TABLE users DROP COLUMN username"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT NULL without a default"));
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--version-schema", "v2", "ALTER TABLE users ALTER COLUMN visits TYPE bigint"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = db.connect().await;
+    assert!(strings(&client, "SELECT nspname FROM pg_namespace WHERE nspname = 'v2'").await.is_empty());
+}
