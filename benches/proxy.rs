@@ -170,6 +170,7 @@ async fn main() {
             max_message_len: ghostwire_proto::MAX_MESSAGE_LEN,
             client_tls: leg,
             recover_statements,
+            routes: Vec::new(),
         };
         let proxy = Proxy::with_options(options).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

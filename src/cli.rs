@@ -174,6 +174,11 @@ pub enum Command {
         /// change result type" on to clients instead of preparing the statement again.
         #[arg(long)]
         no_statement_recovery: bool,
+        /// Give matching sessions a search_path at startup: KEY=PATTERN:SEARCH_PATH, KEY one of
+        /// application_name, user, database, `*` in PATTERN for anything
+        /// (`application_name=web-v2*:app_v2,public`); repeatable, the first match wins.
+        #[arg(long = "route", value_name = "RULE")]
+        routes: Vec<String>,
     },
     /// Show ghostwire at work on a throwaway local cluster with a sample table.
     Demo {

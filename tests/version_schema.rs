@@ -13,7 +13,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::items::ghostwire;
+use common::proxy::TestProxy;
 use common::{TestDb, assert_same_rows, connect, strings};
+use ghostwire::proxy::ClientLeg;
+
+fn upstream(db: &TestDb) -> String {
+    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
+}
+
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
 
 /// A writer through `url`, naming the login column `name_col`; counts its transactions and
 /// collects its errors.
@@ -25,6 +36,10 @@ struct Writer {
 }
 
 fn writer(url: String, name_col: &'static str, tag: &'static str, with_legacy: bool) -> Writer {
+    writer_on(url, "users", name_col, tag, with_legacy)
+}
+
+fn writer_on(url: String, table: &'static str, name_col: &'static str, tag: &'static str, with_legacy: bool) -> Writer {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -33,10 +48,11 @@ fn writer(url: String, name_col: &'static str, tag: &'static str, with_legacy: b
         let mut c = connect(&url).await;
         let legacy = if with_legacy { ", legacy" } else { "" };
         let legacy_value = if with_legacy { ", 'x'" } else { "" };
-        let insert =
-            format!("INSERT INTO users ({name_col}{legacy}) VALUES ($1{legacy_value}) RETURNING id, verified, visits");
+        let insert = format!(
+            "INSERT INTO {table} ({name_col}{legacy}) VALUES ($1{legacy_value}) RETURNING id, verified, visits"
+        );
         let upsert = format!(
-            "INSERT INTO users ({name_col}) VALUES ($1) ON CONFLICT ({name_col}) DO UPDATE SET visits = users.visits + 1
+            "INSERT INTO {table} ({name_col}) VALUES ($1) ON CONFLICT ({name_col}) DO UPDATE SET visits = {table}.visits + 1
              RETURNING id, visits"
         );
         let mut n = 0u64;
@@ -62,12 +78,12 @@ fn writer(url: String, name_col: &'static str, tag: &'static str, with_legacy: b
                     }
                     3 if mine.len() > 5 => {
                         let (id, _) = mine.remove((n as usize * 3) % mine.len());
-                        tx.execute("DELETE FROM users WHERE id = $1", &[&id]).await?;
+                        tx.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id]).await?;
                         tx.execute("DELETE FROM oracle WHERE id = $1", &[&id]).await?;
                     }
                     _ => {
                         let sql = format!(
-                            "UPDATE users SET verified = NOT verified WHERE {name_col} = $1 RETURNING id, verified"
+                            "UPDATE {table} SET verified = NOT verified WHERE {name_col} = $1 RETURNING id, verified"
                         );
                         for row in tx.query(&sql, &[&format!("{tag}1")]).await? {
                             let (id, verified): (i64, bool) = (row.get(0), row.get(1));
@@ -104,8 +120,7 @@ impl Writer {
 }
 
 fn with_search_path(url: &str, path: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-c%20search_path%3D{path}")
+    with_param(url, &format!("options=-c%20search_path%3D{path}"))
 }
 
 async fn users(db: &TestDb) {
@@ -136,6 +151,9 @@ async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("search_path=app_v2,public"), "{text}");
+    let status = ghostwire(&db.url, &["status", "users"], None).await;
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("version schema app_v2 open since"), "{status}");
     // The table is untouched; the view shows the new name, with the column's comment.
     let cols = "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attnum > 0 AND NOT attisdropped AND attrelid = ";
     assert_eq!(
@@ -148,16 +166,27 @@ async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
     );
     assert_eq!(strings(&client, "SELECT col_description('app_v2.users'::regclass, 2)").await, ["the login"]);
 
+    // New code twice: the search_path in its own connection options, and set by the proxy's
+    // route for its application_name.
     let new = writer(with_search_path(&db.url, "app_v2,public"), "email", "n", false);
+    let proxy =
+        TestProxy::start_with_routes(&upstream(&db), ClientLeg::default(), &["application_name=web-v2*:app_v2,public"])
+            .await;
+    let routed = writer(with_param(&proxy.url_for(&db.url), "application_name=web-v2-1"), "email", "r", false);
     new.more(40).await;
+    routed.more(40).await;
     old.more(40).await;
+    assert_eq!(proxy.status().routes[0].sessions, 1, "{:?}", proxy.status().routes);
     let old_errors = old.finish().await;
     assert!(old_errors.is_empty(), "the old code failed: {old_errors:?}");
     let out = ghostwire(&db.url, &["finish", "users"], None).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     new.more(40).await; // the same prepared statements, now on the table itself
+    routed.more(40).await;
     let new_errors = new.finish().await;
     assert!(new_errors.is_empty(), "the new code failed: {new_errors:?}");
+    let routed_errors = routed.finish().await;
+    assert!(routed_errors.is_empty(), "the new code through the proxy failed: {routed_errors:?}");
 
     assert_eq!(
         strings(&client, &format!("{cols} 'public.users'::regclass")).await,
@@ -242,4 +271,61 @@ async fn plan_warns_and_what_cannot_work_in_both_versions_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let client = db.connect().await;
     assert!(strings(&client, "SELECT nspname FROM pg_namespace WHERE nspname = 'v2'").await.is_empty());
+}
+
+#[tokio::test]
+async fn the_proxy_routes_sessions_to_a_search_path_by_application_name() {
+    let db = TestDb::new().await;
+    let routes = ["application_name=web-v2*:app_v2, public", "user=nobody:x"];
+    let proxy = TestProxy::start_with_routes(&upstream(&db), ClientLeg::default(), &routes).await;
+    let through = proxy.url_for(&db.url);
+    let path = |url: String| async move {
+        let c = connect(&url).await;
+        let p: String = c.query_one("SELECT current_setting('search_path')", &[]).await.unwrap().get(0);
+        (c, p)
+    };
+    let (_v2, p) = path(with_param(&through, "application_name=web-v2-7")).await;
+    assert_eq!(p, "app_v2, public");
+    // The route wins over a search_path the client asked for itself.
+    let (_own, p) = path(with_param(&with_search_path(&through, "elsewhere"), "application_name=web-v2-8")).await;
+    assert_eq!(p, "app_v2, public");
+    let (_v1, p) = path(with_param(&through, "application_name=web-v1")).await;
+    assert_eq!(p, "\"$user\", public");
+    let (_none, p) = path(through.clone()).await;
+    assert_eq!(p, "\"$user\", public");
+    let status = proxy.status();
+    assert_eq!((status.routes[0].sessions, status.routes[0].routed_total), (2, 2), "{:?}", status.routes);
+    assert_eq!(status.routes[1].sessions, 0);
+    // A bad rule is refused before the proxy starts.
+    let out = ghostwire(
+        &db.url,
+        &["proxy", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--route", "app=x"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=PATTERN:SEARCH_PATH"));
+}
+
+#[tokio::test]
+async fn a_table_rename_goes_through_a_version_schema_too() {
+    let db = TestDb::new().await;
+    users(&db).await;
+    let client = db.connect().await;
+    let out =
+        ghostwire(&db.url, &["migrate", "--version-schema", "app_v5", "ALTER TABLE users RENAME TO accounts"], None)
+            .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old = writer(db.url.clone(), "username", "o", false);
+    let new = writer_on(with_search_path(&db.url, "app_v5,public"), "accounts", "username", "n", false);
+    old.more(30).await;
+    new.more(30).await;
+    assert!(old.finish().await.is_empty());
+    let out = ghostwire(&db.url, &["finish", "users"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    new.more(30).await;
+    let errors = new.finish().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_same_rows(&client, "SELECT id, username, verified, visits FROM accounts", "SELECT * FROM oracle").await;
+    assert!(strings(&client, "SELECT to_regclass('users')::text").await.iter().all(|s| s.is_empty()));
 }

@@ -21,7 +21,7 @@ pub use extended::{
 };
 pub use framer::{Framer, Item};
 pub use messages::{TransactionStatus, backend_key_data, error_fields, ready_for_query};
-pub use startup::{StartupPacket, parse_startup};
+pub use startup::{StartupPacket, parse_startup, startup_message};
 
 use thiserror::Error;
 

@@ -53,6 +53,21 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupPacket<'_>, usize)>, P
 }
 
 /// `name\0value\0…\0`
+/// A whole StartupMessage (a relay that changes a parameter writes it again).
+pub fn startup_message(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (name, value) in params {
+        for s in [name, value] {
+            body.extend(s.bytes().filter(|&b| b != 0));
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
 fn params(mut b: &[u8]) -> Result<Vec<(&str, &str)>, ProtoError> {
     let bad = ProtoError::Malformed { what: "startup parameters" };
     let mut out = Vec::new();

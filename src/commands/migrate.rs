@@ -99,13 +99,21 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     if args.capture == Capture::Logical {
         return Err(CommandError::refused("--capture logical is not available yet; use the default trigger capture"));
     }
+    // A table rename is not a change `plan` takes, but a version schema can show it.
+    let mut table_rename = false;
     if let Target::Statement(statement) = target {
-        plan::parse::parse(statement).map_err(CommandError::refused)?;
+        match plan::parse::parse(statement) {
+            Err(plan::parse::ParseError::RenamesTable) if args.version_schema.is_some() => table_rename = true,
+            other => {
+                other.map_err(CommandError::refused)?;
+            }
+        }
     }
     let config = connect::params(url, "ghostwire migrate")?;
     let mut opts = options(args);
     if let Target::Statement(statement) = target
         && !opts.yes
+        && !table_rename
     {
         opts.yes = ask_consent(&config, statement).await?;
     }

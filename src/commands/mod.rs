@@ -102,6 +102,7 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
             max_message_size,
             shutdown_timeout,
             no_statement_recovery,
+            routes,
         } => {
             let tls = proxy::Tls { cert: tls_cert, key: tls_key, client: client_tls };
             let args = proxy::Args {
@@ -110,6 +111,7 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
                 control: control.as_deref(),
                 token: token.secret(),
                 recover_statements: !no_statement_recovery,
+                routes,
             };
             proxy::run(args, tls, max_message_size, shutdown_timeout).await
         }

@@ -85,6 +85,8 @@ pub struct Args<'a> {
     pub token: Option<Secret>,
     /// Prepare stale statements again and replay (see proxy/tracker).
     pub recover_statements: bool,
+    /// `--route` rules, as given.
+    pub routes: Vec<String>,
 }
 
 pub async fn run(args: Args<'_>, tls: Tls, max_message_len: u32, grace: Duration) -> Result<(), CommandError> {
@@ -93,6 +95,12 @@ pub async fn run(args: Args<'_>, tls: Tls, max_message_len: u32, grace: Duration
         max_message_len,
         client_tls: tls.leg()?,
         recover_statements: args.recover_statements,
+        routes: args
+            .routes
+            .iter()
+            .map(|r| crate::proxy::route::Route::parse(r))
+            .collect::<Result<_, _>>()
+            .map_err(CommandError::refused)?,
     };
     let proxy = Proxy::with_options(options).map_err(CommandError::refused)?;
     let ctl = match args.control {

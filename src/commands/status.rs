@@ -77,6 +77,18 @@ pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(
             m.updated_at,
             m.finished_at.as_ref().map(|f| format!(", done {f}")).unwrap_or_default()
         );
+        if m.phase == state::Phase::Swapped
+            && let Some(schema) = migrate::version_schema::of(&client, m).await.map_err(CommandError::failed)?
+        {
+            let shown = crate::sql::display_ident(&schema);
+            say!(
+                "    version schema {shown} open since {}: new code uses search_path={shown},{}; `ghostwire finish {}` \
+                 applies the change (proxies' /status count each --route's sessions)",
+                m.updated_at,
+                crate::sql::display_ident(&m.table.schema),
+                m.table
+            );
+        }
         if let Some(b) = backlog(&client, m).await {
             say!("    change backlog: {b}");
         }

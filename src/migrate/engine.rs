@@ -228,6 +228,27 @@ async fn lock_table(control: &Client, table: &QualifiedName) -> Result<(), Migra
     }
 }
 
+/// `--version-schema`: builds the schema and records the migration, waiting for `finish`.
+async fn expand_version(
+    control: &Client,
+    change: &super::version_schema::Change,
+    schema: &str,
+    opts: &Options,
+    started: std::time::Instant,
+) -> Result<Outcome, MigrateError> {
+    let retry = super::retry::RetryPolicy {
+        lock_timeout: opts.lock_timeout,
+        attempts: opts.cutover_attempts.max(1),
+        ..Default::default()
+    };
+    let id = super::version_schema::expand(control, change, schema, &retry).await?;
+    let mut outcome = Outcome::already(id, change.table.clone(), 0, false);
+    outcome.strategy = Strategy::Instant;
+    outcome.version_schema = Some(schema.to_owned());
+    outcome.total_time = started.elapsed();
+    Ok(outcome)
+}
+
 /// Statements compared as the parser sees them (spacing and a trailing `;` do not matter).
 fn same_statement(a: &str, b: &str) -> bool {
     let norm = |s: &str| pg_query::normalize(s).unwrap_or_else(|_| s.split_whitespace().collect::<Vec<_>>().join(" "));
@@ -246,6 +267,22 @@ pub async fn migrate(
     let mut control = connect::connect(&session_config(config, "ghostwire migrate")).await?;
     control.batch_execute(DURABLE).await.map_err(state_err)?;
     // Planning changes nothing; bad input is refused before the state schema even exists.
+    // A table rename, which `plan` refuses, can go through a version schema.
+    if let Some(schema) = &opts.version_schema
+        && let Some(change) = super::version_schema::Change::table_rename(&mut control, statement).await?
+    {
+        state::ensure_schema(&mut control).await.map_err(state_err)?;
+        lock_table(&control, &change.table).await?;
+        if let Some(m) = state::active_migration(&control, &change.table).await.map_err(state_err)? {
+            return Err(MigrateError::Unfinished {
+                table: m.table.to_string(),
+                id: m.id,
+                phase: m.phase,
+                error: m.error,
+            });
+        }
+        return expand_version(&control, &change, schema, opts, started).await;
+    }
     let plan = plan::plan(&mut control, statement).await?;
     let mut missing = plan.privileges.clone();
     missing.extend(plan::privileges::check_limits(&control, &opts.settings).await.map_err(state_err)?);
@@ -292,17 +329,8 @@ pub async fn migrate(
         return Err(MigrateError::Unfinished { table: m.table.to_string(), id: m.id, phase: m.phase, error: m.error });
     }
     if let Some(schema) = &opts.version_schema {
-        let retry = super::retry::RetryPolicy {
-            lock_timeout: opts.lock_timeout,
-            attempts: opts.cutover_attempts.max(1),
-            ..Default::default()
-        };
-        let id = super::version_schema::expand(&control, &plan, schema, &retry).await?;
-        let mut outcome = Outcome::already(id, plan.table.clone(), 0, false);
-        outcome.strategy = plan.strategy;
-        outcome.version_schema = Some(schema.clone());
-        outcome.total_time = started.elapsed();
-        return Ok(outcome);
+        let change = super::version_schema::Change::from_plan(&plan)?;
+        return expand_version(&control, &change, schema, opts, started).await;
     }
     let settings = json!({
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,

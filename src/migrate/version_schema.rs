@@ -11,18 +11,78 @@
 //! in phase `swapped` (strategy `version`).
 //!
 //! Contract (`finish`): in one transaction under a short lock_timeout, with retries, the
-//! views and the schema go and the statement runs on the table: from then on the new names
-//! resolve in the table's own schema, with the same names, types and defaults the views
-//! showed. Abort: the views and the schema go, the table as it was.
+//! changed table's view goes and the statement runs on the table: from then on the new
+//! names resolve in the table's own schema, with the same names, types and defaults the
+//! view showed; then the other views (plain pass-throughs) and the schema go, one at a
+//! time. Abort: the views and the schema go, the table as it was.
 
+use pg_query::NodeEnum;
+use pg_query::protobuf::ObjectType;
 use tokio_postgres::Client;
 
 use super::error::MigrateError;
 use super::retry::{self, RetryPolicy};
+use crate::catalog::TableDef;
 use crate::plan::Plan;
 use crate::plan::parse::Action;
 use crate::sql::{QualifiedName, ident};
 use crate::state::{self, Migration, Phase};
+
+/// A change a version schema shows before it is made.
+pub struct Change {
+    pub table: QualifiedName,
+    pub def: TableDef,
+    pub statement: String,
+    /// The changed table's columns in the view: (column, its name there), in order.
+    columns: Vec<(String, String)>,
+    /// The changed table's name in the version schema (its new name, for a RENAME TO).
+    view_name: String,
+}
+
+impl Change {
+    /// A RENAME COLUMN or DROP COLUMN statement, as planned.
+    pub fn from_plan(plan: &Plan) -> Result<Change, MigrateError> {
+        Ok(Change {
+            table: plan.table.clone(),
+            def: plan.table_def.clone(),
+            statement: plan.statement.clone(),
+            columns: view_columns(plan)?,
+            view_name: plan.table.name.clone(),
+        })
+    }
+
+    /// `ALTER TABLE … RENAME TO …` (which `plan` does not take), or None for another statement.
+    pub async fn table_rename(client: &mut Client, sql: &str) -> Result<Option<Change>, MigrateError> {
+        let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else { return Ok(None) };
+        let [raw] = &parsed.protobuf.stmts[..] else { return Ok(None) };
+        let Some(NodeEnum::RenameStmt(stmt)) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { return Ok(None) };
+        let Some(rel) = stmt.relation.as_ref().filter(|_| stmt.rename_type == ObjectType::ObjectTable as i32) else {
+            return Ok(None);
+        };
+        let schema = Some(rel.schemaname.as_str()).filter(|s| !s.is_empty());
+        let refused = |e: crate::catalog::CatalogError| MigrateError::Refused(e.to_string());
+        let (oid, _) = crate::catalog::resolve(&*client, schema, &rel.relname).await.map_err(refused)?;
+        let def = crate::catalog::inspect(client, oid).await.map_err(refused)?;
+        let taken: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&QualifiedName::new(&def.name.schema, &stmt.newname).sql()],
+            )
+            .await
+            .map_err(|e| MigrateError::Refused(crate::connect::describe(&e)))?
+            .get(0);
+        if taken {
+            return Err(MigrateError::Refused(format!("relation {} exists already", ident(&stmt.newname))));
+        }
+        Ok(Some(Change {
+            table: def.name.clone(),
+            columns: def.columns.iter().map(|c| (c.name.clone(), c.name.clone())).collect(),
+            statement: sql.trim().trim_end_matches(';').trim().to_owned(),
+            view_name: stmt.newname.clone(),
+            def,
+        }))
+    }
+}
 
 /// What the new shape of the changed table is: (column, its name in the view), in order.
 fn view_columns(plan: &Plan) -> Result<Vec<(String, String)>, MigrateError> {
@@ -58,12 +118,11 @@ fn view_columns(plan: &Plan) -> Result<Vec<(String, String)>, MigrateError> {
 }
 
 /// The statements that build `schema` (in one transaction).
-async fn expand_sql(client: &Client, plan: &Plan, schema: &str) -> Result<String, MigrateError> {
+async fn expand_sql(client: &Client, change: &Change, schema: &str) -> Result<String, MigrateError> {
     let db = |e: tokio_postgres::Error| {
         MigrateError::Refused(format!("reading the schema: {}", crate::connect::describe(&e)))
     };
-    let table = &plan.table;
-    let changed = view_columns(plan)?;
+    let table = &change.table;
     let server: i32 =
         client.query_one("SHOW server_version_num", &[]).await.map_err(db)?.get::<_, String>(0).parse().unwrap_or(0);
     let with = if server >= 150000 { " WITH (security_invoker = true)" } else { "" };
@@ -98,12 +157,10 @@ async fn expand_sql(client: &Client, plan: &Plan, schema: &str) -> Result<String
         let (oid, name, attnames, comment): (u32, String, Vec<String>, Option<String>) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
         let source = QualifiedName::new(&table.schema, &name);
-        let view = QualifiedName::new(schema, &name);
-        let columns: Vec<(String, String)> = if name == table.name {
-            changed.clone()
-        } else {
-            attnames.iter().map(|a| (a.clone(), a.clone())).collect()
-        };
+        let changed = name == table.name;
+        let view = QualifiedName::new(schema, if changed { &change.view_name } else { &name });
+        let columns: Vec<(String, String)> =
+            if changed { change.columns.clone() } else { attnames.iter().map(|a| (a.clone(), a.clone())).collect() };
         let list: Vec<String> = columns
             .iter()
             .map(|(c, shown)| if c == shown { ident(c) } else { format!("{} AS {}", ident(c), ident(shown)) })
@@ -150,7 +207,7 @@ async fn expand_sql(client: &Client, plan: &Plan, schema: &str) -> Result<String
 }
 
 /// Expands: builds `schema` and records the migration, waiting for `finish`.
-pub async fn expand(control: &Client, plan: &Plan, schema: &str, retry: &RetryPolicy) -> Result<i64, MigrateError> {
+pub async fn expand(control: &Client, change: &Change, schema: &str, retry: &RetryPolicy) -> Result<i64, MigrateError> {
     let exists: bool = control
         .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(schema)])
         .await
@@ -162,15 +219,22 @@ pub async fn expand(control: &Client, plan: &Plan, schema: &str, retry: &RetryPo
             ident(schema)
         )));
     }
-    let sql = expand_sql(control, plan, schema).await?;
-    let def = &plan.table_def;
-    let settings = serde_json::json!({ "version_schema": schema });
+    let sql = expand_sql(control, change, schema).await?;
+    let def = &change.def;
+    let settings = serde_json::json!({ "version_schema": schema, "view": change.view_name });
     let database =
         |phase, context: &str, source| MigrateError::Database { id: 0, phase, context: context.into(), source };
-    let id =
-        state::insert_migration(control, &def.name, def.oid, &plan.statement, "version", def.estimated_rows, &settings)
-            .await
-            .map_err(|e| database(Phase::Planned, "recording the migration", e))?;
+    let id = state::insert_migration(
+        control,
+        &def.name,
+        def.oid,
+        &change.statement,
+        "version",
+        def.estimated_rows,
+        &settings,
+    )
+    .await
+    .map_err(|e| database(Phase::Planned, "recording the migration", e))?;
     retry::ddl(control, retry, "creating the version schema", &sql).await.map_err(|e| MigrateError::Database {
         id,
         phase: Phase::Planned,
@@ -182,8 +246,8 @@ pub async fn expand(control: &Client, plan: &Plan, schema: &str, retry: &RetryPo
          old code runs",
         ident(schema),
         ident(schema),
-        ident(&plan.table.schema),
-        plan.table
+        ident(&change.table.schema),
+        change.table
     );
     state::set_phase(control, id, Phase::Swapped, &message).await.map_err(|e| MigrateError::Database {
         id,
@@ -205,34 +269,45 @@ pub async fn of(client: &Client, m: &Migration) -> Result<Option<String>, tokio_
     Ok(row.get(0))
 }
 
-/// Drops the views ghostwire made in `schema`, then the schema (RESTRICT: an object someone
-/// else put there stops it, with the error).
-fn remove_sql(schema: &str) -> String {
-    format!(
-        "DO $gw$ DECLARE v record; BEGIN
-           FOR v IN SELECT c.oid::regclass AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = {} AND c.relkind = 'v' LOOP
-             EXECUTE 'DROP VIEW ' || v.name;
-           END LOOP;
-         END $gw$;
-         DROP SCHEMA IF EXISTS {}",
-        crate::sql::literal(schema),
-        ident(schema)
-    )
+/// The views in `schema`, qualified and quoted.
+async fn views(client: &Client, schema: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind = 'v' ORDER BY c.relname",
+            &[&schema],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Contract: the views go and the statement runs on the table, in one transaction.
+/// Drops the views left in `schema`, one transaction each (so that none waits on two
+/// relations at once, in an order an application transaction may take the other way),
+/// then the schema (RESTRICT: an object someone else put there stops it, with the error).
+async fn drop_schema(client: &Client, schema: &str, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
+    for view in views(client, schema).await? {
+        retry::ddl(client, retry, &format!("dropping {view}"), &format!("DROP VIEW IF EXISTS {view}")).await?;
+    }
+    retry::ddl(client, retry, "dropping the version schema", &format!("DROP SCHEMA IF EXISTS {}", ident(schema))).await
+}
+
+/// Contract: the changed table's view goes and the statement runs, in one transaction (the
+/// view's lock first, then the table's, as a statement through the view takes them); from
+/// then on new code finds the table itself. Then the other views and the schema go.
 pub async fn contract(
     client: &Client,
     m: &Migration,
     schema: &str,
     retry: &RetryPolicy,
 ) -> Result<(), tokio_postgres::Error> {
-    let sql = format!("{};\n{}", remove_sql(schema), m.statement);
-    retry::ddl(client, retry, "applying the change and dropping the version schema", &sql).await
+    let row = client.query_one("SELECT settings->>'view' FROM ghostwire.migrations WHERE id = $1", &[&m.id]).await?;
+    let view = QualifiedName::new(schema, row.get::<_, Option<String>>(0).unwrap_or_else(|| m.table.name.clone()));
+    let sql = format!("DROP VIEW IF EXISTS {};\n{}", view.sql(), m.statement);
+    retry::ddl(client, retry, "applying the change", &sql).await?;
+    drop_schema(client, schema, retry).await
 }
 
-/// Abort: the views go; the table stays as it was.
+/// Abort: the views and the schema go; the table stays as it was.
 pub async fn remove(client: &Client, schema: &str, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
-    retry::ddl(client, retry, "dropping the version schema", &remove_sql(schema)).await
+    drop_schema(client, schema, retry).await
 }

@@ -7,6 +7,7 @@
 pub mod gate;
 mod relay;
 pub mod reshape;
+pub mod route;
 pub mod session;
 mod startup;
 pub mod tracker;
@@ -105,6 +106,8 @@ pub struct ProxyOptions {
     /// Follow prepared statements and recover those a table change made stale (the
     /// default); off, the proxy only relays and clients get the server's error.
     pub recover_statements: bool,
+    /// `--route` rules: a search_path for matching sessions.
+    pub routes: Vec<route::Route>,
 }
 
 /// Proxy-wide state shared by the sessions.
@@ -114,6 +117,7 @@ pub struct Shared {
     upstream: Upstream,
     client_tls: ClientLeg,
     recover_statements: bool,
+    routes: Vec<route::Route>,
     pub max_message_len: u32,
     sessions: DashMap<u64, Arc<Session>>,
     /// (backend pid, secret key) → session, for cancel requests.
@@ -156,7 +160,7 @@ impl Shared {
         p.passed_on.fetch_add(now.passed_on - was.passed_on.min(now.passed_on), Ordering::Relaxed);
     }
 
-    fn register(&self, client: String) -> Arc<Session> {
+    fn register(&self, client: String, route: Option<usize>) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
             id,
@@ -164,6 +168,7 @@ impl Shared {
             started: Instant::now(),
             flags: Default::default(),
             backend: Default::default(),
+            route,
             tracker: std::sync::Mutex::new(if self.recover_statements {
                 tracker::Tracker::new()
             } else {
@@ -218,6 +223,14 @@ impl Shared {
     }
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteStatus {
+    pub rule: String,
+    pub search_path: String,
+    pub sessions: usize,
+    pub routed_total: u64,
+}
+
 /// Everything `/status` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -230,6 +243,9 @@ pub struct Status {
     pub connections_total: u64,
     pub cancels_total: u64,
     pub prepared: PreparedStatus,
+    /// Each `--route`: its rule, its search_path, the sessions it serves now and those it
+    /// routed since the proxy started.
+    pub routes: Vec<RouteStatus>,
 }
 
 #[derive(Clone)]
@@ -247,6 +263,7 @@ impl Proxy {
             max_message_len,
             client_tls: ClientLeg::default(),
             recover_statements: true,
+            routes: Vec::new(),
         })
     }
 
@@ -259,6 +276,7 @@ impl Proxy {
                 upstream,
                 client_tls: options.client_tls,
                 recover_statements: options.recover_statements,
+                routes: options.routes,
                 max_message_len: options.max_message_len,
                 sessions: DashMap::new(),
                 backends: DashMap::new(),
@@ -346,6 +364,18 @@ impl Proxy {
                     errors_passed_on: p.passed_on.load(Ordering::Relaxed),
                 }
             },
+            routes: self
+                .shared
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RouteStatus {
+                    rule: r.rule.clone(),
+                    search_path: r.search_path.clone(),
+                    sessions: self.shared.sessions.iter().filter(|s| s.route == Some(i)).count(),
+                    routed_total: r.routed.load(Ordering::Relaxed),
+                })
+                .collect(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Session {
     pub backend: Mutex<Option<(i32, Vec<u8>)>>,
     /// Its prepared statements (see [`super::tracker`]).
     pub tracker: Mutex<Tracker>,
+    /// The `--route` that set its search_path.
+    pub route: Option<usize>,
 }
 
 impl Session {
@@ -92,7 +94,7 @@ fn halves<T: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: MaybeTls<T
 }
 
 async fn relay(shared: Arc<Shared>, ready: startup::Ready, peer: String, stop: CancellationToken) {
-    let session = shared.register(peer);
+    let session = shared.register(peer, ready.route);
     if let Some((pid, key)) = &ready.backend {
         shared.remember_backend(&session, *pid, key);
     }

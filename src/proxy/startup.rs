@@ -35,6 +35,8 @@ pub struct Ready {
     pub server_buf: BytesMut,
     pub status: TransactionStatus,
     pub backend: Option<(i32, Vec<u8>)>,
+    /// The `--route` that set the session's search_path.
+    pub route: Option<usize>,
 }
 
 async fn send(to: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), SessionError> {
@@ -58,11 +60,15 @@ async fn fill(
 
 /// Runs the client leg to its StartupMessage; returns the stream, the message, the bytes
 /// after it, or None when the connection ends here (a cancel request, a refusal).
+/// The client's stream, its startup packet (as the server gets it), what it sent after it,
+/// and the route that set its search_path.
+type ClientLegOpened = (ClientStream, BytesMut, BytesMut, Option<usize>);
+
 async fn client_leg(
     shared: &Shared,
     tcp: TcpStream,
     stop: &CancellationToken,
-) -> Result<Option<(ClientStream, BytesMut, BytesMut)>, SessionError> {
+) -> Result<Option<ClientLegOpened>, SessionError> {
     let acceptor = shared.client_tls.acceptor();
     let mut client: ClientStream = MaybeTls::Plain(tcp);
     if let (Some(acceptor), MaybeTls::Plain(tcp)) = (acceptor, &client) {
@@ -134,8 +140,13 @@ async fn client_leg(
                     send(&mut client, &refusal).await?;
                     return Ok(None);
                 }
+                let StartupPacket::Startup { version, params } = &packet else { unreachable!("matched above") };
+                let routed = super::route::apply(&shared.routes, *version, params);
                 let startup = buf.split_to(len);
-                return Ok(Some((client, startup, buf)));
+                return Ok(Some(match routed {
+                    Some((route, rewritten)) => (client, BytesMut::from(&rewritten[..]), buf, Some(route)),
+                    None => (client, startup, buf, None),
+                }));
             }
         }
     }
@@ -175,7 +186,9 @@ const BINDING_REFUSAL: &str = "SCRAM channel binding (SCRAM-SHA-256-PLUS) cannot
 /// Opens the session: the client leg, the server leg, the login. None when it ended (a
 /// cancel request, a refusal, a failed login: the client has been told).
 pub async fn open(shared: &Shared, tcp: TcpStream, stop: &CancellationToken) -> Result<Option<Ready>, SessionError> {
-    let Some((mut client, startup, mut client_buf)) = client_leg(shared, tcp, stop).await? else { return Ok(None) };
+    let Some((mut client, startup, mut client_buf, route)) = client_leg(shared, tcp, stop).await? else {
+        return Ok(None);
+    };
     let (mut server, server_cert) = match shared.upstream.open().await {
         Ok(opened) => opened,
         Err(e) => {
@@ -247,7 +260,7 @@ pub async fn open(shared: &Shared, tcp: TcpStream, stop: &CancellationToken) -> 
             b'Z' => {
                 let status = ghostwire_proto::ready_for_query(body)?;
                 send(&mut client, &message).await?;
-                return Ok(Some(Ready { client, server, client_buf, server_buf, status, backend }));
+                return Ok(Some(Ready { client, server, client_buf, server_buf, status, backend, route }));
             }
             b'E' => {
                 send(&mut client, &message).await?;

@@ -25,10 +25,17 @@ impl TestProxy {
     /// A proxy relaying to `upstream` (a URL, keyword string or `host:port`) with TLS
     /// towards clients as `client_tls` says.
     pub async fn start_with(upstream: &str, client_tls: ClientLeg) -> TestProxy {
+        TestProxy::start_with_routes(upstream, client_tls, &[]).await
+    }
+
+    /// The same, with `--route` rules.
+    #[allow(dead_code)]
+    pub async fn start_with_routes(upstream: &str, client_tls: ClientLeg, routes: &[&str]) -> TestProxy {
         let options = ProxyOptions {
             upstream: upstream.to_owned(),
             max_message_len: ghostwire_proto::MAX_MESSAGE_LEN,
             client_tls,
+            routes: routes.iter().map(|r| ghostwire::proxy::route::Route::parse(r).expect("a rule")).collect(),
             recover_statements: true,
         };
         let proxy = Proxy::with_options(options).expect("proxy");
