@@ -139,6 +139,16 @@ pub enum Command {
         #[command(flatten)]
         db: Database,
         table: String,
+        /// For a version schema's contract: the control API of each proxy to drain around
+        /// it (repeatable).
+        #[arg(long = "proxy", value_name = "URL")]
+        proxies: Vec<String>,
+        /// Bearer token of the proxies' control APIs.
+        #[arg(long, env = "GHOSTWIRE_PROXY_TOKEN", hide_env_values = true)]
+        proxy_token: Option<String>,
+        /// How long proxies may hold new queries for the contract.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        drain_timeout: Duration,
     },
     /// Relay the PostgreSQL protocol to the database, with a drain gate for cut-overs.
     Proxy {

@@ -119,6 +119,16 @@ impl Writer {
     }
 }
 
+/// Drains that succeeded, from the proxy's /metrics.
+async fn drained_count(proxy: &TestProxy) -> f64 {
+    let (_, text) =
+        ghostwire::control::call(&proxy.control, None, "GET", "/metrics", Duration::from_secs(10)).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("ghostwire_proxy_drains_total") && l.contains("\"drained\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn with_search_path(url: &str, path: &str) -> String {
     with_param(url, &format!("options=-c%20search_path%3D{path}"))
 }
@@ -179,8 +189,12 @@ async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
     assert_eq!(proxy.status().routes[0].sessions, 1, "{:?}", proxy.status().routes);
     let old_errors = old.finish().await;
     assert!(old_errors.is_empty(), "the old code failed: {old_errors:?}");
-    let out = ghostwire(&db.url, &["finish", "users"], None).await;
+    // The contract runs while the proxy holds new queries.
+    let drains = drained_count(&proxy).await;
+    let out = ghostwire(&db.url, &["finish", "users", "--proxy", &proxy.control], None).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(drained_count(&proxy).await, drains + 1.0, "drained once for the contract");
+    assert_eq!(proxy.status().gate.state, ghostwire::proxy::gate::GateState::Open, "and opened again");
     new.more(40).await; // the same prepared statements, now on the table itself
     routed.more(40).await;
     let new_errors = new.finish().await;
@@ -202,6 +216,8 @@ async fn a_dropped_column_stays_for_old_code_until_finish_and_abort_undoes_it() 
     let db = TestDb::new().await;
     users(&db).await;
     let client = db.connect().await;
+    let reader = common::role(&db, "reader");
+    client.batch_execute(&format!("CREATE ROLE {reader}; GRANT SELECT ON users TO {reader}")).await.unwrap();
     let out = ghostwire(
         &db.url,
         &["migrate", "--yes", "--version-schema", "app_v3", "ALTER TABLE users DROP COLUMN legacy"],
@@ -209,6 +225,25 @@ async fn a_dropped_column_stays_for_old_code_until_finish_and_abort_undoes_it() 
     )
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The views carry the grants (and USAGE on the schema), and check them as the invoker.
+    let granted = format!(
+        "SELECT has_table_privilege('{reader}', 'app_v3.users', 'SELECT')::text,
+                has_table_privilege('{reader}', 'app_v3.users', 'INSERT')::text,
+                has_schema_privilege('{reader}', 'app_v3', 'USAGE')::text"
+    );
+    let row = client.query_one(&granted, &[]).await.unwrap();
+    let seen: (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(seen, ("true".into(), "false".into(), "true".into()));
+    if common::major() >= 15 {
+        assert_eq!(
+            strings(
+                &client,
+                "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = 'app_v3.users'::regclass"
+            )
+            .await,
+            ["security_invoker=true"]
+        );
+    }
     let old = writer(db.url.clone(), "username", "o", true);
     let new = writer(with_search_path(&db.url, "app_v3,public"), "username", "n", false);
     old.more(30).await;

@@ -2,6 +2,7 @@
 
 use super::{CommandError, target};
 use crate::migrate::cleanup::{self, CleanupError};
+use crate::migrate::proxies::Proxies;
 use crate::migrate::retry::RetryPolicy;
 use crate::{connect, state};
 
@@ -35,7 +36,7 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
     Ok(())
 }
 
-pub async fn finish(url: Option<&str>, table: &str) -> Result<(), CommandError> {
+pub async fn finish(url: Option<&str>, table: &str, proxies: &Proxies<'_>) -> Result<(), CommandError> {
     let config = connect::params(url, "ghostwire finish")?;
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
@@ -47,7 +48,18 @@ pub async fn finish(url: Option<&str>, table: &str) -> Result<(), CommandError> 
         )));
     }
     let version = crate::migrate::version_schema::of(&client, &m).await.map_err(CommandError::failed)?;
-    cleanup::finish(&client, &m).await.map_err(classify)?;
+    // A version schema's contract runs while the proxies hold new queries (a few ms).
+    let drained = match &version {
+        Some(_) => proxies.drain().await.map_err(|e| {
+            CommandError::failed(format!("draining the proxies failed ({e}); nothing changed, try again"))
+        })?,
+        None => None,
+    };
+    let finished = cleanup::finish(&client, &m).await;
+    if drained.is_some() {
+        proxies.open().await;
+    }
+    finished.map_err(classify)?;
     match version {
         Some(schema) => say!(
             "Finished migration #{} of {}: the change is applied to the table and version schema {} is dropped.",

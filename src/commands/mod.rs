@@ -90,7 +90,11 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         Command::Settings { control, token, changes } => {
             live::settings(live::Remote { addr: &control, token: token.secret().as_ref() }, &changes).await
         }
-        Command::Finish { db, table } => cleanup::finish(db.database_url.as_deref(), &table).await,
+        Command::Finish { db, table, proxies, proxy_token, drain_timeout } => {
+            let token = proxy_token.as_deref().filter(|t| !t.is_empty()).map(crate::connect::Secret::new);
+            let proxies = crate::migrate::proxies::Proxies { urls: &proxies, token: token.as_ref(), drain_timeout };
+            cleanup::finish(db.database_url.as_deref(), &table, &proxies).await
+        }
         Command::Proxy {
             listen,
             upstream,

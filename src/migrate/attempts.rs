@@ -152,53 +152,20 @@ impl Run<'_> {
         })
     }
 
-    /// Drains every proxy; on any failure reopens them all. `Ok(None)` without proxies,
-    /// else how long draining took.
-    async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
-        if self.opts.proxies.is_empty() {
-            return Ok(None);
-        }
-        let started = Instant::now();
-        let path = format!("/drain?deadline_ms={}", self.opts.drain_timeout.as_millis());
-        let timeout = self.opts.drain_timeout + Duration::from_secs(2);
-        let calls = self
-            .opts
-            .proxies
-            .iter()
-            .map(|p| crate::control::call(p, self.opts.proxy_token.as_ref(), "POST", &path, timeout));
-        let results = futures_util::future::join_all(calls).await;
-        let failures: Vec<String> = self
-            .opts
-            .proxies
-            .iter()
-            .zip(results)
-            .filter_map(|(p, r)| match r {
-                Ok((200, _)) => None,
-                Ok((status, body)) => Some(format!("{p}: {status} {body}")),
-                Err(e) => Some(format!("{p}: {e}")),
-            })
-            .collect();
-        if failures.is_empty() {
-            Ok(Some(started.elapsed()))
-        } else {
-            self.open_proxies().await;
-            Err(failures.join("; "))
+    fn proxies(&self) -> super::proxies::Proxies<'_> {
+        super::proxies::Proxies {
+            urls: &self.opts.proxies,
+            token: self.opts.proxy_token.as_ref(),
+            drain_timeout: self.opts.drain_timeout,
         }
     }
 
-    /// Opens every proxy (one that cannot be reached reopens by itself at its deadline).
+    async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
+        self.proxies().drain().await
+    }
+
     async fn open_proxies(&self) {
-        let calls =
-            self.opts.proxies.iter().map(|p| {
-                crate::control::call(p, self.opts.proxy_token.as_ref(), "POST", "/open", Duration::from_secs(5))
-            });
-        for (p, r) in self.opts.proxies.iter().zip(futures_util::future::join_all(calls).await) {
-            match r {
-                Ok((200, _)) => {}
-                Ok((status, body)) => tracing::warn!("opening proxy {p}: {status} {body}"),
-                Err(e) => tracing::warn!("opening proxy {p}: {e}; it reopens by itself at its deadline"),
-            }
-        }
+        self.proxies().open().await
     }
 }
 

@@ -20,6 +20,7 @@ pub mod index;
 pub mod live;
 mod pacing;
 pub mod post_copy;
+pub mod proxies;
 mod reconnect;
 pub mod rehearsal;
 pub mod retry;
