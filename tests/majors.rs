@@ -1,7 +1,8 @@
 //! The suite on every other PostgreSQL major installed: the whole suite runs on the default
 //! server binaries (Debian's PostgreSQL 15 here); this runs the migrate oracle tests, the
 //! cut-over tests, the catalog and carry-over tests, the version-specific tests, the
-//! proxy's authentication tests and its prepared-statement recovery again on each major found under `$GHOSTWIRE_PG_MAJORS`
+//! proxy's authentication tests, its prepared-statement recovery, rehearsals and version
+//! schemas again on each major found under `$GHOSTWIRE_PG_MAJORS`
 //! (default `/opt/ghostwire-pg`, where `.ci/pg-majors` installs 14, 16, 17 and 18), by
 //! running those test binaries with `GHOSTWIRE_PG_BINDIR` pointing at the major. Nothing
 //! installed: it says so and passes.
@@ -24,6 +25,8 @@ const SUBSETS: &[(&str, &[&str])] = &[
     ("proxy_tls", &["every_leg_auth_and_channel_binding_combination"]),
     ("prepared", &[]),
     ("reshape_values", &[]),
+    ("rehearse", &[]),
+    ("version_schema", &[]),
 ];
 
 /// Majors run at once (each test binary runs its own tests two at a time).
