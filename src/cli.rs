@@ -97,6 +97,13 @@ pub enum Command {
         token: ControlToken,
         /// Only this table (`orders`, `public.orders`, `'"Sales"."Order Items"'`).
         table: Option<String>,
+        /// A proxy's control API (repeatable): with an open version schema, how many
+        /// sessions each of its --route rules serves.
+        #[arg(long = "proxy", value_name = "URL")]
+        proxies: Vec<String>,
+        /// Bearer token of the proxies' control APIs.
+        #[arg(long, env = "GHOSTWIRE_PROXY_TOKEN", hide_env_values = true)]
+        proxy_token: Option<String>,
     },
     /// Stop a migration before its swap and remove its shadow table, triggers and change log
     /// (by TABLE, or through a running migration's --control ADDR).

@@ -187,6 +187,12 @@ async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
     routed.more(40).await;
     old.more(40).await;
     assert_eq!(proxy.status().routes[0].sessions, 1, "{:?}", proxy.status().routes);
+    let status = ghostwire(&db.url, &["status", "users", "--proxy", &proxy.control], None).await;
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("route application_name=web-v2*:app_v2,public (search_path app_v2,public): 1 session(s) now"),
+        "{status}"
+    );
     let old_errors = old.finish().await;
     assert!(old_errors.is_empty(), "the old code failed: {old_errors:?}");
     // The contract runs while the proxy holds new queries.

@@ -68,9 +68,13 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
                 "name the table whose migration to resume (ghostwire resume TABLE), or a running migration's --control ADDR",
             )),
         },
-        Command::Status { db, json, control, token, table } => match control {
+        Command::Status { db, json, control, token, table, proxies, proxy_token } => match control {
             Some(addr) => live::status(live::Remote { addr: &addr, token: token.secret().as_ref() }, json).await,
-            None => status::run(db.database_url.as_deref(), table.as_deref(), json).await,
+            None => {
+                let token = proxy_token.as_deref().filter(|t| !t.is_empty()).map(crate::connect::Secret::new);
+                let proxies = status::Proxies { urls: &proxies, token: token.as_ref() };
+                status::run(db.database_url.as_deref(), table.as_deref(), json, &proxies).await
+            }
         },
         Command::Abort { db, control, token, table } => match (table, control) {
             (Some(table), _) => cleanup::abort(db.database_url.as_deref(), &table).await,

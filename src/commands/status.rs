@@ -14,7 +14,54 @@ async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> 
     migrate::capture::backlog(client, m.id).await.ok()
 }
 
-pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(), CommandError> {
+/// The proxies `status --proxy` asks about their routes.
+pub struct Proxies<'a> {
+    pub urls: &'a [String],
+    pub token: Option<&'a crate::connect::Secret>,
+}
+
+impl Proxies<'_> {
+    /// One line per route of each proxy: its rule, search_path and sessions.
+    async fn routes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for url in self.urls {
+            let answer =
+                crate::control::call(url, self.token, "GET", "/status", std::time::Duration::from_secs(5)).await;
+            let status: Option<serde_json::Value> = match answer {
+                Ok((200, body)) => serde_json::from_str(&body).ok(),
+                Ok((code, body)) => {
+                    out.push(format!("proxy {url}: {code} {body}"));
+                    continue;
+                }
+                Err(e) => {
+                    out.push(format!("proxy {url}: {e}"));
+                    continue;
+                }
+            };
+            let routes = status.as_ref().and_then(|s| s["routes"].as_array().cloned()).unwrap_or_default();
+            if routes.is_empty() {
+                out.push(format!("proxy {url}: no --route"));
+            }
+            for r in routes {
+                out.push(format!(
+                    "proxy {url}: route {} (search_path {}): {} session(s) now, {} routed since it started",
+                    r["rule"].as_str().unwrap_or("?"),
+                    r["search_path"].as_str().unwrap_or("?"),
+                    r["sessions"],
+                    r["routed_total"]
+                ));
+            }
+        }
+        out
+    }
+}
+
+pub async fn run(
+    url: Option<&str>,
+    table: Option<&str>,
+    json: bool,
+    proxies: &Proxies<'_>,
+) -> Result<(), CommandError> {
     let config = connect::params(url, "ghostwire status")?;
     let client = connect::connect(&config).await?;
     if !state::schema_exists(&client).await.map_err(CommandError::failed)? {
@@ -88,6 +135,9 @@ pub async fn run(url: Option<&str>, table: Option<&str>, json: bool) -> Result<(
                 crate::sql::display_ident(&m.table.schema),
                 m.table
             );
+            for line in proxies.routes().await {
+                say!("    {line}");
+            }
         }
         if let Some(b) = backlog(&client, m).await {
             say!("    change backlog: {b}");
