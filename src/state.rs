@@ -217,12 +217,15 @@ pub struct Migration {
     /// The copy's last key, fixed when the copy starts.
     #[serde(skip)]
     pub copy_end: Option<Vec<String>>,
+    /// How it was started: jobs, verify, `rehearsal`, `sample`, `version_schema`, …
+    #[serde(skip)]
+    pub settings: Value,
 }
 
 const MIGRATION_COLUMNS: &str = "id, table_schema, table_name, statement, strategy, phase, work_schema, archive_schema,
     rows_estimated, rows_copied, cutover_attempts, lock_wait_ms, lock_hold_ms, error,
     to_char(started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
-    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec, checkpoint, copy_end, throttled";
+    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec, checkpoint, copy_end, throttled, settings";
 
 fn migration_from(row: &tokio_postgres::Row) -> Migration {
     Migration {
@@ -246,6 +249,7 @@ fn migration_from(row: &tokio_postgres::Row) -> Migration {
         checkpoint: row.get(18),
         copy_end: row.get(19),
         throttled: row.get(20),
+        settings: row.get(21),
     }
 }
 

@@ -90,10 +90,7 @@ pub fn fatal_error(code: &str, message: &str) -> Vec<u8> {
         body.push(0);
     }
     body.push(0);
-    let mut out = vec![b'E'];
-    out.extend(((body.len() + 4) as u32).to_be_bytes());
-    out.extend(body);
-    out
+    crate::message(b'E', &body)
 }
 
 #[cfg(test)]

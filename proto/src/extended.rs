@@ -185,7 +185,8 @@ pub fn row_description(body: &[u8]) -> Result<Vec<Field>, ProtoError> {
         .collect()
 }
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+/// A whole message: `tag`, length, `body`.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(tag);
     out.extend(((body.len() + 4) as u32).to_be_bytes());

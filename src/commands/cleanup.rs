@@ -18,7 +18,7 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
     cleanup::stop_runner(&client, &m).await.map_err(classify)?;
-    let version = crate::migrate::version_schema::of(&client, &m).await.map_err(CommandError::failed)?;
+    let version = crate::migrate::version_schema::of(&m);
     cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;
     match version {
         Some(schema) => say!(
@@ -47,7 +47,7 @@ pub async fn finish(url: Option<&str>, table: &str, proxies: &Proxies<'_>) -> Re
             m.table
         )));
     }
-    let version = crate::migrate::version_schema::of(&client, &m).await.map_err(CommandError::failed)?;
+    let version = crate::migrate::version_schema::of(&m);
     // A version schema's contract runs while the proxies hold new queries (a few ms).
     let drained = match &version {
         Some(_) => proxies.drain().await.map_err(|e| {

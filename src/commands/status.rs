@@ -125,7 +125,7 @@ pub async fn run(
             m.finished_at.as_ref().map(|f| format!(", done {f}")).unwrap_or_default()
         );
         if m.phase == state::Phase::Swapped
-            && let Some(schema) = migrate::version_schema::of(&client, m).await.map_err(CommandError::failed)?
+            && let Some(schema) = migrate::version_schema::of(m)
         {
             let shown = crate::sql::display_ident(&schema);
             say!(

@@ -70,7 +70,7 @@ pub async fn stop_runner(client: &Client, m: &Migration) -> Result<(), CleanupEr
 /// Removes the capture triggers, change log, trigger functions and shadow of a migration
 /// that has not swapped. The caller holds the table's advisory lock.
 pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Result<(), CleanupError> {
-    if let Some(schema) = super::version_schema::of(client, m).await?
+    if let Some(schema) = super::version_schema::of(m)
         && m.phase == Phase::Swapped
     {
         state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
@@ -106,7 +106,7 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     if m.phase != Phase::Swapped {
         return Err(CleanupError::NotSwapped { id: m.id, table: m.table.to_string(), phase: m.phase });
     }
-    if let Some(schema) = super::version_schema::of(client, m).await? {
+    if let Some(schema) = super::version_schema::of(m) {
         super::version_schema::contract(client, m, &schema, &RetryPolicy::default()).await?;
         let message = format!("finished: the change applied to the table, version schema {} dropped", ident(&schema));
         state::set_phase(client, m.id, Phase::Finished, &message).await?;

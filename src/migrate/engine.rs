@@ -452,14 +452,7 @@ pub(super) async fn continue_migration(
         "recording the resume",
     )?;
     ctx.reporter.note(&format!("resuming migration #{} of {} in phase {from}", m.id, m.table));
-    let stored = control
-        .query_one(
-            "SELECT (settings->>'rehearsal')::bool, (settings->>'sample')::float8 FROM ghostwire.migrations WHERE id = $1",
-            &[&m.id],
-        )
-        .await
-        .during(m.id, m.phase, "reading the migration's settings")?;
-    let (rehearsal, sample): (Option<bool>, Option<f64>) = (stored.get(0), stored.get(1));
+    let (rehearsal, sample) = (m.settings["rehearsal"].as_bool(), m.settings["sample"].as_f64());
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
     // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.

@@ -259,14 +259,8 @@ pub async fn expand(control: &Client, change: &Change, schema: &str, retry: &Ret
 }
 
 /// The version schema of a migration, when it went through one.
-pub async fn of(client: &Client, m: &Migration) -> Result<Option<String>, tokio_postgres::Error> {
-    if m.strategy != "version" {
-        return Ok(None);
-    }
-    let row = client
-        .query_one("SELECT settings->>'version_schema' FROM ghostwire.migrations WHERE id = $1", &[&m.id])
-        .await?;
-    Ok(row.get(0))
+pub fn of(m: &Migration) -> Option<String> {
+    (m.strategy == "version").then(|| m.settings["version_schema"].as_str().map(str::to_owned)).flatten()
 }
 
 /// The views in `schema`, qualified and quoted.
@@ -300,8 +294,7 @@ pub async fn contract(
     schema: &str,
     retry: &RetryPolicy,
 ) -> Result<(), tokio_postgres::Error> {
-    let row = client.query_one("SELECT settings->>'view' FROM ghostwire.migrations WHERE id = $1", &[&m.id]).await?;
-    let view = QualifiedName::new(schema, row.get::<_, Option<String>>(0).unwrap_or_else(|| m.table.name.clone()));
+    let view = QualifiedName::new(schema, m.settings["view"].as_str().unwrap_or(&m.table.name));
     let sql = format!("DROP VIEW IF EXISTS {};\n{}", view.sql(), m.statement);
     retry::ddl(client, retry, "applying the change", &sql).await?;
     drop_schema(client, schema, retry).await

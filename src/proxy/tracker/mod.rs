@@ -226,14 +226,6 @@ pub struct Tracker {
     pub counts: Counts,
 }
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(body.len() + 5);
-    m.push(tag);
-    m.extend(((body.len() + 4) as u32).to_be_bytes());
-    m.extend(body);
-    m
-}
-
 impl Tracker {
     pub fn new() -> Tracker {
         Tracker::default()
@@ -455,11 +447,6 @@ impl Tracker {
         let s = Statement { query, client_types: types, params: None, shape: None, rewritten: false, batch };
         self.statements.insert(name, s);
     }
-}
-
-/// A whole message, for tests and for the session's synthesized answers.
-pub fn whole(tag: u8, body: &[u8]) -> Vec<u8> {
-    message(tag, body)
 }
 
 mod answers;

@@ -1,4 +1,5 @@
 use super::*;
+use ghostwire_proto::message as whole;
 
 fn fields(cols: &[(&str, u32)]) -> Vec<u8> {
     let mut t = (cols.len() as i16).to_be_bytes().to_vec();
