@@ -173,6 +173,24 @@ async fn tokio_postgres_statements_survive_a_swap_and_instant_changes() {
     assert_eq!((row.get::<_, i64>("amount"), row.get::<_, i32>("added")), (10, 5));
 }
 
+/// Requests (Sync, Query) relayed by this process's proxies, from /metrics.
+async fn requests(proxy: &TestProxy) -> f64 {
+    let (_, text) =
+        ghostwire::control::call(&proxy.control, None, "GET", "/metrics", Duration::from_secs(10)).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ghostwire_proxy_requests_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn wait_for_requests(proxy: &TestProxy, at_least: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while requests(proxy).await < at_least {
+        assert!(std::time::Instant::now() < deadline, "pgbench made fewer than {at_least} requests");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn pgbench_prepared_sees_no_error_across_a_swap() {
     let db = TestDb::new().await;
@@ -188,6 +206,7 @@ async fn pgbench_prepared_sees_no_error_across_a_swap() {
     let dbname = db.url.rsplit('/').next().unwrap().to_owned();
     let port = proxy.addr.port().to_string();
     let path = script.path().display().to_string();
+    let before = requests(&proxy).await;
     let bench = tokio::spawn(async move {
         Command::new(bin)
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n", "-M", "prepared", "-c", "4", "-T", "8"])
@@ -196,11 +215,13 @@ async fn pgbench_prepared_sees_no_error_across_a_swap() {
             .await
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // pgbench's clients have prepared their statements and run them a while.
+    wait_for_requests(&proxy, before + 200.0).await;
     let opts = Options { proxies: vec![proxy.control.clone()], ..test_options() };
     run_migration(&db.url, "ALTER TABLE orders ALTER COLUMN amount TYPE bigint", &opts, None).await.unwrap();
     common::items::ghostwire(&db.url, &["finish", "orders"], None).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // They run on the new table before the next change.
+    wait_for_requests(&proxy, requests(&proxy).await + 200.0).await;
     run_migration(&db.url, "ALTER TABLE orders DROP COLUMN extra", &opts, None).await.unwrap();
     let out = bench.await.unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

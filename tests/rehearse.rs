@@ -243,7 +243,8 @@ async fn the_trial_lock_names_who_held_the_table_and_replicas_are_watched() {
     let load = Workload::start(&url, Shape::items(), 2, ROWS + 1, 17);
     load.wait_for_more(20).await;
     // As the cut-over phase begins, a session reads the table in a transaction it keeps
-    // open for a while: the trial lock waits its lock timeout out, and names it.
+    // open until the trial lock is over: the trial lock waits its lock timeout out, and
+    // names it; then the clean-up gets the table.
     let holder_url = url.clone();
     let holder_pid = Arc::new(std::sync::Mutex::new(0));
     let pid_seen = Arc::clone(&holder_pid);
@@ -258,7 +259,8 @@ async fn the_trial_lock_names_who_held_the_table_and_replicas_are_watched() {
             *pid_seen.lock().unwrap() = pid;
             holder.batch_execute("BEGIN; SELECT count(*) FROM items").await.unwrap();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(800)).await;
+                common::wait_for(&holder, "SELECT EXISTS (SELECT 1 FROM ghostwire.events WHERE kind = 'trial_lock')")
+                    .await;
                 let _ = holder.batch_execute("COMMIT").await;
             });
         })

@@ -133,6 +133,19 @@ fn with_search_path(url: &str, path: &str) -> String {
     with_param(url, &format!("options=-c%20search_path%3D{path}"))
 }
 
+/// Old and new code write side by side; the old code goes, `finish` contracts, and the
+/// new code goes on without an error.
+async fn roll_out(db: &TestDb, old: Writer, new: Writer) {
+    old.more(30).await;
+    new.more(30).await;
+    assert!(old.finish().await.is_empty());
+    let out = ghostwire(&db.url, &["finish", "users"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    new.more(30).await;
+    let errors = new.finish().await;
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
 async fn users(db: &TestDb) {
     db.exec(
         "CREATE TABLE users (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, username text NOT NULL UNIQUE,
@@ -252,14 +265,7 @@ async fn a_dropped_column_stays_for_old_code_until_finish_and_abort_undoes_it() 
     }
     let old = writer(db.url.clone(), "username", "o", true);
     let new = writer(with_search_path(&db.url, "app_v3,public"), "username", "n", false);
-    old.more(30).await;
-    new.more(30).await;
-    assert!(old.finish().await.is_empty());
-    let out = ghostwire(&db.url, &["finish", "users"], None).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    new.more(30).await;
-    let errors = new.finish().await;
-    assert!(errors.is_empty(), "{errors:?}");
+    roll_out(&db, old, new).await;
     assert_same_rows(&client, "SELECT id, username, verified, visits FROM users", "SELECT * FROM oracle").await;
     assert!(
         strings(&client, "SELECT attname FROM pg_attribute WHERE attrelid = 'users'::regclass AND attname = 'legacy'")
@@ -359,14 +365,7 @@ async fn a_table_rename_goes_through_a_version_schema_too() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let old = writer(db.url.clone(), "username", "o", false);
     let new = writer_on(with_search_path(&db.url, "app_v5,public"), "accounts", "username", "n", false);
-    old.more(30).await;
-    new.more(30).await;
-    assert!(old.finish().await.is_empty());
-    let out = ghostwire(&db.url, &["finish", "users"], None).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    new.more(30).await;
-    let errors = new.finish().await;
-    assert!(errors.is_empty(), "{errors:?}");
+    roll_out(&db, old, new).await;
     assert_same_rows(&client, "SELECT id, username, verified, visits FROM accounts", "SELECT * FROM oracle").await;
     assert!(strings(&client, "SELECT to_regclass('users')::text").await.iter().all(|s| s.is_empty()));
 }
