@@ -140,22 +140,41 @@ async fn expand_sql(client: &Client, change: &Change, schema: &str) -> Result<St
     for r in usage {
         sql.push(format!("GRANT USAGE ON SCHEMA {} TO {}", ident(schema), r.get::<_, String>(0)));
     }
+    // Every relation with what its view carries over, in one query: (privilege, grantee)
+    // pairs and (column, comment) pairs as parallel arrays.
     let relations = client
         .query(
-            "SELECT c.oid, c.relname::text,
+            "SELECT c.relname::text,
                     array(SELECT a.attname::text FROM pg_attribute a
                            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
-                    obj_description(c.oid, 'pg_class')
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    obj_description(c.oid, 'pg_class'),
+                    array(SELECT g.privilege_type FROM aclexplode(c.relacl) g WHERE g.privilege_type IN {PRIVILEGES}
+                           ORDER BY g.grantee, g.privilege_type),
+                    array(SELECT CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(g.grantee)) END
+                            FROM aclexplode(c.relacl) g WHERE g.privilege_type IN {PRIVILEGES}
+                           ORDER BY g.grantee, g.privilege_type),
+                    array(SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                             AND col_description(c.oid, a.attnum) IS NOT NULL ORDER BY a.attnum),
+                    array(SELECT col_description(c.oid, a.attnum) FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                             AND col_description(c.oid, a.attnum) IS NOT NULL ORDER BY a.attnum)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-              ORDER BY c.relname",
+              ORDER BY c.relname"
+                .replace(
+                    "{PRIVILEGES}",
+                    "('SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER')",
+                )
+                .as_str(),
             &[&table.schema],
         )
         .await
         .map_err(db)?;
     for r in relations {
-        let (oid, name, attnames, comment): (u32, String, Vec<String>, Option<String>) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (name, attnames, comment): (String, Vec<String>, Option<String>) = (r.get(0), r.get(1), r.get(2));
+        let (privileges, grantees): (Vec<String>, Vec<String>) = (r.get(3), r.get(4));
+        let (described, texts): (Vec<String>, Vec<String>) = (r.get(5), r.get(6));
         let source = QualifiedName::new(&table.schema, &name);
         let changed = name == table.name;
         let view = QualifiedName::new(schema, if changed { &change.view_name } else { &name });
@@ -169,37 +188,13 @@ async fn expand_sql(client: &Client, change: &Change, schema: &str) -> Result<St
         if let Some(c) = comment {
             sql.push(format!("COMMENT ON VIEW {} IS {}", view.sql(), crate::sql::literal(&c)));
         }
-        let grants = client
-            .query(
-                "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END, a.privilege_type
-                   FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
-                  WHERE c.oid = $1 AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER')",
-                &[&oid],
-            )
-            .await
-            .map_err(db)?;
-        for g in grants {
-            let (grantee, privilege): (String, String) = (g.get(0), g.get(1));
+        for (privilege, grantee) in privileges.iter().zip(&grantees) {
             sql.push(format!("GRANT {privilege} ON {} TO {grantee}", view.sql()));
         }
-        let column_comments = client
-            .query(
-                "SELECT a.attname::text, col_description(a.attrelid, a.attnum) FROM pg_attribute a
-                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-                    AND col_description(a.attrelid, a.attnum) IS NOT NULL",
-                &[&oid],
-            )
-            .await
-            .map_err(db)?;
-        for c in column_comments {
-            let (col, text): (String, String) = (c.get(0), c.get(1));
-            if let Some((_, shown)) = columns.iter().find(|(name, _)| *name == col) {
-                sql.push(format!(
-                    "COMMENT ON COLUMN {}.{} IS {}",
-                    view.sql(),
-                    ident(shown),
-                    crate::sql::literal(&text)
-                ));
+        for (col, text) in described.iter().zip(&texts) {
+            if let Some((_, shown)) = columns.iter().find(|(name, _)| name == col) {
+                let target = format!("{}.{}", view.sql(), ident(shown));
+                sql.push(format!("COMMENT ON COLUMN {target} IS {}", crate::sql::literal(text)));
             }
         }
     }
