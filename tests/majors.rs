@@ -73,15 +73,21 @@ fn run_major(bindir: &Path, deps: &Path) -> Outcome {
         let started = Instant::now();
         let mut cmd = Command::new(&exe);
         // Client programs (psql, pgbench) still come from the default installation.
-        cmd.args(filters.iter()).args(["--test-threads", "2"]).env("GHOSTWIRE_PG_BINDIR", bindir);
+        // No backtraces: the failure's message is what the report keeps.
+        cmd.args(filters.iter())
+            .args(["--test-threads", "2"])
+            .env("GHOSTWIRE_PG_BINDIR", bindir)
+            .env("RUST_BACKTRACE", "0");
         match cmd.output() {
             Ok(o) => {
                 let stdout = String::from_utf8_lossy(&o.stdout);
                 let result = stdout.lines().rfind(|l| l.starts_with("test result:")).unwrap_or("no result").to_owned();
                 out.lines.push(format!("  {name:<16} {result} ({:.0?})", started.elapsed()));
                 if !o.status.success() {
-                    let tail: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-                    let tail = tail[tail.len().saturating_sub(60)..].join("\n");
+                    // From the first failure's report on (its message and the list of failures).
+                    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+                    let from = lines.iter().position(|l| l.starts_with("---- ")).unwrap_or(0);
+                    let tail = lines[from..].iter().take(80).copied().collect::<Vec<_>>().join("\n");
                     out.failures.push(format!(
                         "{name} on {}:\n{tail}\n{}",
                         bindir.display(),

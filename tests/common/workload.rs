@@ -123,6 +123,20 @@ impl Shape {
         v
     }
 
+    /// `change` (with `{t}` for the table) of the row with key `k`, on the table and then on
+    /// the oracle, as one statement: both see one snapshot, and the oracle's row changes
+    /// only if the table's did. (Two statements would race, under READ COMMITTED, with an
+    /// insert of `k` committing between them: the table's statement would miss the row and
+    /// the oracle's find it.)
+    fn on_both(&self, change: &str, k: i64) -> String {
+        let m = self.key_match(k);
+        format!(
+            "WITH changed AS ({} WHERE {m} RETURNING 1) {} WHERE {m} AND EXISTS (SELECT FROM changed);",
+            change.replace("{t}", &self.table),
+            change.replace("{t}", &self.oracle),
+        )
+    }
+
     /// SQL for one random operation on both tables (without BEGIN/COMMIT).
     fn operation(&self, rng: &mut StdRng, counters: &Counters) -> String {
         let max = counters.next_key.load(Ordering::Relaxed).max(1);
@@ -168,21 +182,14 @@ impl Shape {
                 return "SELECT 1;".into();
             }
             let set = values.iter().map(|(c, v)| format!("{c} = {v}")).collect::<Vec<_>>().join(", ");
-            let m = self.key_match(existing);
-            format!("UPDATE {t} SET {set} WHERE {m}; UPDATE {o} SET {set} WHERE {m};", t = self.table, o = self.oracle)
+            self.on_both(&format!("UPDATE {{t}} SET {set}"), existing)
         } else if roll < 90 && self.deletes {
-            let m = self.key_match(existing);
-            format!("DELETE FROM {t} WHERE {m}; DELETE FROM {o} WHERE {m};", t = self.table, o = self.oracle)
+            self.on_both("DELETE FROM {t}", existing)
         } else if self.key_updates {
             let k = counters.next_key.fetch_add(1, Ordering::Relaxed) + 1;
             let last = self.key.last().cloned().unwrap_or_default();
-            let m = self.key_match(existing);
             // Only the last key column changes, to a fresh value: no collisions.
-            format!(
-                "UPDATE {t} SET {last} = '{k}' WHERE {m}; UPDATE {o} SET {last} = '{k}' WHERE {m};",
-                t = self.table,
-                o = self.oracle
-            )
+            self.on_both(&format!("UPDATE {{t}} SET {last} = '{k}'"), existing)
         } else {
             "SELECT 1;".into()
         }
