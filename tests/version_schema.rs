@@ -308,7 +308,24 @@ async fn plan_warns_and_what_cannot_work_in_both_versions_is_refused() {
     )
     .await;
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT NULL without a default"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("NOT NULL without a default") && said.contains("SET DEFAULT <value>, DROP COLUMN"), "{said}");
+    // A SET DEFAULT goes with a DROP COLUMN of the same column only.
+    let out = ghostwire(
+        &db.url,
+        &[
+            "migrate",
+            "--yes",
+            "--version-schema",
+            "v2",
+            "ALTER TABLE users ALTER COLUMN visits SET DEFAULT 1, DROP COLUMN legacy",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("only go with a DROP COLUMN"), "{said}");
     let out = ghostwire(
         &db.url,
         &["migrate", "--version-schema", "v2", "ALTER TABLE users ALTER COLUMN visits TYPE bigint"],
@@ -318,6 +335,53 @@ async fn plan_warns_and_what_cannot_work_in_both_versions_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let client = db.connect().await;
     assert!(strings(&client, "SELECT nspname FROM pg_namespace WHERE nspname = 'v2'").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_not_null_column_is_dropped_with_a_default_the_expand_gives_it() {
+    let db = TestDb::new().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE accounts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, login text NOT NULL,
+                                    region text NOT NULL)",
+        )
+        .await
+        .unwrap();
+    let drop = "ALTER TABLE accounts ALTER COLUMN region SET DEFAULT 'eu', DROP COLUMN region";
+    let region_default = "SELECT coalesce(pg_get_expr(d.adbin, d.adrelid), 'none') FROM pg_attribute a
+                            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                           WHERE a.attrelid = 'accounts'::regclass AND a.attname = 'region'";
+    for (schema, end) in [("v5", "abort"), ("v6", "finish")] {
+        let out = ghostwire(&db.url, &["migrate", "--yes", "--version-schema", schema, drop], None).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(strings(&client, region_default).await, ["'eu'::text"]);
+        // New code leaves the column out and gets the default; old code still gives it.
+        let new = connect(&with_search_path(&db.url, &format!("{schema},public"))).await;
+        new.execute("INSERT INTO accounts (login) VALUES ($1)", &[&format!("new-{schema}")]).await.unwrap();
+        client
+            .execute("INSERT INTO accounts (login, region) VALUES ($1, 'us')", &[&format!("old-{schema}")])
+            .await
+            .unwrap();
+        let out = ghostwire(&db.url, &[end, "accounts"], None).await;
+        assert!(out.status.success(), "{end}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            strings(&client, &format!("SELECT nspname FROM pg_namespace WHERE nspname = '{schema}'")).await.is_empty()
+        );
+        if end == "abort" {
+            // As it was: NOT NULL, no default; the rows written meanwhile keep their values.
+            assert_eq!(strings(&client, region_default).await, ["none"]);
+            assert_eq!(
+                strings(&client, "SELECT login || ':' || region FROM accounts ORDER BY id").await,
+                ["new-v5:eu", "old-v5:us"]
+            );
+            let err = client.execute("INSERT INTO accounts (login) VALUES ('x')", &[]).await.unwrap_err();
+            assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION));
+        } else {
+            assert!(strings(&client, region_default).await.is_empty(), "the column is gone");
+            new.execute("INSERT INTO accounts (login) VALUES ('after')", &[]).await.unwrap();
+        }
+    }
 }
 
 #[tokio::test]

@@ -74,7 +74,7 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
         && m.phase == Phase::Swapped
     {
         state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
-        super::version_schema::remove(client, &schema, retry).await?;
+        super::version_schema::remove(client, m, &schema, retry).await?;
         let message = format!("aborted: version schema {} dropped, the table as it was", ident(&schema));
         state::set_phase(client, m.id, Phase::Aborted, &message).await?;
         return Ok(());

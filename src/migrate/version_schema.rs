@@ -37,17 +37,34 @@ pub struct Change {
     columns: Vec<(String, String)>,
     /// The changed table's name in the version schema (its new name, for a RENAME TO).
     view_name: String,
+    /// `ALTER COLUMN c SET DEFAULT …` of a column the statement drops: run on the table at
+    /// expand (inserts through the version schema leave the column out, and a NOT NULL one
+    /// needs a value), undone by abort, left out of the statement `finish` runs.
+    /// (column, the subcommand's text, the column's default before).
+    defaults: Vec<(String, String, Option<String>)>,
 }
 
 impl Change {
     /// A RENAME COLUMN or DROP COLUMN statement, as planned.
     pub fn from_plan(plan: &Plan) -> Result<Change, MigrateError> {
+        let defaults = expand_defaults(plan)?;
+        let statement = if defaults.is_empty() {
+            plan.statement.clone()
+        } else {
+            // The dropped columns' defaults are set at expand; finish drops the columns.
+            let rest: Vec<&str> = (0..plan.parsed.subcommands.len())
+                .filter(|&i| !matches!(plan.parsed.subcommands[i].action, Action::SetDefault { .. }))
+                .map(|i| plan.parsed.subcommand_text(i).trim())
+                .collect();
+            format!("ALTER TABLE {} {}", plan.table.sql(), rest.join(", "))
+        };
         Ok(Change {
             table: plan.table.clone(),
             def: plan.table_def.clone(),
-            statement: plan.statement.clone(),
-            columns: view_columns(plan)?,
+            statement,
+            columns: view_columns(plan, &defaults)?,
             view_name: plan.table.name.clone(),
+            defaults,
         })
     }
 
@@ -80,12 +97,37 @@ impl Change {
             statement: sql.trim().trim_end_matches(';').trim().to_owned(),
             view_name: stmt.newname.clone(),
             def,
+            defaults: Vec::new(),
         }))
     }
 }
 
+/// The statement's `SET DEFAULT`s, each of a column it drops (anything else is refused).
+fn expand_defaults(plan: &Plan) -> Result<Vec<(String, String, Option<String>)>, MigrateError> {
+    let dropped = |name: &str| {
+        plan.parsed.subcommands.iter().any(|s| matches!(&s.action, Action::DropColumn { column, .. } if column == name))
+    };
+    let mut defaults = Vec::new();
+    for (i, sub) in plan.parsed.subcommands.iter().enumerate() {
+        let Action::SetDefault { column } = &sub.action else { continue };
+        let text = plan.parsed.subcommand_text(i).trim();
+        if !dropped(column) {
+            return Err(MigrateError::Refused(format!(
+                "`{text}` cannot go through a version schema: a SET DEFAULT can only go with a DROP COLUMN of the \
+                 same column (run it without --version-schema)"
+            )));
+        }
+        let before = plan.table_def.columns.iter().find(|c| &c.name == column).and_then(|c| c.default.clone());
+        defaults.push((column.clone(), text.to_owned(), before));
+    }
+    Ok(defaults)
+}
+
 /// What the new shape of the changed table is: (column, its name in the view), in order.
-fn view_columns(plan: &Plan) -> Result<Vec<(String, String)>, MigrateError> {
+fn view_columns(
+    plan: &Plan,
+    defaults: &[(String, String, Option<String>)],
+) -> Result<Vec<(String, String)>, MigrateError> {
     let mut columns: Vec<(String, String)> =
         plan.table_def.columns.iter().map(|c| (c.name.clone(), c.name.clone())).collect();
     for sub in &plan.parsed.subcommands {
@@ -94,13 +136,18 @@ fn view_columns(plan: &Plan) -> Result<Vec<(String, String)>, MigrateError> {
                 Some(c) => c.1 = to.clone(),
                 None => return Err(MigrateError::Refused(format!("column {} does not exist", ident(from)))),
             },
+            Action::SetDefault { .. } => {}
             Action::DropColumn { column, .. } => {
                 let def = plan.table_def.columns.iter().find(|c| &c.name == column);
-                if let Some(c) = def.filter(|c| c.not_null && c.default.is_none() && c.identity.is_none()) {
+                let given = defaults.iter().any(|(c, _, _)| c == column);
+                if let Some(c) = def.filter(|c| c.not_null && c.default.is_none() && c.identity.is_none() && !given) {
                     return Err(MigrateError::Refused(format!(
-                        "column {} is NOT NULL without a default: inserts through the version schema (which \
-                         leaves it out) would fail. Drop the NOT NULL or give it a default first, then run this again",
-                        ident(&c.name)
+                        "column {c} is NOT NULL without a default: inserts through the version schema (which \
+                         leaves it out) would fail. Give it a default as part of the expand, in the same statement: \
+                         `ALTER TABLE {t} ALTER COLUMN {c} SET DEFAULT <value>, DROP COLUMN {c}` (abort takes the \
+                         default away again); or drop the NOT NULL first",
+                        c = ident(&c.name),
+                        t = plan.table.sql(),
                     )));
                 }
                 columns.retain(|(_, shown)| shown != column);
@@ -126,7 +173,9 @@ async fn expand_sql(client: &Client, change: &Change, schema: &str) -> Result<St
     let server: i32 =
         client.query_one("SHOW server_version_num", &[]).await.map_err(db)?.get::<_, String>(0).parse().unwrap_or(0);
     let with = if server >= 150000 { " WITH (security_invoker = true)" } else { "" };
-    let mut sql = vec![format!("CREATE SCHEMA {}", ident(schema))];
+    let mut sql: Vec<String> =
+        change.defaults.iter().map(|(_, text, _)| format!("ALTER TABLE {} {text}", table.sql())).collect();
+    sql.push(format!("CREATE SCHEMA {}", ident(schema)));
     // USAGE on the version schema for whoever has it on the table's.
     let usage = client
         .query(
@@ -216,7 +265,9 @@ pub async fn expand(control: &Client, change: &Change, schema: &str, retry: &Ret
     }
     let sql = expand_sql(control, change, schema).await?;
     let def = &change.def;
-    let settings = serde_json::json!({ "version_schema": schema, "view": change.view_name });
+    let defaults: Vec<_> =
+        change.defaults.iter().map(|(c, _, before)| serde_json::json!({ "column": c, "before": before })).collect();
+    let settings = serde_json::json!({ "version_schema": schema, "view": change.view_name, "defaults": defaults });
     let database =
         |phase, context: &str, source| MigrateError::Database { id: 0, phase, context: context.into(), source };
     let id = state::insert_migration(
@@ -295,7 +346,23 @@ pub async fn contract(
     drop_schema(client, schema, retry).await
 }
 
-/// Abort: the views and the schema go; the table stays as it was.
-pub async fn remove(client: &Client, schema: &str, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
-    drop_schema(client, schema, retry).await
+/// Abort: the views and the schema go, and the defaults the expand set are put back as
+/// they were; the table is as it was.
+pub async fn remove(
+    client: &Client,
+    m: &Migration,
+    schema: &str,
+    retry: &RetryPolicy,
+) -> Result<(), tokio_postgres::Error> {
+    drop_schema(client, schema, retry).await?;
+    for d in m.settings["defaults"].as_array().into_iter().flatten() {
+        let Some(column) = d["column"].as_str() else { continue };
+        let restore = match d["before"].as_str() {
+            Some(expr) => format!("SET DEFAULT {expr}"),
+            None => "DROP DEFAULT".to_owned(),
+        };
+        let sql = format!("ALTER TABLE {} ALTER COLUMN {} {restore}", m.table.sql(), ident(column));
+        retry::ddl(client, retry, &format!("restoring the default of {}", ident(column)), &sql).await?;
+    }
+    Ok(())
 }
