@@ -219,8 +219,11 @@ pub enum Verify {
 pub enum Capture {
     /// Statement-level triggers with transition tables (any PostgreSQL 12+).
     Trigger,
-    /// Logical replication (pgoutput); not available yet.
+    /// A replication slot and pgoutput: no work on the application's write path (needs
+    /// wal_level=logical, the REPLICATION attribute, and a replica identity giving the key).
     Logical,
+    /// Logical where the server, the role and the table allow it, else triggers.
+    Auto,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {

@@ -13,5 +13,6 @@ pub mod failpoint;
 pub mod migrate;
 pub mod plan;
 pub mod proxy;
+pub mod replication;
 pub mod sql;
 pub mod state;

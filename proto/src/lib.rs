@@ -1,7 +1,8 @@
 //! The PostgreSQL wire protocol (version 3), as pure functions over bytes: no I/O, no
 //! policy. The proxy uses it to find message boundaries in both directions, to answer the
 //! untagged packets that start a connection, and to read the few messages it must see
-//! (ReadyForQuery, BackendKeyData, the authentication requests).
+//! (ReadyForQuery, BackendKeyData, the authentication requests); the replication client
+//! uses it for the streaming messages and to decode pgoutput.
 //!
 //! Everything here is bounds-checked and returns errors instead of panicking, whatever the
 //! input; `tests/arbitrary.rs` checks that with random bytes.
@@ -10,6 +11,8 @@ mod auth;
 mod extended;
 mod framer;
 mod messages;
+pub mod pgoutput;
+mod replication;
 mod startup;
 
 pub use auth::{
@@ -21,6 +24,7 @@ pub use extended::{
 };
 pub use framer::{Framer, Item};
 pub use messages::{TransactionStatus, backend_key_data, error_fields, ready_for_query};
+pub use replication::{ServerCopy, format_lsn, parse_lsn, pg_timestamp, server_copy, standby_status_update};
 pub use startup::{StartupPacket, parse_startup, startup_message};
 
 use thiserror::Error;

@@ -71,6 +71,11 @@ pub fn options(a: &MigrateArgs) -> Options {
         rehearse: a.rehearse,
         sample: a.sample,
         version_schema: a.version_schema.clone(),
+        capture: match a.capture {
+            Capture::Trigger => crate::migrate::capture::Choice::Trigger,
+            Capture::Logical => crate::migrate::capture::Choice::Logical,
+            Capture::Auto => crate::migrate::capture::Choice::Auto,
+        },
         ..Options::default()
     }
 }
@@ -96,9 +101,6 @@ pub enum Target<'a> {
 }
 
 pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> Result<(), CommandError> {
-    if args.capture == Capture::Logical {
-        return Err(CommandError::refused("--capture logical is not available yet; use the default trigger capture"));
-    }
     // A table rename is not a change `plan` takes, but a version schema can show it.
     let mut table_rename = false;
     if let Target::Statement(statement) = target {

@@ -78,7 +78,7 @@ fn where_(host: &Host) -> String {
 }
 
 /// The password for `host`: given, or from the password file.
-fn password(p: &Params, host: &Host) -> Option<String> {
+pub(crate) fn password_for(p: &Params, host: &Host) -> Option<String> {
     if let Some(pw) = &p.password {
         return Some(pw.expose().to_owned());
     }
@@ -103,7 +103,7 @@ fn base_config(p: &Params, host: &Host) -> tokio_postgres::Config {
     if let Some(a) = host.addr {
         c.hostaddr(a);
     }
-    if let Some(pw) = password(p, host) {
+    if let Some(pw) = password_for(p, host) {
         c.password(pw);
     }
     if let Some(o) = &p.options {

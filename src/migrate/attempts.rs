@@ -32,6 +32,9 @@ impl Run<'_> {
         }
         let mut reason = String::from("no attempt made");
         for attempt in 1..=self.opts.cutover_attempts.max(1) {
+            // Logical capture: the log first gets everything committed until now, so the
+            // fence under the lock has little left to wait for.
+            self.fence(Duration::from_secs(60)).await?;
             let xid = self.catch_up(work, spec).await?;
             let _ = self
                 .control
@@ -64,7 +67,7 @@ impl Run<'_> {
                 }
             };
             self.live.update(|p| p.cutover_attempts = attempt);
-            let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own).await;
+            let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own, self.stream.as_ref()).await;
             let stall = match drained {
                 Some(_) => {
                     self.open_proxies().await;
@@ -118,6 +121,15 @@ impl Run<'_> {
                                                    "lock_wait_ms": ms(waited), "holders": holders}));
                     self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), Some(waited), Some(details))
                         .await;
+                    self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
+                    super::retry::pause_unless_closed(&self.control, self.retry.pause(attempt)).await;
+                }
+                Attempt::FenceMissed { reason: why, lock_wait } => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "fence_missed").increment(1);
+                    reason = format!("the logical capture's fence was not reached under the lock ({why})");
+                    let details = with_gate(json!({"attempt": attempt, "outcome": "fence_missed",
+                                                   "lock_wait_ms": ms(lock_wait), "reason": why}));
+                    self.event("cutover_attempt", &format!("attempt {attempt}: {reason}"), None, Some(details)).await;
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
                     super::retry::pause_unless_closed(&self.control, self.retry.pause(attempt)).await;
                 }

@@ -91,6 +91,7 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
         }
         ddl(client, retry, "removing the capture triggers", &capture::drop_triggers_sql(m.id, &m.table)).await?;
     }
+    capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", ident(&spec::work_schema(m.id)))).await?;
@@ -122,6 +123,7 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
         }
     }
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {}", ident(&archive))).await?;
+    capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: old table dropped").await?;

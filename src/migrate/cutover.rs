@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::capture::logical::Stream;
 use super::catchup;
 use super::retry::{RetryPolicy, is_lock_conflict};
 use super::spec::Spec;
@@ -54,6 +55,11 @@ pub enum Outcome {
     LockNotGranted {
         waited: Duration,
     },
+    /// The logical capture's fence was not reached in time under the lock.
+    FenceMissed {
+        reason: String,
+        lock_wait: Duration,
+    },
     /// Sessions hold snapshots older than the shadow's last write.
     Hazard {
         sessions: Vec<HazardSession>,
@@ -87,7 +93,9 @@ pub async fn hazards(client: &Client, xid: i64, own: &[i32]) -> Result<Vec<Hazar
         .collect())
 }
 
-/// One attempt. `last_xid` is the transaction of the last catch-up before it.
+/// One attempt. `last_xid` is the transaction of the last catch-up before it. With logical
+/// capture, `stream`'s fence is reached under the lock before the last changes are applied,
+/// so every write committed before the lock is in the log.
 pub async fn attempt(
     client: &Client,
     spec: &Spec,
@@ -95,6 +103,7 @@ pub async fn attempt(
     retry: &RetryPolicy,
     last_xid: i64,
     own: &[i32],
+    stream: Option<&Stream>,
 ) -> Result<Outcome, tokio_postgres::Error> {
     // The work session commits asynchronously; the swap must be durable when it returns.
     client
@@ -112,6 +121,12 @@ pub async fn attempt(
     }
     let lock_wait = asked.elapsed();
     let granted = Instant::now();
+    if let Some(stream) = stream
+        && let Err(e) = stream.fence((retry.lock_timeout * 5).max(Duration::from_millis(500))).await
+    {
+        client.batch_execute("ROLLBACK").await?;
+        return Ok(Outcome::FenceMissed { reason: e.to_string(), lock_wait });
+    }
     let result = swap(client, spec, script, last_xid, own).await;
     match result {
         Ok(Ok(drained)) => {

@@ -65,6 +65,8 @@ pub struct Options {
     /// Expand a rename or drop into this version schema instead of running it (finish
     /// contracts).
     pub version_schema: Option<String>,
+    /// How to capture the application's writes (`--capture`).
+    pub capture: super::capture::Choice,
 }
 
 impl Options {
@@ -102,6 +104,7 @@ impl Default for Options {
             rehearse_baseline: super::rehearsal::BASELINE,
             sample: None,
             version_schema: None,
+            capture: super::capture::Choice::Trigger,
         }
     }
 }
@@ -302,6 +305,7 @@ pub async fn migrate(
                 .into(),
         ));
     }
+    let capture = capture_mode(&control, &plan, opts, ctx).await?;
     state::ensure_schema(&mut control).await.map_err(state_err)?;
     lock_table(&control, &plan.table).await?;
     if let Some(m) = state::active_migration(&control, &plan.table).await.map_err(state_err)?
@@ -336,7 +340,7 @@ pub async fn migrate(
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
         "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify, "rehearsal": opts.rehearse,
-        "sample": opts.sample.filter(|_| opts.rehearse),
+        "sample": opts.sample.filter(|_| opts.rehearse), "capture": capture.as_str(),
     });
     let def = &plan.table_def;
     let id = state::insert_migration(
@@ -351,14 +355,44 @@ pub async fn migrate(
     .await
     .during(0, Phase::Planned, "recording the migration")?;
     name_session(&control, id).await?;
+    control
+        .execute("UPDATE ghostwire.migrations SET capture = $2 WHERE id = $1", &[&id, &capture.as_str()])
+        .await
+        .during(id, Phase::Planned, "recording the capture mode")?;
     state::event(&control, id, Phase::Planned, "plan", &plan.summary, None, Some(json!({ "steps": plan.steps.len() })))
         .await
         .during(id, Phase::Planned, "recording the plan")?;
     let mut run = Run::new(config, control, opts, ctx, id, plan.table.clone(), plan.strategy);
+    run.capture = capture;
     let result = run.drive(Phase::Shadow, Some(&plan), None, None).await;
     let result = run.finish_up(result).await;
     drop(run); // its sessions end before any reconnection
     Ride { config, id, table: plan.table.clone(), opts, ctx, started, resumed_from: None }.out(result).await
+}
+
+/// The capture mode of a new run: `--capture logical` is refused (before anything changes)
+/// where the server, the role or the table do not allow it; `auto` falls back to triggers
+/// there, saying why. A change that copies nothing captures nothing.
+async fn capture_mode(
+    control: &Client,
+    plan: &plan::Plan,
+    opts: &Options,
+    ctx: &Context<'_>,
+) -> Result<super::capture::Mode, MigrateError> {
+    use super::capture::{Choice, Mode};
+    if opts.capture == Choice::Trigger || plan.strategy == Strategy::Instant || opts.version_schema.is_some() {
+        return Ok(Mode::Trigger);
+    }
+    let why = crate::replication::slot::refusals(control, &plan.table_def).await.map_err(state_err)?;
+    if why.is_empty() {
+        return Ok(Mode::Logical);
+    }
+    if opts.capture == Choice::Auto {
+        ctx.reporter
+            .note(&format!("capturing with triggers: logical capture is not possible here ({})", why.join("; ")));
+        return Ok(Mode::Trigger);
+    }
+    Err(MigrateError::Refused(format!("--capture logical is not possible here: {}", why.join("; "))))
 }
 
 /// Names the control session after the migration, and makes its commits durable before
@@ -455,6 +489,8 @@ pub(super) async fn continue_migration(
     let (rehearsal, sample) = (m.settings["rehearsal"].as_bool(), m.settings["sample"].as_f64());
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
+    // The capture resumes as it was started, whatever `--capture` says now.
+    run.capture = super::capture::Mode::of(&m);
     // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.
     run.rehearse = rehearsal.unwrap_or(false);
     run.sample_every = if run.rehearse { sample_every(sample) } else { None };
@@ -483,8 +519,15 @@ async fn check_resumable(client: &Client, m: &Migration, s: &Spec) -> Result<(),
         if !exists(s.log_table().sql()).await.map_err(state_err)? {
             return Err(gone(format!("its change log {} is gone, so writes since then are lost to it", s.log_table())));
         }
-        if m.phase > Phase::Capture && !super::capture::installed(client, s).await.map_err(state_err)? {
+        let mode = super::capture::Mode::of(m);
+        if m.phase > Phase::Capture
+            && mode == super::capture::Mode::Trigger
+            && !super::capture::installed(client, s).await.map_err(state_err)?
+        {
             return Err(gone(format!("its capture triggers on {} are gone, so writes were not recorded", s.original)));
+        }
+        if m.phase > Phase::Capture && mode == super::capture::Mode::Logical {
+            super::capture::logical::check_slot(client, m.id).await.map_err(|e| gone(e.to_string()))?;
         }
     }
     Ok(())

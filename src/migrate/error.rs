@@ -59,6 +59,8 @@ pub enum MigrateError {
         if phase.before_swap() { format!("The original table is untouched and the run is resumable: `ghostwire resume {table}` continues it from its last checkpoint, `ghostwire abort {table}` removes it") } else { format!("The swap is done; `ghostwire resume {table}` completes what is left") }
     )]
     GaveUpReconnecting { id: i64, table: String, phase: Phase, cause: String, waited_s: u64 },
+    #[error("migration #{id} of {table} stopped in phase {phase}: logical capture: {reason}{}", next_step(*phase))]
+    Capture { id: i64, table: String, phase: Phase, reason: String },
     #[error(
         "migration #{id} of {table} was aborted by `ghostwire abort` from elsewhere in phase {phase}; this run stops. That command removes the shadow table, triggers and change log"
     )]

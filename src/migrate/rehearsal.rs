@@ -324,6 +324,7 @@ impl Run<'_> {
         };
         let m = state::migration(&self.control, id).await.during(id, phase, "reading the migration")?;
         let report = Report { statement: m.as_ref().map(|m| m.statement.clone()).unwrap_or_default(), ..report };
+        self.stop_stream().await;
         if let Some(m) = m {
             super::cleanup::abort(&self.control, &m, &self.retry)
                 .await

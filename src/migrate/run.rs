@@ -53,6 +53,10 @@ pub(super) struct Run<'a> {
     /// many.
     pub(super) sample_every: Option<u64>,
     pub(super) meter: Option<Meter>,
+    /// How the application's writes are captured.
+    pub(super) capture: capture::Mode,
+    /// The logical capture's stream, while it runs.
+    pub(super) stream: Option<capture::logical::Stream>,
 }
 
 impl<'a> Run<'a> {
@@ -94,6 +98,8 @@ impl<'a> Run<'a> {
             rehearse: opts.rehearse,
             sample_every: opts.sample_every(),
             meter: None,
+            capture: capture::Mode::Trigger,
+            stream: None,
         }
     }
 
@@ -137,7 +143,35 @@ impl<'a> Run<'a> {
         if self.cancel.is_cancelled() {
             return Err(MigrateError::Interrupted { id: self.id, table: self.table.to_string(), phase: self.phase });
         }
+        if let Some(reason) = self.stream.as_ref().and_then(|s| s.failure()) {
+            return Err(self.capture_error(reason));
+        }
         Ok(())
+    }
+
+    pub(super) fn capture_error(&self, reason: impl ToString) -> MigrateError {
+        MigrateError::Capture {
+            id: self.id,
+            table: self.table.to_string(),
+            phase: self.phase,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Stops the logical capture's stream, if it runs.
+    pub(super) async fn stop_stream(&mut self) {
+        if let Some(s) = self.stream.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Waits until the change log holds every change committed before this call (logical
+    /// capture; at once with triggers, which log in the writers' own transactions).
+    pub(super) async fn fence(&self, timeout: Duration) -> Result<(), MigrateError> {
+        match &self.stream {
+            Some(s) => s.fence(timeout).await.map_err(|e| self.capture_error(e)),
+            None => Ok(()),
+        }
     }
 
     pub(super) async fn event(
@@ -157,6 +191,7 @@ impl<'a> Run<'a> {
     /// limit crossed, removes everything (the capture triggers' overhead included); any
     /// other failure stays on the migration (it is resumable).
     pub(super) async fn finish_up(&mut self, result: Result<Outcome, MigrateError>) -> Result<Outcome, MigrateError> {
+        self.stop_stream().await;
         match result {
             Ok(o) => Ok(o),
             Err(MigrateError::Aborted { .. }) if self.phase.before_swap() => {
@@ -246,7 +281,11 @@ impl<'a> Run<'a> {
         };
         self.live.update(|p| p.rows_estimated = spec.table.estimated_rows);
         if from <= Phase::Capture {
-            self.enter(Phase::Capture, "installing the capture triggers").await?;
+            let what = match self.capture {
+                capture::Mode::Trigger => "installing the capture triggers",
+                capture::Mode::Logical => "creating the publication and the replication slot",
+            };
+            self.enter(Phase::Capture, what).await?;
             if let Some(meter) = self.meter.as_mut() {
                 self.reporter.note(&format!(
                     "rehearsal: counting the application's writes for {} s before the capture goes on",
@@ -255,13 +294,27 @@ impl<'a> Run<'a> {
                 let counted = meter.before_capture(&self.control, &self.table, self.opts.rehearse_baseline).await;
                 counted.during(self.id, Phase::Capture, "counting the application's writes")?;
             }
-            // CREATE TRIGGER waits for a vacuum of the table as the swap does.
-            self.clear_autovacuum(&spec, "installing the capture triggers").await?;
-            capture::install(&self.control, &spec, &self.retry).await.during(
-                self.id,
-                Phase::Capture,
-                "installing the capture triggers",
-            )?;
+            match self.capture {
+                capture::Mode::Trigger => {
+                    // CREATE TRIGGER waits for a vacuum of the table as the swap does.
+                    self.clear_autovacuum(&spec, "installing the capture triggers").await?;
+                    capture::install(&self.control, &spec, &self.retry).await.during(
+                        self.id,
+                        Phase::Capture,
+                        "installing the capture triggers",
+                    )?;
+                }
+                capture::Mode::Logical => {
+                    capture::logical::install(&self.control, &self.session(), &spec, &self.retry)
+                        .await
+                        .map_err(|e| self.capture_error(e))?;
+                }
+            }
+        }
+        if self.capture == capture::Mode::Logical && self.stream.is_none() {
+            capture::logical::check_slot(&self.control, self.id).await.map_err(|e| self.capture_error(e))?;
+            let stream = capture::logical::Stream::start(&self.session(), &spec).await;
+            self.stream = Some(stream.map_err(|e| self.capture_error(e))?);
         }
         let mut work = self.work_session().await?;
         catchup::prepare(&work, &spec).await.during(self.id, self.phase, "preparing catch-up")?;
@@ -321,6 +374,20 @@ impl<'a> Run<'a> {
             outcome.clients_held = held;
         }
         self.phase = Phase::Swapped;
+        if self.capture == capture::Mode::Logical {
+            // Nothing to stream once swapped: the slot would only pin WAL.
+            self.stop_stream().await;
+            if let Err(e) = capture::logical::remove(&self.control, self.id).await {
+                let message = format!(
+                    "could not drop the replication slot and publication of migration #{} ({}): `ghostwire finish {}` \
+                     drops them",
+                    self.id,
+                    connect::describe(&e),
+                    self.table
+                );
+                self.reporter.note(&message);
+            }
+        }
         self.live.update(|p| p.phase = Phase::Swapped.as_str().to_owned());
         self.reporter.phase(Phase::Swapped, "swapped");
         if let Some(hook) = &self.hook {
@@ -531,7 +598,17 @@ impl<'a> Run<'a> {
             Some(details),
         )
         .await;
-        if !report.unexplained.is_empty() {
+        let mut unexplained = report.unexplained.clone();
+        if !unexplained.is_empty() && self.stream.is_some() {
+            self.fence(Duration::from_secs(60)).await?;
+            unexplained = verify::still_unexplained(&self.control, spec, &unexplained).await.during(
+                self.id,
+                Phase::Verify,
+                "checking the differences against the change log",
+            )?;
+        }
+        if !unexplained.is_empty() {
+            let report = verify::Report { unexplained, ..report.clone() };
             let sample: Vec<String> = report.unexplained.iter().take(5).cloned().collect();
             return Err(MigrateError::Mismatch {
                 id: self.id,

@@ -9,8 +9,8 @@
 
 use tokio_postgres::Client;
 
-use super::retry::{RetryPolicy, ddl};
-use super::spec::{CAPTURE_EVENTS, Spec, trigger_function, trigger_name};
+use super::super::retry::{RetryPolicy, ddl};
+use super::super::spec::{CAPTURE_EVENTS, Spec, trigger_function, trigger_name};
 use crate::sql::{QualifiedName, ident};
 
 /// `body` between dollar quotes whose tag does not occur in it.
@@ -25,20 +25,9 @@ fn dollar_quoted(body: &str) -> String {
 /// The change log, its trigger functions (no lock on the live table).
 pub fn log_sql(spec: &Spec) -> String {
     let log = spec.log_table().sql();
-    let columns: Vec<String> = spec
-        .key
-        .iter()
-        .map(|k| match &k.collation {
-            Some(c) => format!("{} {} COLLATE {c}", ident(&k.name), k.type_sql),
-            None => format!("{} {}", ident(&k.name), k.type_sql),
-        })
-        .collect();
     let keys = spec.key_list();
-    let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {log} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
-         ghostwire_truncated boolean NOT NULL DEFAULT false, {});\n",
-        columns.join(", ")
-    );
+    let mut sql = super::log_table_sql(spec);
+    sql.push_str(";\n");
     for event in CAPTURE_EVENTS {
         let body = match event {
             "insert" => format!("INSERT INTO {log} ({keys}) SELECT {keys} FROM ghostwire_new;"),
@@ -95,7 +84,7 @@ pub fn drop_triggers_sql(id: i64, table: &QualifiedName) -> String {
 
 /// Removes the change log and the trigger functions (after the triggers are gone).
 pub fn drop_log_sql(id: i64) -> String {
-    let mut sql = format!("DROP TABLE IF EXISTS {};", super::spec::log_table(id).sql());
+    let mut sql = format!("DROP TABLE IF EXISTS {};", super::super::spec::log_table(id).sql());
     for e in CAPTURE_EVENTS {
         sql.push_str(&format!(" DROP FUNCTION IF EXISTS {}();", trigger_function(id, e).sql()));
     }
@@ -105,7 +94,7 @@ pub fn drop_log_sql(id: i64) -> String {
 /// Creates the change log and installs the triggers on the original table. Idempotent: a
 /// resumed run finds them there (they are created in one transaction: all or none).
 pub async fn install(client: &Client, spec: &Spec, retry: &RetryPolicy) -> Result<(), tokio_postgres::Error> {
-    super::retry::in_transaction(client, &log_sql(spec)).await?;
+    super::super::retry::in_transaction(client, &log_sql(spec)).await?;
     if installed(client, spec).await? {
         return Ok(());
     }
@@ -122,12 +111,4 @@ pub async fn installed(client: &Client, spec: &Spec) -> Result<bool, tokio_postg
         )
         .await?;
     Ok(row.get::<_, i64>(0) == names.len() as i64)
-}
-
-/// Change-log entries waiting, estimated from the log's sequence bounds (two index probes,
-/// however long the log: it is asked before every copy chunk).
-pub async fn backlog(client: &Client, id: i64) -> Result<i64, tokio_postgres::Error> {
-    let log = super::spec::log_table(id).sql();
-    let sql = format!("SELECT coalesce(max(ghostwire_seq) - min(ghostwire_seq) + 1, 0) FROM {log}");
-    Ok(client.query_one(&sql, &[]).await?.get(0))
 }
