@@ -5,7 +5,10 @@
 //! Points: `copy.chunk` (after a chunk committed), `copy.in_chunk` (between a chunk's rows
 //! and its checkpoint, inside its transaction), `index.built` (after one index),
 //! `catchup.batch`, `verify.range`, `cutover.locked` (inside the swap transaction, lock
-//! held), `cutover.before_commit`, `cutover.committed`.
+//! held), `cutover.before_commit`, `cutover.committed`; logical capture: `logical.received`
+//! (a change received, its log row not written), `logical.logged` (log rows committed, not
+//! yet confirmed to the server), `logical.fence` (a fence reached, its caller not yet told),
+//! `cutover.fenced` (under the swap's lock, the fence reached, the last changes not applied).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -14,6 +14,31 @@ async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> 
     migrate::capture::backlog(client, m.id).await.ok()
 }
 
+/// The replication slot of a logical-capture migration, if it has one.
+async fn slot(
+    client: &tokio_postgres::Client,
+    m: &Migration,
+) -> Option<(crate::replication::slot::Names, crate::replication::slot::SlotState)> {
+    if migrate::capture::Mode::of(m) != migrate::capture::Mode::Logical {
+        return None;
+    }
+    let names = crate::replication::slot::Names::of(client, m.id).await.ok()?;
+    let state = crate::replication::slot::state(client, &names).await.ok()??;
+    Some((names, state))
+}
+
+fn slot_json(
+    found: &Option<(crate::replication::slot::Names, crate::replication::slot::SlotState)>,
+) -> serde_json::Value {
+    match found {
+        Some((names, s)) => json!({
+            "name": names.slot, "publication": names.publication, "retained_wal_bytes": s.retained_bytes,
+            "confirmed_flush_lsn": s.confirmed_flush, "wal_status": s.wal_status, "active_pid": s.active_pid,
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
 /// The proxies `status --proxy` asks about their routes.
 pub struct Proxies<'a> {
     pub urls: &'a [String],
@@ -92,7 +117,8 @@ pub async fn run(
         let mut out = Vec::new();
         for m in &migrations {
             let events = state::recent_events(&client, m.id, 10).await.map_err(CommandError::failed)?;
-            out.push(json!({ "migration": m, "backlog": backlog(&client, m).await, "events": events }));
+            let slot = slot_json(&slot(&client, m).await);
+            out.push(json!({ "migration": m, "backlog": backlog(&client, m).await, "slot": slot, "events": events }));
         }
         say!("{}", serde_json::to_string_pretty(&out).map_err(CommandError::failed)?);
         return Ok(());
@@ -141,6 +167,25 @@ pub async fn run(
         }
         if let Some(b) = backlog(&client, m).await {
             say!("    change backlog: {b}");
+        }
+        if let Some((names, s)) = slot(&client, m).await {
+            let who = match s.active_pid {
+                Some(pid) => format!("streamed by pid {pid}"),
+                None if m.phase.before_swap() => {
+                    format!(
+                        "not streamed: `ghostwire resume {}` continues, `ghostwire abort {}` drops it",
+                        m.table, m.table
+                    )
+                }
+                None => format!("not streamed: `ghostwire finish {}` drops it", m.table),
+            };
+            say!(
+                "    replication slot {}: retains {} of WAL, confirmed up to {}{}; {who}",
+                names.slot,
+                crate::plan::report::bytes(s.retained_bytes),
+                s.confirmed_flush.as_deref().unwrap_or("nothing yet"),
+                s.wal_status.as_deref().map(|w| format!(" (wal_status {w})")).unwrap_or_default(),
+            );
         }
         if let Some(t) = m.throttled.as_deref().filter(|_| !m.phase.is_done()) {
             say!("    throttled: {t}");

@@ -127,6 +127,9 @@ pub async fn attempt(
         client.batch_execute("ROLLBACK").await?;
         return Ok(Outcome::FenceMissed { reason: e.to_string(), lock_wait });
     }
+    if stream.is_some() {
+        crate::failpoint::hit("cutover.fenced");
+    }
     let result = swap(client, spec, script, last_xid, own).await;
     match result {
         Ok(Ok(drained)) => {

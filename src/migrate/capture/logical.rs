@@ -185,9 +185,17 @@ impl Stream {
     }
 
     /// Stops the task (what it received but did not log is streamed again next time).
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Stream {
+    /// A run dropped without `stop` (it failed, or reconnects with new sessions) ends its
+    /// stream too, freeing the slot for the next one.
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 
@@ -196,10 +204,22 @@ async fn open(session: &Params, spec: &Spec) -> Result<(Client, ReplicationClien
     // Rows are confirmed to the server once committed: the commit must be durable.
     log.batch_execute("SET synchronous_commit = on").await?;
     let names = slot::Names::of(&log, spec.migration_id).await?;
-    let mut repl = ReplicationClient::connect(session).await?;
     let options = [("proto_version", "1"), ("publication_names", names.publication.as_str()), ("messages", "true")];
-    repl.start_logical(&names.slot, 0, &options).await?;
-    Ok((log, repl, names))
+    let started = Instant::now();
+    loop {
+        let mut repl = ReplicationClient::connect(session).await?;
+        match repl.start_logical(&names.slot, 0, &options).await {
+            Ok(()) => return Ok((log, repl, names)),
+            // The walsender of a stream that just ended (a killed run, a reconnection)
+            // still has the slot for a moment.
+            Err(ReplicationError::Server { code, .. })
+                if code == "55006" && started.elapsed() < Duration::from_secs(15) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// One change-log entry.
