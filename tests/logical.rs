@@ -6,10 +6,17 @@
 
 mod common;
 
-use common::workload::Shape;
-use common::{TestDb, assert_same_rows, debris, migrate_under_load, strings, test_options};
-use ghostwire::migrate::Options;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::items::ghostwire;
+use common::workload::{Shape, Workload};
+use common::{TestDb, assert_same_rows, debris, migrate_under_load, run_migration, strings, test_options};
+use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::capture::Choice;
+use ghostwire::migrate::{Options, PhaseHook};
+use ghostwire::state::Phase;
 
 const LONG: &str = "(SELECT string_agg(md5(random()::text || i), '') FROM generate_series(1, 300) i)";
 const ROWS: i64 = 3000;
@@ -61,7 +68,177 @@ async fn a_type_change_under_writes_matches_the_oracle() {
     let capture = strings(&db.client, "SELECT capture FROM ghostwire.migrations").await;
     assert_eq!(capture, ["logical"]);
     assert!(replication_debris(&db).await.is_empty(), "{:?}", replication_debris(&db).await);
-    let out = common::items::ghostwire(&db.url, &["finish", "items"], None).await;
+    let out = ghostwire(&db.url, &["finish", "items"], None).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(debris(&db.client, outcome.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_composite_key_with_key_updates() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE TABLE events (tenant int, seq bigint, qty int, note text, payload text, PRIMARY KEY (tenant, seq));
+         CREATE TABLE events_oracle (LIKE events, PRIMARY KEY (tenant, seq));
+         INSERT INTO events SELECT g % 7, g, g, 'n' || g, CASE WHEN g % 40 = 0 THEN {LONG} END FROM generate_series(1, {ROWS}) g;
+         INSERT INTO events_oracle SELECT * FROM events;"
+    ))
+    .await;
+    let shape = Shape {
+        table: "events".into(),
+        oracle: "events_oracle".into(),
+        key: vec!["tenant".into(), "seq".into()],
+        ..Shape::items()
+    };
+    let (outcome, _) =
+        migrate_under_load(&db, shape, ROWS, "ALTER TABLE events ALTER COLUMN qty TYPE bigint", &logical()).await;
+    assert!(outcome.swap.is_some());
+    assert_same_rows(&db.client, "SELECT * FROM events", "SELECT * FROM events_oracle").await;
+}
+
+/// Runs `sql` (with both tables in it) as the test's own transaction.
+async fn exec(url: &str, sql: &str) {
+    let c = common::connect(url).await;
+    c.batch_execute(sql).await.unwrap_or_else(|e| panic!("{e:?}\n{sql}"));
+}
+
+#[tokio::test]
+async fn large_rolled_back_sub_and_truncating_transactions_are_captured() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    // The server spills transactions over 64 kB to disk before it sends them.
+    db.exec(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = %L', current_database(), '64kB'); END $$",
+    )
+    .await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 51);
+    load.wait_for_more(30).await;
+    let big_commit = Arc::new(AtomicI64::new(0));
+    let spilled = Arc::new(AtomicI64::new(-1));
+    let (url, counters) = (db.url.clone(), Arc::clone(&load.counters));
+    let (lsn, spill) = (Arc::clone(&big_commit), Arc::clone(&spilled));
+    let hook: PhaseHook = Arc::new(move |phase| {
+        let (url, counters, lsn, spill) = (url.clone(), Arc::clone(&counters), Arc::clone(&lsn), Arc::clone(&spill));
+        Box::pin(async move {
+            common::workload::wait_for_more(&counters, 10).await;
+            match phase {
+                Phase::Copy => {
+                    // Thousands of changes in one transaction (spilled), one rolled back, and a
+                    // subtransaction rolled back inside a committed one.
+                    exec(
+                        &url,
+                        "BEGIN; UPDATE items SET note = note || '+' WHERE id <= 2500;
+                                UPDATE oracle SET note = note || '+' WHERE id <= 2500; COMMIT",
+                    )
+                    .await;
+                    let c = common::connect(&url).await;
+                    let at: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+                    lsn.store(ghostwire_proto::parse_lsn(&at).unwrap() as i64, Ordering::SeqCst);
+                    exec(&url, "BEGIN; UPDATE items SET qty = -1; DELETE FROM items WHERE id < 100; ROLLBACK").await;
+                    exec(
+                        &url,
+                        "BEGIN; UPDATE items SET qty = 7 WHERE id = 10; UPDATE oracle SET qty = 7 WHERE id = 10;
+                                SAVEPOINT s; DELETE FROM items WHERE id = 11; DELETE FROM oracle WHERE id = 11;
+                                ROLLBACK TO s; INSERT INTO items VALUES (900001, 1, 'sub', NULL);
+                                INSERT INTO oracle VALUES (900001, 1, 'sub', NULL); COMMIT",
+                    )
+                    .await;
+                }
+                Phase::Index => {
+                    // The copied rows are gone from the original: the shadow must follow.
+                    exec(
+                        &url,
+                        "BEGIN; TRUNCATE items; TRUNCATE oracle;
+                                INSERT INTO items SELECT g, g, 't' || g, NULL FROM generate_series(1, 1500) g;
+                                INSERT INTO oracle SELECT * FROM items; COMMIT",
+                    )
+                    .await;
+                }
+                Phase::Catchup => {
+                    // By now the stream is past the big transaction: did the server spill it?
+                    let c = common::connect(&url).await;
+                    let target = lsn.load(Ordering::SeqCst);
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        let row = c
+                            .query_one(
+                                "SELECT coalesce(bool_and(s.confirmed_flush_lsn >= $1::text::pg_lsn), false),
+                                        coalesce(sum(st.spill_txns), 0)::int8
+                                   FROM pg_replication_slots s LEFT JOIN pg_stat_replication_slots st USING (slot_name)
+                                  WHERE s.database = current_database()",
+                                &[&ghostwire_proto::format_lsn(target as u64)],
+                            )
+                            .await
+                            .unwrap();
+                        if row.get::<_, bool>(0) || Instant::now() > deadline {
+                            spill.store(row.get(1), Ordering::SeqCst);
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                _ => {}
+            }
+        })
+    });
+    let outcome = run_migration(&db.url, "ALTER TABLE items ALTER COLUMN qty TYPE bigint", &logical(), Some(hook))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.wait_for_more(20).await;
+    load.stop().await;
+    assert!(outcome.swap.is_some());
+    assert_same_rows(
+        &db.client,
+        "SELECT id, qty, note, payload FROM items",
+        "SELECT id, qty, note, payload FROM oracle",
+    )
+    .await;
+    assert!(
+        spilled.load(Ordering::SeqCst) > 0,
+        "the big transaction was not spilled: {}",
+        spilled.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test]
+async fn postgres_restarted_mid_stream_is_ridden_out() {
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().unwrap());
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    common::items::create(&client, common::items::ROWS).await;
+    let load = Workload::start_tolerant(&url, Shape::items(), 2, common::items::ROWS, 52);
+    load.wait_for_more(20).await;
+    let url2 = url.clone();
+    let migration = tokio::spawn(async move {
+        let args =
+            ["migrate", "--capture", "logical", "--chunk-rows", "100", "--chunk-time", "5ms", common::items::RETYPE];
+        ghostwire(&url2, &args, None).await
+    });
+    // Restart (as a crash: immediate shutdown) once the copy is under way and changes stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copied: i64 = client
+            .query_opt("SELECT rows_copied FROM ghostwire.migrations WHERE phase = 'copy'", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if copied >= 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
+    let out = migration.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the run should go on after the restart: {stderr}");
+    load.wait_for_more(20).await;
+    load.stop().await;
+    let client = common::connect(&url).await;
+    common::items::assert_matches_oracle(&client).await;
+    common::items::assert_swapped_then_finish(&url, &client).await;
+    assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
 }
