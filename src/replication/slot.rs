@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use super::{ReplicationClient, ReplicationError};
 use crate::catalog::{KeyKind, ReplicaIdentity, TableDef, TableKind};
-use crate::sql::{ident, literal};
+use crate::sql::{display_ident, ident, literal};
 
 /// What migration `id` names its publication (`ghostwire_<id>`, in its database) and its
 /// slot (`ghostwire_<database oid>_<id>`: slots are the cluster's, and each database counts
@@ -73,10 +73,10 @@ pub async fn refusals(client: &Client, def: &TableDef) -> Result<Vec<String>, to
 /// such a table makes the application's UPDATEs and DELETEs on it fail, so it never is.
 pub fn identity_refusal(def: &TableDef) -> Option<String> {
     let key = def.key.as_ref()?;
-    let table = def.name.sql();
+    let table = def.name.to_string();
     let fix = format!(
         "run `ALTER TABLE {table} REPLICA IDENTITY USING INDEX {}` (a catalog change) first, or use --capture trigger",
-        ident(&key.index_name)
+        display_ident(&key.index_name)
     );
     match &def.replica_identity {
         ReplicaIdentity::Full => None,
@@ -93,8 +93,8 @@ pub fn identity_refusal(def: &TableDef) -> Option<String> {
         ReplicaIdentity::Index(index) => Some(format!(
             "{table}'s replica identity is index {}, not the key ghostwire copies by ({}): a change of the key would \
              not be seen; {fix}",
-            ident(index),
-            ident(&key.index_name)
+            display_ident(index),
+            display_ident(&key.index_name)
         )),
     }
 }
