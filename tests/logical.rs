@@ -242,3 +242,37 @@ async fn postgres_restarted_mid_stream_is_ridden_out() {
     common::items::assert_swapped_then_finish(&url, &client).await;
     assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
 }
+
+#[tokio::test]
+async fn ddl_on_the_table_under_the_run_stops_it_before_the_swap() {
+    for capture in [Choice::Logical, Choice::Trigger] {
+        let db = TestDb::new().await;
+        items(&db).await;
+        let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 53);
+        load.wait_for_more(20).await;
+        let url = db.url.clone();
+        let hook: PhaseHook = Arc::new(move |phase| {
+            let url = url.clone();
+            Box::pin(async move {
+                if phase == Phase::Catchup {
+                    exec(&url, "ALTER TABLE items ADD COLUMN extra int").await;
+                }
+            })
+        });
+        let opts = Options { capture, ..test_options() };
+        let err = run_migration(&db.url, "ALTER TABLE items ALTER COLUMN qty TYPE bigint", &opts, Some(hook))
+            .await
+            .expect_err("the table changed under the run");
+        assert!(
+            matches!(err, ghostwire::migrate::MigrateError::TableChanged { .. })
+                && err.to_string().contains("extra integer"),
+            "{capture:?}: {err}"
+        );
+        load.stop().await;
+        // The original is untouched and writable; abort removes everything.
+        assert_same_rows(&db.client, "SELECT id, qty, note, payload FROM items", "SELECT * FROM oracle").await;
+        let out = ghostwire(&db.url, &["abort", "items"], None).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(debris(&db.client, 1).await.is_empty() && replication_debris(&db).await.is_empty());
+    }
+}

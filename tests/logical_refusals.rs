@@ -62,7 +62,9 @@ async fn a_replica_identity_that_would_not_give_the_key_is_refused() {
     assert!(said.contains("capturing with triggers") && said.contains("no primary key"), "{said}");
     assert_eq!(strings(&db.client, "SELECT capture FROM ghostwire.migrations").await, ["trigger"]);
     // And on the table with no identity at all, too.
-    let out = ghostwire(&db.url, &["migrate", "--capture", "auto", "ALTER TABLE nothing ALTER COLUMN qty TYPE bigint"], None).await;
+    let out =
+        ghostwire(&db.url, &["migrate", "--capture", "auto", "ALTER TABLE nothing ALTER COLUMN qty TYPE bigint"], None)
+            .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -80,7 +82,11 @@ async fn a_role_without_replication_is_refused() {
     let url = db.url.replace("postgres@", &format!("{app}@"));
     let out = ghostwire(&url, &["migrate", "--capture", "logical", &format!("ALTER TABLE items {RETYPE}")], None).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("no REPLICATION attribute") && stderr(&out).contains("ALTER ROLE"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no REPLICATION attribute") && stderr(&out).contains("ALTER ROLE"),
+        "{}",
+        stderr(&out)
+    );
     nothing_made(&db.client).await;
     // With it, the same role runs it.
     db.exec(&format!("ALTER ROLE {app} REPLICATION")).await;

@@ -124,6 +124,18 @@ impl Run<'_> {
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; retrying"));
                     super::retry::pause_unless_closed(&self.control, self.retry.pause(attempt)).await;
                 }
+                Attempt::TableChanged(what) => {
+                    metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "table_changed").increment(1);
+                    let details = json!({"attempt": attempt, "outcome": "table_changed", "what": what});
+                    self.event(
+                        "cutover_attempt",
+                        &format!("attempt {attempt}: the table changed: {what}"),
+                        None,
+                        Some(details),
+                    )
+                    .await;
+                    return Err(MigrateError::TableChanged { id: self.id, table: spec.original.to_string(), what });
+                }
                 Attempt::FenceMissed { reason: why, lock_wait } => {
                     metrics::counter!("ghostwire_cutover_attempts_total", "outcome" => "fence_missed").increment(1);
                     reason = format!("the logical capture's fence was not reached under the lock ({why})");

@@ -60,6 +60,8 @@ pub enum Outcome {
         reason: String,
         lock_wait: Duration,
     },
+    /// The table's columns are not those the migration was planned on.
+    TableChanged(String),
     /// Sessions hold snapshots older than the shadow's last write.
     Hazard {
         sessions: Vec<HazardSession>,
@@ -137,9 +139,13 @@ pub async fn attempt(
             crate::failpoint::hit("cutover.committed");
             Ok(Outcome::Swapped(Swapped { lock_wait, lock_hold: granted.elapsed(), drained }))
         }
-        Ok(Err(sessions)) => {
+        Ok(Err(Held::Hazard(sessions))) => {
             client.batch_execute("ROLLBACK").await?;
             Ok(Outcome::Hazard { sessions, lock_wait })
+        }
+        Ok(Err(Held::Changed(what))) => {
+            client.batch_execute("ROLLBACK").await?;
+            Ok(Outcome::TableChanged(what))
         }
         Err(e) => {
             client.batch_execute("ROLLBACK").await?;
@@ -148,19 +154,52 @@ pub async fn attempt(
     }
 }
 
-/// Everything under the lock. `Ok(Err(..))`: hazards found, nothing done.
+/// Why a swap under the lock did not go ahead.
+enum Held {
+    Hazard(Vec<HazardSession>),
+    Changed(String),
+}
+
+/// How the original's columns differ from what the migration was planned on, if they do
+/// (DDL run on the table under the migration: the shadow would not carry it).
+pub async fn definition_change(client: &Client, spec: &Spec) -> Result<Option<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&spec.original_oid],
+        )
+        .await?;
+    let now: Vec<(String, u32, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let planned: Vec<(String, u32, i32, String)> =
+        spec.table.columns.iter().map(|c| (c.name.clone(), c.type_oid, c.typmod, c.type_name.clone())).collect();
+    let same =
+        now.len() == planned.len() && now.iter().zip(&planned).all(|(a, b)| (&a.0, a.1, a.2) == (&b.0, b.1, b.2));
+    if same {
+        return Ok(None);
+    }
+    let show = |cols: &[(String, u32, i32, String)]| {
+        cols.iter().map(|(n, _, _, t)| format!("{} {t}", crate::sql::display_ident(n))).collect::<Vec<_>>().join(", ")
+    };
+    Ok(Some(format!("its columns were ({}) and are now ({})", show(&planned), show(&now))))
+}
+
+/// Everything under the lock. `Ok(Err(..))`: hazards found, or the table changed; nothing done.
 async fn swap(
     client: &Client,
     spec: &Spec,
     script: &Script,
     last_xid: i64,
     own: &[i32],
-) -> Result<Result<i64, Vec<HazardSession>>, tokio_postgres::Error> {
+) -> Result<Result<i64, Held>, tokio_postgres::Error> {
+    if let Some(what) = definition_change(client, spec).await? {
+        return Ok(Err(Held::Changed(what)));
+    }
     let drained = catchup::drain_in_transaction(client, spec).await?;
     crate::failpoint::hit("cutover.locked");
     let sessions = hazards(client, last_xid, own).await?;
     if !sessions.is_empty() {
-        return Ok(Err(sessions));
+        return Ok(Err(Held::Hazard(sessions)));
     }
     for section in [&script.before_move, &script.moves, &script.after_move] {
         for sql in section {

@@ -59,6 +59,10 @@ pub enum MigrateError {
         if phase.before_swap() { format!("The original table is untouched and the run is resumable: `ghostwire resume {table}` continues it from its last checkpoint, `ghostwire abort {table}` removes it") } else { format!("The swap is done; `ghostwire resume {table}` completes what is left") }
     )]
     GaveUpReconnecting { id: i64, table: String, phase: Phase, cause: String, waited_s: u64 },
+    #[error(
+        "migration #{id} of {table} stopped at the cut-over: the table's definition changed under the migration ({what}), and the shadow would not carry the change. The original is untouched: `ghostwire abort {table}` removes the run; start it again after the change"
+    )]
+    TableChanged { id: i64, table: String, what: String },
     #[error("migration #{id} of {table} stopped in phase {phase}: logical capture: {reason}{}", next_step(*phase))]
     Capture { id: i64, table: String, phase: Phase, reason: String },
     #[error(

@@ -250,10 +250,14 @@ impl Decoder {
             .iter()
             .map(|k| (k.name.clone(), spec.table.column(&k.name).map(|c| c.type_oid).unwrap_or(0)))
             .collect();
+        Decoder::of(spec.original_oid, &spec.original.schema, &spec.original.name, key)
+    }
+
+    fn of(oid: u32, schema: &str, name: &str, key: Vec<(String, u32)>) -> Decoder {
         Decoder {
-            oid: spec.original_oid,
-            schema: spec.original.schema.clone(),
-            name: spec.original.name.clone(),
+            oid,
+            schema: schema.to_owned(),
+            name: name.to_owned(),
             key,
             positions: None,
             in_transaction: false,
@@ -571,5 +575,64 @@ pub async fn check_slot(client: &Client, id: i64) -> Result<(), LogicalError> {
              removes the run",
             ident(&names.slot)
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ghostwire_proto::pgoutput::RelationColumn;
+
+    fn relation<'a>(name: &'a str, columns: &[(&'a str, u32)]) -> Logical<'a> {
+        Logical::Relation {
+            oid: 7,
+            namespace: "Sales",
+            name,
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|(n, t)| RelationColumn { key: true, name: n, type_oid: *t, type_modifier: -1 })
+                .collect(),
+        }
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::of(7, "Sales", "Order Items", vec![("tenant".into(), 23), ("seq".into(), 20)])
+    }
+
+    #[test]
+    fn keys_come_from_the_relation_s_columns_old_and_new_on_a_key_update() {
+        let mut d = decoder();
+        d.take(relation("Order Items", &[("seq", 20), ("note", 25), ("tenant", 23)])).unwrap();
+        let t = |s: &'static str| Datum::Text(s.as_bytes());
+        d.take(Logical::Insert { relation: 7, new: vec![t("1"), Datum::Null, t("3")] }).unwrap();
+        d.take(Logical::Update {
+            relation: 7,
+            key: Some(vec![t("1"), Datum::Null, t("3")]),
+            old: None,
+            new: vec![t("2"), t("x"), t("3")],
+        })
+        .unwrap();
+        // Another table's changes are not ours.
+        d.take(Logical::Delete { relation: 8, key: Some(vec![t("9")]), old: None }).unwrap();
+        d.take(Logical::Truncate { options: 0, relations: vec![8, 7] }).unwrap();
+        let key = |a: &str, b: &str| Entry::Key(vec![Some(a.into()), Some(b.into())]);
+        assert_eq!(d.pending, [key("3", "1"), key("3", "1"), key("3", "2"), Entry::Truncate]);
+        // A fence comes back as its token.
+        let fence = Logical::Message { transactional: true, lsn: 1, prefix: "ghostwire", content: b"f1" };
+        assert_eq!(d.take(fence).unwrap(), Some(b"f1".to_vec()));
+    }
+
+    #[test]
+    fn a_changed_relation_stops_the_stream() {
+        let renamed = decoder().take(relation("Order Lines", &[("seq", 20), ("tenant", 23)]));
+        assert!(matches!(renamed, Err(LogicalError::TableChanged(ref w)) if w.contains("Order Lines")), "{renamed:?}");
+        let retyped = decoder().take(relation("Order Items", &[("seq", 1700), ("tenant", 23)]));
+        assert!(matches!(retyped, Err(LogicalError::TableChanged(ref w)) if w.contains("seq")), "{retyped:?}");
+        let gone = decoder().take(relation("Order Items", &[("tenant", 23)]));
+        assert!(matches!(gone, Err(LogicalError::TableChanged(ref w)) if w.contains("gone")), "{gone:?}");
+        // A change before any Relation is a protocol error, not a guess.
+        let early = decoder().take(Logical::Insert { relation: 7, new: vec![] });
+        assert!(matches!(early, Err(LogicalError::Stream(_))));
     }
 }
