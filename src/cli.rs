@@ -233,6 +233,26 @@ fn fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A size in bytes, as PostgreSQL writes one: `512MB`, `2GB`, `64kB`, or plain bytes.
+fn size(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let unit_bytes: i64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return Err(format!("{text:?} is not a size (examples: 512MB, 2GB)")),
+    };
+    n.parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_bytes))
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{text:?} is not a size (examples: 512MB, 2GB)"))
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 250ms, 2s, 1m)"))
 }
@@ -329,6 +349,14 @@ pub struct MigrateArgs {
     /// Stop the run (resumable) when more client sessions than this are active.
     #[arg(long)]
     pub critical_active: Option<i64>,
+    /// With --capture logical: pause copy and catch-up while the replication slot retains
+    /// more WAL than this (e.g. 2GB).
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub max_slot_lag: Option<i64>,
+    /// With --capture logical: abort the run (removing everything it made, the slot
+    /// included) when the slot retains more WAL than this.
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub critical_slot_lag: Option<i64>,
 }
 
 /// Exit statuses.

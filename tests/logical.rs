@@ -276,3 +276,26 @@ async fn ddl_on_the_table_under_the_run_stops_it_before_the_swap() {
         assert!(debris(&db.client, 1).await.is_empty() && replication_debris(&db).await.is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_slot_over_its_critical_lag_aborts_the_run_and_drops_the_slot() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let mut opts = logical();
+    opts.settings.critical_slot_lag_bytes = Some(1024);
+    let err = run_migration(&db.url, "ALTER TABLE items ALTER COLUMN qty TYPE bigint", &opts, None)
+        .await
+        .expect_err("the copy's own WAL is more than 1 kB");
+    let said = err.to_string();
+    assert!(said.contains("the replication slot retains") && said.contains("critical limit 1.0 kB"), "{said}");
+    assert!(matches!(err, ghostwire::migrate::MigrateError::Critical { cleaned: true, .. }), "{said}");
+    assert!(replication_debris(&db).await.is_empty(), "{:?}", replication_debris(&db).await);
+    // Bad input: a slot limit without logical capture.
+    let out = ghostwire(
+        &db.url,
+        &["migrate", "--max-slot-lag", "1GB", "ALTER TABLE items ALTER COLUMN qty TYPE bigint"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -56,6 +56,8 @@ pub fn options(a: &MigrateArgs) -> Options {
             critical_replica_lag_ms: ms(a.critical_replica_lag),
             critical_backlog: a.critical_backlog,
             critical_active: a.critical_active,
+            max_slot_lag_bytes: a.max_slot_lag,
+            critical_slot_lag_bytes: a.critical_slot_lag,
         },
         lock_timeout: a.lock_timeout,
         cutover_attempts: a.cutover_attempts,
@@ -101,6 +103,14 @@ pub enum Target<'a> {
 }
 
 pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> Result<(), CommandError> {
+    if matches!(target, Target::Statement(_))
+        && args.capture == Capture::Trigger
+        && (args.max_slot_lag.is_some() || args.critical_slot_lag.is_some())
+    {
+        return Err(CommandError::refused(
+            "--max-slot-lag and --critical-slot-lag limit a logical capture's slot: add --capture logical (or auto)",
+        ));
+    }
     // A table rename is not a change `plan` takes, but a version schema can show it.
     let mut table_rename = false;
     if let Target::Statement(statement) = target {

@@ -30,6 +30,12 @@ pub struct Settings {
     pub critical_replica_lag_ms: Option<u64>,
     pub critical_backlog: Option<i64>,
     pub critical_active: Option<i64>,
+    /// Logical capture: pause while the slot retains more WAL than this (bytes) …
+    #[serde(default)]
+    pub max_slot_lag_bytes: Option<i64>,
+    /// … and abort the run beyond this.
+    #[serde(default)]
+    pub critical_slot_lag_bytes: Option<i64>,
 }
 
 impl Default for Settings {
@@ -44,6 +50,8 @@ impl Default for Settings {
             critical_replica_lag_ms: None,
             critical_backlog: None,
             critical_active: None,
+            max_slot_lag_bytes: None,
+            critical_slot_lag_bytes: None,
         }
     }
 }
@@ -90,6 +98,9 @@ pub struct Progress {
     /// Ready for the cut-over and waiting for it to be allowed, keeping the shadow in step.
     pub awaiting_cutover: bool,
     pub cutover_attempts: u32,
+    /// Logical capture: WAL the slot retains, and seconds since the stream last confirmed.
+    pub slot_retained_bytes: Option<i64>,
+    pub slot_confirmed_ago_seconds: Option<f64>,
 }
 
 #[derive(Debug)]

@@ -73,7 +73,8 @@ impl Run<'_> {
                 metrics::gauge!("ghostwire_backlog").set(b as f64);
             }
             let backlog = *read.as_ref().unwrap_or(&0);
-            let signals = throttle::read(&self.control, &settings, read, self.live.paused()).await;
+            let slot_lag = self.slot_lag().await;
+            let signals = throttle::read(&self.control, &settings, read, self.live.paused(), slot_lag).await;
             let verdict = throttle::judge(&settings, &signals);
             // During the copy, a large backlog is applied between chunks (unless the operator
             // paused everything, or another signal holds the run back).
@@ -125,6 +126,28 @@ impl Run<'_> {
                 }
             }
         }
+    }
+
+    /// Logical capture: the WAL the slot retains (also shown live and as a metric).
+    async fn slot_lag(&self) -> Option<Result<i64, String>> {
+        let stream = self.stream.as_ref()?;
+        let read = crate::replication::slot::state(&self.control, &stream.names).await;
+        let lag = match read {
+            Ok(s) => Ok(s.map(|s| s.retained_bytes).unwrap_or(0)),
+            Err(e) => Err(format!("cannot read the replication slot: {}", crate::connect::describe(&e))),
+        };
+        let ago = stream.progress.confirmed_ago();
+        if let Ok(b) = &lag {
+            metrics::gauge!("ghostwire_slot_retained_bytes").set(*b as f64);
+        }
+        if let Some(a) = ago {
+            metrics::gauge!("ghostwire_slot_confirmed_ago_seconds").set(a);
+        }
+        self.live.update(|p| {
+            p.slot_retained_bytes = lag.as_ref().ok().copied();
+            p.slot_confirmed_ago_seconds = ago;
+        });
+        Some(lag)
     }
 
     /// Records that the run is throttled (once per reason: an event, the state, the status).

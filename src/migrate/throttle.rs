@@ -1,8 +1,8 @@
 //! "May I go on?": the throttle signals (DESIGN.md §6).
 //!
 //! Copy and catch-up ask before each chunk or batch. Signals: a manual pause, replica replay
-//! lag (`pg_stat_replication`), the change backlog, active client sessions, and a user SQL
-//! check. A signal that cannot be read while a limit needs it throttles (fails closed),
+//! lag (`pg_stat_replication`), the change backlog, the WAL a logical capture's slot
+//! retains, active client sessions, and a user SQL check. A signal that cannot be read while a limit needs it throttles (fails closed),
 //! with the reason saying so. Critical limits abort the run instead (everything it made is removed).
 
 use tokio_postgres::Client;
@@ -61,10 +61,18 @@ pub struct Signals {
     pub backlog: Result<i64, String>,
     pub query: Option<Result<bool, String>>,
     pub paused: bool,
+    /// Logical capture: the WAL the slot retains, in bytes (None: no slot, or no limit).
+    pub slot_lag: Option<Result<i64, String>>,
 }
 
 /// Reads the signals the settings need.
-pub async fn read(client: &Client, s: &Settings, backlog: Result<i64, String>, paused: bool) -> Signals {
+pub async fn read(
+    client: &Client,
+    s: &Settings,
+    backlog: Result<i64, String>,
+    paused: bool,
+    slot_lag: Option<Result<i64, String>>,
+) -> Signals {
     let why = |what: &str, e: tokio_postgres::Error| format!("{what}: {}", crate::connect::describe(&e));
     let replica_lag = if s.critical_replica_lag_ms.is_some() || s.max_replica_lag_ms.is_some() {
         Some(replica_lag(client).await.map_err(|e| why("cannot read replica lag", e)))
@@ -85,7 +93,8 @@ pub async fn read(client: &Client, s: &Settings, backlog: Result<i64, String>, p
         }),
         None => None,
     };
-    Signals { replica_lag, active, backlog, query, paused }
+    let slot_lag = slot_lag.filter(|_| s.max_slot_lag_bytes.is_some() || s.critical_slot_lag_bytes.is_some());
+    Signals { replica_lag, active, backlog, query, paused, slot_lag }
 }
 
 fn over(value: f64, limit: Option<u64>) -> bool {
@@ -120,6 +129,24 @@ pub fn judge(s: &Settings, x: &Signals) -> Verdict {
         }
         Some(Ok(n)) if s.max_active.is_some_and(|l| *n > l) => {
             return Verdict::Throttle(format!("{n} active sessions (limit {})", s.max_active.unwrap_or(0)));
+        }
+        Some(Err(reason)) => return Verdict::Throttle(reason.clone()),
+        _ => {}
+    }
+    match &x.slot_lag {
+        Some(Ok(bytes)) if s.critical_slot_lag_bytes.is_some_and(|l| *bytes > l) => {
+            let limit = crate::plan::report::bytes(s.critical_slot_lag_bytes.unwrap_or(0));
+            return Verdict::Critical(format!(
+                "the replication slot retains {} of WAL (critical limit {limit})",
+                crate::plan::report::bytes(*bytes)
+            ));
+        }
+        Some(Ok(bytes)) if s.max_slot_lag_bytes.is_some_and(|l| *bytes > l) => {
+            let limit = crate::plan::report::bytes(s.max_slot_lag_bytes.unwrap_or(0));
+            return Verdict::Throttle(format!(
+                "the replication slot retains {} of WAL (limit {limit})",
+                crate::plan::report::bytes(*bytes)
+            ));
         }
         Some(Err(reason)) => return Verdict::Throttle(reason.clone()),
         _ => {}
@@ -160,7 +187,7 @@ mod tests {
     use super::*;
 
     fn calm() -> Signals {
-        Signals { replica_lag: None, active: None, backlog: Ok(0), query: None, paused: false }
+        Signals { replica_lag: None, active: None, backlog: Ok(0), query: None, paused: false, slot_lag: None }
     }
 
     fn throttled(v: Verdict) -> String {
@@ -184,9 +211,26 @@ mod tests {
             backlog: Ok(10),
             query: Some(Ok(false)),
             paused: false,
+            slot_lag: Some(Ok(10)),
         };
         assert_eq!(judge(&s, &x), Verdict::Go);
         assert_eq!(judge(&Settings::default(), &Signals { replica_lag: Some(Ok(None)), ..calm() }), Verdict::Go);
+    }
+
+    #[test]
+    fn a_slot_retaining_too_much_wal_throttles_then_aborts() {
+        let s = Settings {
+            max_slot_lag_bytes: Some(1 << 20),
+            critical_slot_lag_bytes: Some(1 << 30),
+            ..Settings::default()
+        };
+        let at = |bytes: i64| judge(&s, &Signals { slot_lag: Some(Ok(bytes)), ..calm() });
+        assert_eq!(at(1 << 20), Verdict::Go);
+        assert!(throttled(at(2 << 20)).contains("retains 2.0 MB of WAL (limit 1.0 MB)"), "{:?}", at(2 << 20));
+        assert!(matches!(at(2 << 30), Verdict::Critical(r) if r.contains("critical limit")));
+        // Unreadable: held back, never waved through.
+        let unknown = judge(&s, &Signals { slot_lag: Some(Err("cannot read the slot".into())), ..calm() });
+        assert_eq!(unknown, Verdict::Throttle("cannot read the slot".into()));
     }
 
     #[test]

@@ -118,6 +118,20 @@ pub struct Progress {
     pub confirmed: AtomicU64,
     /// Keys (and markers) written to the log.
     pub logged: AtomicU64,
+    /// When the stream last told the server how far it got (ms since the Unix epoch).
+    pub confirmed_at_ms: AtomicU64,
+}
+
+impl Progress {
+    /// Seconds since the stream last confirmed (None before it did).
+    pub fn confirmed_ago(&self) -> Option<f64> {
+        let at = self.confirmed_at_ms.load(Ordering::Relaxed);
+        (at > 0).then(|| (unix_ms().saturating_sub(at)) as f64 / 1000.0)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 struct FenceRequest {
@@ -131,13 +145,15 @@ pub struct Stream {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub progress: Arc<Progress>,
+    /// The slot and publication streamed from.
+    pub names: slot::Names,
 }
 
 impl Stream {
     /// Connects (a log session and a replication session) and starts streaming from where
     /// the slot was last confirmed.
     pub async fn start(session: &Params, spec: &Spec) -> Result<Stream, LogicalError> {
-        let (log, repl, _) = open(session, spec).await?;
+        let (log, repl, names) = open(session, spec).await?;
         let (requests, rx) = mpsc::channel(4);
         let failure = Arc::new(std::sync::Mutex::new(None));
         let cancel = CancellationToken::new();
@@ -161,7 +177,7 @@ impl Stream {
                 }
             }
         });
-        Ok(Stream { requests, failure, cancel, task, progress })
+        Ok(Stream { requests, failure, cancel, task, progress, names })
     }
 
     /// Why the stream stopped, if it did.
@@ -502,7 +518,9 @@ impl Task {
 
     async fn status(&mut self, reply: bool) -> Result<(), LogicalError> {
         let confirmed = self.progress.confirmed.load(Ordering::Relaxed);
-        Ok(self.repl.send_status(confirmed, reply).await?)
+        self.repl.send_status(confirmed, reply).await?;
+        self.progress.confirmed_at_ms.store(unix_ms(), Ordering::Relaxed);
+        Ok(())
     }
 }
 
