@@ -53,6 +53,15 @@ async fn a_replica_identity_that_would_not_give_the_key_is_refused() {
         assert!(said.contains(reason) && said.contains(fix) && said.contains("--capture trigger"), "{table}: {said}");
         nothing_made(&db.client).await;
     }
+    // `plan` says which capture modes each table allows, and why not.
+    let out = ghostwire(&db.url, &["plan", &format!("ALTER TABLE uniq {RETYPE}")], None).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Capture:    trigger (the default): available"), "{said}");
+    assert!(said.contains("Capture:    logical (--capture logical): not available: ") && said.contains("no primary key"), "{said}");
+    db.exec("CREATE TABLE fine (id bigint PRIMARY KEY, qty int)").await;
+    let out = ghostwire(&db.url, &["plan", "--json", &format!("ALTER TABLE fine {RETYPE}")], None).await;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["capture"][1], serde_json::json!({"mode": "logical", "available": true, "why_not": []}), "{doc}");
     // Never published: the application's updates and deletes still work.
     db.exec("UPDATE uniq SET qty = qty + 1; DELETE FROM uniq WHERE id = 1").await;
     // `auto` falls back to triggers and says why.

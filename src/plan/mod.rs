@@ -86,10 +86,21 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// What the connected role lacks; those that `block` make `migrate` refuse.
     pub privileges: Vec<privileges::MissingPrivilege>,
+    /// The capture modes this table, server and role allow (when a copy is needed).
+    pub capture: Vec<CaptureOption>,
     #[serde(skip)]
     pub parsed: ParsedStatement,
     #[serde(skip)]
     pub table_def: TableDef,
+}
+
+/// A way to capture the application's writes during the copy, and whether it can be used.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureOption {
+    pub mode: &'static str,
+    pub available: bool,
+    /// Why not, each with its fix.
+    pub why_not: Vec<String>,
 }
 
 /// The PostgreSQL majors ghostwire is tested on.
@@ -192,8 +203,8 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     let through_shadow = strategy != Strategy::Instant;
     let summary = if through_shadow {
         format!(
-            "copy {} into a shadow table with the change applied, capture concurrent writes with \
-             triggers, keep it in step, and swap the two in one short transaction",
+            "copy {} into a shadow table with the change applied, capture concurrent writes (triggers, or \
+             a replication slot with --capture logical), keep it in step, and swap the two in one short transaction",
             def.name
         )
     } else {
@@ -205,7 +216,17 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         .filter(|s| !s.revert.revertible || s.revert.note.contains("must"))
         .map(|s| format!("{}: {}", describe(&s.action), s.revert.note))
         .collect();
+    let capture = if strategy == Strategy::Copy || (through_shadow && def.key.is_some()) {
+        let logical = crate::replication::slot::refusals(client, &def).await?;
+        vec![
+            CaptureOption { mode: "trigger", available: true, why_not: Vec::new() },
+            CaptureOption { mode: "logical", available: logical.is_empty(), why_not: logical },
+        ]
+    } else {
+        Vec::new()
+    };
     Ok(Plan {
+        capture,
         statement: parsed.text.clone(),
         table: def.name.clone(),
         strategy,

@@ -119,6 +119,11 @@ pub fn render(plan: &Plan) -> String {
             format!("no — {}", plan.revert_notes.join("; "))
         }
     );
+    for c in &plan.capture {
+        let flag = if c.mode == "trigger" { " (the default)" } else { " (--capture logical)" };
+        let can = if c.available { "available".to_owned() } else { format!("not available: {}", c.why_not.join("; ")) };
+        let _ = writeln!(out, "Capture:    {}{flag}: {can}", c.mode);
+    }
     for w in &plan.warnings {
         let _ = writeln!(out, "Warning:    {w}");
     }
