@@ -9,7 +9,8 @@
 //!   3. `ghostwire migrate` of the same change on an idle table, and the time a
 //!      `--rehearse` of it projects for the real run (the whole table, and a 10% sample),
 //!   4. the same without verification (`--verify none`), and with one job (`--jobs 1`),
-//!   5. the same (verified) under a steady write load of 400 writes/s.
+//!   5. the same (verified) under a steady write load of 400 writes/s, with trigger capture
+//!      and with `--capture logical`.
 //!
 //! It prints rows/s and each time's ratio to the offline ALTER: medians of
 //! `GHOSTWIRE_BENCH_RUNS` interleaved runs (default 3).
@@ -193,6 +194,8 @@ async fn main() {
         Options { rehearse: true, finish: false, rehearse_baseline: Duration::from_secs(1), ..opts.clone() };
     let no_verify = Options { verify: false, ..opts.clone() };
     let single = Options { parallel: 1, ..opts.clone() };
+    let logical = Options { capture: migrate::capture::Choice::Logical, ..opts.clone() };
+    let mut busy_logical = vec![];
     let mut last_idle = None;
     let mut last_busy = None;
     let mut phases = (String::new(), String::new());
@@ -262,6 +265,15 @@ async fn main() {
             writers.max_us.load(Ordering::Relaxed) as f64 / 1e3,
         );
         last_busy = Some(o);
+
+        load(&client, rows).await;
+        let writers = start_load(&url, 4, 400, rows);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        busy_logical.push(migration(&config, &logical, "busy, logical capture").await.1);
+        writers.stop.store(true, Ordering::Relaxed);
+        for h in writers.handles {
+            let _ = h.await;
+        }
     }
     let base = median(offline.clone());
     println!("\n{:<44} {:>10} {:>19} {:>8}", "", "time", "rate", "ratio");
@@ -274,16 +286,18 @@ async fn main() {
     line("ghostwire migrate, idle, --verify none", median(unverified.clone()), rows, base);
     line("ghostwire migrate, idle, --jobs 1", median(one_job.clone()), rows, base);
     line("ghostwire migrate, 400 writes/s", median(busy.clone()), rows, base);
+    line("  the same, --capture logical", median(busy_logical.clone()), rows, base);
     let secs = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ");
     println!(
-        "\nall runs (s): offline {}; idle {}; rehearsal projected {}; from a 10% sample {}; idle unverified {}; idle one job {}; busy {}",
+        "\nall runs (s): offline {}; idle {}; rehearsal projected {}; from a 10% sample {}; idle unverified {}; idle one job {}; busy {}; busy logical {}",
         secs(&offline),
         secs(&idle),
         secs(&rehearsed),
         secs(&sampled),
         secs(&unverified),
         secs(&one_job),
-        secs(&busy)
+        secs(&busy),
+        secs(&busy_logical)
     );
     // Each run's idle migration against the same run's offline ALTER: the machine's drift
     // between runs cancels out.

@@ -57,7 +57,10 @@ async fn a_replica_identity_that_would_not_give_the_key_is_refused() {
     let out = ghostwire(&db.url, &["plan", &format!("ALTER TABLE uniq {RETYPE}")], None).await;
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("Capture:    trigger (the default): available"), "{said}");
-    assert!(said.contains("Capture:    logical (--capture logical): not available: ") && said.contains("no primary key"), "{said}");
+    assert!(
+        said.contains("Capture:    logical (--capture logical): not available: ") && said.contains("no primary key"),
+        "{said}"
+    );
     db.exec("CREATE TABLE fine (id bigint PRIMARY KEY, qty int)").await;
     let out = ghostwire(&db.url, &["plan", "--json", &format!("ALTER TABLE fine {RETYPE}")], None).await;
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -1,8 +1,8 @@
 //! The suite on every other PostgreSQL major installed: the whole suite runs on the default
 //! server binaries (Debian's PostgreSQL 15 here); this runs the migrate oracle tests, the
 //! cut-over tests, the catalog and carry-over tests, the version-specific tests, the
-//! proxy's authentication tests, its prepared-statement recovery, rehearsals and version
-//! schemas again on each major found under `$GHOSTWIRE_PG_MAJORS`
+//! proxy's authentication tests, its prepared-statement recovery, rehearsals, version
+//! schemas and logical capture again on each major found under `$GHOSTWIRE_PG_MAJORS`
 //! (default `/opt/ghostwire-pg`, where `.ci/pg-majors` installs 14, 16, 17 and 18), by
 //! running those test binaries with `GHOSTWIRE_PG_BINDIR` pointing at the major. Nothing
 //! installed: it says so and passes.
@@ -27,6 +27,9 @@ const SUBSETS: &[(&str, &[&str])] = &[
     ("reshape_values", &[]),
     ("rehearse", &[]),
     ("version_schema", &[]),
+    ("logical", &[]),
+    ("logical_resume", &[]),
+    ("logical_refusals", &[]),
 ];
 
 /// Majors run at once (each test binary runs its own tests two at a time).

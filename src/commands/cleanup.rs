@@ -28,9 +28,13 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
             crate::sql::display_ident(&schema)
         ),
         None => say!(
-            "Aborted migration #{} of {}: the shadow table, capture triggers and change log are removed; the table is as it was.",
+            "Aborted migration #{} of {}: the shadow table, {} and change log are removed; the table is as it was.",
             m.id,
-            m.table
+            m.table,
+            match crate::migrate::capture::Mode::of(&m) {
+                crate::migrate::capture::Mode::Logical => "replication slot, publication",
+                crate::migrate::capture::Mode::Trigger => "capture triggers",
+            }
         ),
     }
     Ok(())

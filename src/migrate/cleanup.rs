@@ -83,7 +83,8 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
         return Err(CleanupError::AlreadySwapped { id: m.id, table: m.table.to_string() });
     }
     state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
-    if exists(client, &m.table).await? {
+    // Logical capture put nothing on the table: no lock on it is needed.
+    if capture::Mode::of(m) == capture::Mode::Trigger && exists(client, &m.table).await? {
         // Dropping a trigger waits for a vacuum of the table, as the swap does.
         for w in super::blockers::clear_autovacuum(client, &[m.table.sql()]).await? {
             let message = format!("removing the capture triggers: {}", w.describe());

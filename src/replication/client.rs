@@ -270,6 +270,19 @@ impl ReplicationClient {
         }
     }
 
+    /// The next message while streaming if it is already whole in the buffer (no waiting).
+    pub fn buffered(&mut self) -> Result<Option<Streamed>, ReplicationError> {
+        while let Some((tag, body)) = self.whole_message()? {
+            match tag {
+                b'd' => return Ok(Some(Streamed::Data(body))),
+                b'c' | b'C' | b'Z' => return Ok(Some(Streamed::Done)),
+                b'E' => return Err(server_error(&body)),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
     /// Tells the server how far the changes are safely kept (`flush`: the slot may let go
     /// of the WAL before it).
     pub async fn send_status(&mut self, flush: u64, reply: bool) -> Result<(), ReplicationError> {
@@ -282,20 +295,29 @@ impl ReplicationClient {
         self.io.flush().await.map_err(ReplicationError::Io)
     }
 
+    /// The message at the front of the buffer, if it is whole: (tag, body).
+    fn whole_message(&mut self) -> Result<Option<(u8, BytesMut)>, ReplicationError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(ReplicationError::Protocol(format!("message length {len} out of range")));
+        }
+        if self.buf.len() > len {
+            let tag = self.buf[0];
+            self.buf.advance(5);
+            return Ok(Some((tag, self.buf.split_to(len - 4))));
+        }
+        self.buf.reserve(len + 1 - self.buf.len());
+        Ok(None)
+    }
+
     /// One whole message: (tag, body).
     async fn read_message(&mut self) -> Result<(u8, BytesMut), ReplicationError> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if !(4..=MAX_MESSAGE).contains(&len) {
-                    return Err(ReplicationError::Protocol(format!("message length {len} out of range")));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    self.buf.advance(5);
-                    return Ok((tag, self.buf.split_to(len - 4)));
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(m) = self.whole_message()? {
+                return Ok(m);
             }
             let n = self.io.read_buf(&mut self.buf).await.map_err(ReplicationError::Io)?;
             if n == 0 {

@@ -19,6 +19,22 @@
 //! key changed stops the run. A fence (a logical message written in its own committed
 //! transaction) asked for while the cut-over holds the lock is reached after every
 //! transaction that committed before the lock: the log then holds all of them.
+//!
+//! Why the wait after the slot closes the gap (the argument DESIGN.md §4 asks for): take a
+//! transaction T that wrote the table and is not streamed, so its commit record is before
+//! the consistent point C. The first copy chunk's snapshot S is taken after the slot was
+//! made, so after C. If S sees T, the copy has T's rows. If it does not, T was still in the
+//! process array when S was taken, hence when the slot was made, and it still held its
+//! locks then, its RowExclusiveLock on the table among them: the wait for the lockers of
+//! that moment outlasts T, and S, taken after the wait, sees it. So every transaction that
+//! wrote the table is streamed or copied (or both: applying a key twice is harmless).
+//! Waiting on the table's lockers, not on the oldest xmin, keeps an unrelated long
+//! transaction from holding the migration up.
+//!
+//! Why the fence is its own transaction: the swap's transaction is decoded only when it
+//! commits, too late; a message in a committed transaction on another session is decoded in
+//! commit order, after every transaction that committed before it, and every transaction
+//! that wrote the table committed before the swap's lock was granted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +178,7 @@ impl Stream {
             session: session.clone(),
             spec: spec.clone(),
             log,
+            insert: None,
             repl,
             decoder: Decoder::new(spec),
             fences: Vec::new(),
@@ -359,6 +376,8 @@ struct Task {
     session: Params,
     spec: Spec,
     log: Client,
+    /// The log insert, prepared on `log`.
+    insert: Option<tokio_postgres::Statement>,
     repl: ReplicationClient,
     decoder: Decoder,
     /// Fences asked for: (token, who waits).
@@ -400,6 +419,7 @@ impl Task {
                         Ok((log, repl, _)) => {
                             // What was received and not logged is streamed again.
                             self.log = log;
+                            self.insert = None;
                             self.repl = repl;
                             self.decoder = Decoder::new(&self.spec);
                             lost_since = None;
@@ -442,38 +462,17 @@ impl Task {
                     None => return Ok(()),
                 },
                 message = self.repl.recv() => {
-                    let body = match message? {
-                        Streamed::Data(body) => body,
-                        Streamed::Done => return Err(LogicalError::Replication(ReplicationError::Closed)),
-                    };
-                    match ghostwire_proto::server_copy(&body).map_err(ReplicationError::from)? {
-                        ServerCopy::XLogData { data, .. } => {
-                            let m = decode(data).map_err(ReplicationError::from)?;
-                            let had = self.decoder.pending.len();
-                            if let Some(token) = self.decoder.take(m)? {
-                                self.reached(&token).await?;
-                            }
-                            if self.decoder.pending.len() > had {
-                                crate::failpoint::hit("logical.received");
-                                first_pending.get_or_insert_with(Instant::now);
-                            }
-                            if self.decoder.pending.len() >= MAX_PENDING {
-                                self.flush().await?;
-                                first_pending = None;
-                            }
+                    let mut next = Some(message?);
+                    // What else is already buffered goes through without a wake-up each.
+                    while let Some(message) = next {
+                        let body = match message {
+                            Streamed::Data(body) => body,
+                            Streamed::Done => return Err(LogicalError::Replication(ReplicationError::Closed)),
+                        };
+                        if self.take(&body, &mut first_pending).await? {
+                            last_status = Instant::now();
                         }
-                        ServerCopy::Keepalive { wal_end, reply, .. } => {
-                            if !self.decoder.in_transaction {
-                                // Everything before the server's WAL end has been received.
-                                self.flush().await?;
-                                first_pending = None;
-                                self.progress.confirmed.fetch_max(wal_end, Ordering::Relaxed);
-                            }
-                            if reply || !self.decoder.in_transaction {
-                                self.status(reply).await?;
-                                last_status = Instant::now();
-                            }
-                        }
+                        next = self.repl.buffered()?;
                     }
                 }
                 _ = tick.tick() => {
@@ -487,6 +486,41 @@ impl Task {
                         last_status = Instant::now();
                     }
                 }
+            }
+        }
+    }
+
+    /// Takes one CopyData message; true when a status update was sent.
+    async fn take(&mut self, body: &[u8], first_pending: &mut Option<Instant>) -> Result<bool, LogicalError> {
+        match ghostwire_proto::server_copy(body).map_err(ReplicationError::from)? {
+            ServerCopy::XLogData { data, .. } => {
+                let m = decode(data).map_err(ReplicationError::from)?;
+                let had = self.decoder.pending.len();
+                if let Some(token) = self.decoder.take(m)? {
+                    self.reached(&token).await?;
+                }
+                if self.decoder.pending.len() > had {
+                    crate::failpoint::hit("logical.received");
+                    first_pending.get_or_insert_with(Instant::now);
+                }
+                if self.decoder.pending.len() >= MAX_PENDING {
+                    self.flush().await?;
+                    *first_pending = None;
+                }
+                Ok(false)
+            }
+            ServerCopy::Keepalive { wal_end, reply, .. } => {
+                if !self.decoder.in_transaction {
+                    // Everything before the server's WAL end has been received.
+                    self.flush().await?;
+                    *first_pending = None;
+                    self.progress.confirmed.fetch_max(wal_end, Ordering::Relaxed);
+                }
+                if reply || !self.decoder.in_transaction {
+                    self.status(reply).await?;
+                    return Ok(true);
+                }
+                Ok(false)
             }
         }
     }
@@ -507,7 +541,15 @@ impl Task {
     async fn flush(&mut self) -> Result<(), LogicalError> {
         if !self.decoder.pending.is_empty() {
             let entries = std::mem::take(&mut self.decoder.pending);
-            write_entries(&mut self.log, &self.spec, &entries).await?;
+            let insert = match &self.insert {
+                Some(statement) => statement.clone(),
+                None => {
+                    let statement = self.log.prepare(&insert_keys_sql(&self.spec)).await?;
+                    self.insert = Some(statement.clone());
+                    statement
+                }
+            };
+            write_entries(&mut self.log, &insert, &self.spec, &entries).await?;
             crate::failpoint::hit("logical.logged");
             self.progress.logged.fetch_add(entries.len() as u64, Ordering::Relaxed);
             metrics::counter!("ghostwire_logical_changes_total").increment(entries.len() as u64);
@@ -549,8 +591,14 @@ fn insert_keys_sql(spec: &Spec) -> String {
     )
 }
 
-async fn write_entries(log: &mut Client, spec: &Spec, entries: &[Entry]) -> Result<(), tokio_postgres::Error> {
-    let insert = log.prepare(&insert_keys_sql(spec)).await?;
+/// Writes `entries` in one transaction, in order; a key seen twice between markers is
+/// written once (applying it reads the row as it is then, whatever changed it).
+async fn write_entries(
+    log: &mut Client,
+    insert: &tokio_postgres::Statement,
+    spec: &Spec,
+    entries: &[Entry],
+) -> Result<(), tokio_postgres::Error> {
     let marker = format!("INSERT INTO {} (ghostwire_truncated) VALUES (true)", spec.log_table().sql());
     let tx = log.transaction().await?;
     let mut i = 0;
@@ -562,8 +610,11 @@ async fn write_entries(log: &mut Client, spec: &Spec, entries: &[Entry]) -> Resu
         }
         let run_end = entries[i..].iter().position(|e| *e == Entry::Truncate).map_or(entries.len(), |p| i + p);
         let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(run_end - i); spec.key.len()];
+        let mut seen = std::collections::HashSet::with_capacity(run_end - i);
         for e in &entries[i..run_end] {
-            if let Entry::Key(values) = e {
+            if let Entry::Key(values) = e
+                && seen.insert(values)
+            {
                 for (c, v) in columns.iter_mut().zip(values) {
                     c.push(v.clone());
                 }
@@ -571,7 +622,7 @@ async fn write_entries(log: &mut Client, spec: &Spec, entries: &[Entry]) -> Resu
         }
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        tx.execute(&insert, &params).await?;
+        tx.execute(insert, &params).await?;
         i = run_end;
     }
     tx.commit().await
