@@ -10,6 +10,7 @@
 mod attempts;
 pub mod blockers;
 pub mod capture;
+mod capturing;
 pub mod catchup;
 pub mod cleanup;
 pub mod copy;

@@ -149,31 +149,6 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    pub(super) fn capture_error(&self, reason: impl ToString) -> MigrateError {
-        MigrateError::Capture {
-            id: self.id,
-            table: self.table.to_string(),
-            phase: self.phase,
-            reason: reason.to_string(),
-        }
-    }
-
-    /// Stops the logical capture's stream, if it runs.
-    pub(super) async fn stop_stream(&mut self) {
-        if let Some(s) = self.stream.take() {
-            s.stop().await;
-        }
-    }
-
-    /// Waits until the change log holds every change committed before this call (logical
-    /// capture; at once with triggers, which log in the writers' own transactions).
-    pub(super) async fn fence(&self, timeout: Duration) -> Result<(), MigrateError> {
-        match &self.stream {
-            Some(s) => s.fence(timeout).await.map_err(|e| self.capture_error(e)),
-            None => Ok(()),
-        }
-    }
-
     pub(super) async fn event(
         &self,
         kind: &str,
@@ -294,27 +269,10 @@ impl<'a> Run<'a> {
                 let counted = meter.before_capture(&self.control, &self.table, self.opts.rehearse_baseline).await;
                 counted.during(self.id, Phase::Capture, "counting the application's writes")?;
             }
-            match self.capture {
-                capture::Mode::Trigger => {
-                    // CREATE TRIGGER waits for a vacuum of the table as the swap does.
-                    self.clear_autovacuum(&spec, "installing the capture triggers").await?;
-                    capture::install(&self.control, &spec, &self.retry).await.during(
-                        self.id,
-                        Phase::Capture,
-                        "installing the capture triggers",
-                    )?;
-                }
-                capture::Mode::Logical => {
-                    capture::logical::install(&self.control, &self.session(), &spec, &self.retry)
-                        .await
-                        .map_err(|e| self.capture_error(e))?;
-                }
-            }
+            self.install_capture(&spec).await?;
         }
         if self.capture == capture::Mode::Logical && self.stream.is_none() {
-            capture::logical::check_slot(&self.control, self.id).await.map_err(|e| self.capture_error(e))?;
-            let stream = capture::logical::Stream::start(&self.session(), &spec).await;
-            self.stream = Some(stream.map_err(|e| self.capture_error(e))?);
+            self.start_stream(&spec).await?;
         }
         let mut work = self.work_session().await?;
         catchup::prepare(&work, &spec).await.during(self.id, self.phase, "preparing catch-up")?;
@@ -374,20 +332,7 @@ impl<'a> Run<'a> {
             outcome.clients_held = held;
         }
         self.phase = Phase::Swapped;
-        if self.capture == capture::Mode::Logical {
-            // Nothing to stream once swapped: the slot would only pin WAL.
-            self.stop_stream().await;
-            if let Err(e) = capture::logical::remove(&self.control, self.id).await {
-                let message = format!(
-                    "could not drop the replication slot and publication of migration #{} ({}): `ghostwire finish {}` \
-                     drops them",
-                    self.id,
-                    connect::describe(&e),
-                    self.table
-                );
-                self.reporter.note(&message);
-            }
-        }
+        self.end_capture_after_swap().await;
         self.live.update(|p| p.phase = Phase::Swapped.as_str().to_owned());
         self.reporter.phase(Phase::Swapped, "swapped");
         if let Some(hook) = &self.hook {

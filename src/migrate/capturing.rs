@@ -1,0 +1,83 @@
+//! The run's side of change capture: installing it in the mode the migration uses, the
+//! logical stream's life (started for any phase before the swap, on resume too; stopped
+//! with the run; the slot and publication dropped once swapped), and fences.
+
+use std::time::Duration;
+
+use super::capture::{self, Mode};
+use super::error::{Context as _, MigrateError};
+use super::run::Run;
+use super::spec::Spec;
+use crate::state::Phase;
+
+impl Run<'_> {
+    /// Phase `capture`: the triggers, or the publication, the slot and the wait for the
+    /// writers in flight.
+    pub(super) async fn install_capture(&mut self, spec: &Spec) -> Result<(), MigrateError> {
+        match self.capture {
+            Mode::Trigger => {
+                // CREATE TRIGGER waits for a vacuum of the table as the swap does.
+                self.clear_autovacuum(spec, "installing the capture triggers").await?;
+                capture::install(&self.control, spec, &self.retry).await.during(
+                    self.id,
+                    Phase::Capture,
+                    "installing the capture triggers",
+                )
+            }
+            Mode::Logical => capture::logical::install(&self.control, &self.session(), spec, &self.retry)
+                .await
+                .map_err(|e| self.capture_error(e)),
+        }
+    }
+
+    /// Starts streaming from the slot (which must still be there and usable).
+    pub(super) async fn start_stream(&mut self, spec: &Spec) -> Result<(), MigrateError> {
+        capture::logical::check_slot(&self.control, self.id).await.map_err(|e| self.capture_error(e))?;
+        let stream = capture::logical::Stream::start(&self.session(), spec).await;
+        self.stream = Some(stream.map_err(|e| self.capture_error(e))?);
+        Ok(())
+    }
+
+    pub(super) fn capture_error(&self, reason: impl ToString) -> MigrateError {
+        MigrateError::Capture {
+            id: self.id,
+            table: self.table.to_string(),
+            phase: self.phase,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Stops the logical capture's stream, if it runs.
+    pub(super) async fn stop_stream(&mut self) {
+        if let Some(s) = self.stream.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Once swapped there is nothing to stream: the slot would only pin WAL.
+    pub(super) async fn end_capture_after_swap(&mut self) {
+        if self.capture != Mode::Logical {
+            return;
+        }
+        self.stop_stream().await;
+        if let Err(e) = capture::logical::remove(&self.control, self.id).await {
+            let message = format!(
+                "could not drop the replication slot and publication of migration #{} ({}): `ghostwire finish {}` \
+                 drops them",
+                self.id,
+                crate::connect::describe(&e),
+                self.table
+            );
+            self.reporter.note(&message);
+        }
+    }
+
+    /// Waits until the change log holds every change committed before this call (logical
+    /// capture; at once with triggers, which log in the writers' own transactions).
+    pub(super) async fn fence(&self, timeout: Duration) -> Result<(), MigrateError> {
+        match &self.stream {
+            Some(s) => s.fence(timeout).await.map_err(|e| self.capture_error(e)),
+            None => Ok(()),
+        }
+    }
+}
