@@ -112,3 +112,82 @@ async fn assert_same_rows_as_before(client: &tokio_postgres::Client) {
     assert_eq!(t, ["integer"]);
     common::assert_same_rows(client, "SELECT * FROM items", "SELECT * FROM oracle").await;
 }
+
+/// `ghostwire migrate --capture logical` with its copy held (a throttle query that is
+/// always true), as a child process.
+async fn held_run(url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ghostwire"))
+        .args(["migrate", "--yes", "--capture", "logical", "--throttle-query", "SELECT true", RETYPE])
+        .env("DATABASE_URL", url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ghostwire migrate")
+}
+
+#[tokio::test]
+async fn an_idle_table_pins_no_wal() {
+    let db = TestDb::new().await;
+    common::items::create(&db.client, ROWS).await;
+    let mut run = held_run(&db.url).await;
+    common::wait_for(
+        &db.client,
+        "SELECT EXISTS (SELECT FROM ghostwire.migrations WHERE phase = 'copy' AND throttled IS NOT NULL)",
+    )
+    .await;
+    // WAL written elsewhere, nothing on the table: the slot lets go of it anyway.
+    db.exec("CREATE TABLE elsewhere AS SELECT g, md5(g::text) AS m FROM generate_series(1, 100000) g").await;
+    let lsn = strings(&db.client, "SELECT pg_current_wal_lsn()::text").await.remove(0);
+    let started = std::time::Instant::now();
+    let confirmed = format!(
+        "SELECT coalesce(bool_and(confirmed_flush_lsn >= '{lsn}'), false) FROM pg_replication_slots
+          WHERE database = current_database()"
+    );
+    while !strings(&db.client, &format!("SELECT ({confirmed})::text")).await.contains(&"true".to_owned()) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "the slot still holds the WAL up to {lsn}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    run.kill().await.unwrap();
+    let out = ghostwire(&db.url, &["abort", "items"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(replication_debris(&db.client).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_slot_the_server_invalidated_is_not_resumed() {
+    let options = ghostwire::ephemeral::ClusterOptions::default().with_setting("max_slot_wal_keep_size", "'1MB'");
+    let cluster =
+        tokio::task::spawn_blocking(move || ghostwire::ephemeral::Cluster::start(options)).await.unwrap().unwrap();
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    common::items::create(&client, ROWS).await;
+    let mut run = held_run(&url).await;
+    common::wait_for(
+        &client,
+        "SELECT EXISTS (SELECT FROM ghostwire.migrations WHERE phase = 'copy' AND throttled IS NOT NULL)",
+    )
+    .await;
+    run.kill().await.unwrap();
+    run.wait().await.unwrap();
+    // Far more WAL than the slot may keep, then a checkpoint: the server gives up on it.
+    client
+        .batch_execute("CREATE TABLE big AS SELECT g, md5(g::text) AS m FROM generate_series(1, 600000) g")
+        .await
+        .unwrap();
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    common::wait_for(&client, "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE wal_status = 'lost')").await;
+    let out = ghostwire(&url, &["status", "items"], None).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("wal_status lost"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ghostwire(&url, &["resume", "items"], None).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("invalidated replication slot") && said.contains("ghostwire abort"), "{said}");
+    let out = ghostwire(&url, &["abort", "items"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
+}
