@@ -299,3 +299,23 @@ async fn a_slot_over_its_critical_lag_aborts_the_run_and_drops_the_slot() {
     .await;
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn a_rehearsal_with_logical_capture_leaves_no_slot() {
+    let db = TestDb::new().await;
+    items(&db).await;
+    let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 54);
+    load.wait_for_more(20).await;
+    let opts = Options { rehearse: true, rehearse_baseline: Duration::from_millis(300), ..logical() };
+    let hook = common::writes_each_phase(Arc::clone(&load.counters), 10);
+    let outcome = run_migration(&db.url, "ALTER TABLE items ALTER COLUMN qty TYPE bigint", &opts, Some(hook))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.stop().await;
+    assert!(outcome.rehearsal.is_some() && outcome.swap.is_none());
+    assert!(replication_debris(&db).await.is_empty(), "{:?}", replication_debris(&db).await);
+    assert!(debris(&db.client, outcome.id).await.is_empty());
+    assert_same_rows(&db.client, "SELECT * FROM items", "SELECT * FROM oracle").await;
+    let t = strings(&db.client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'qty'").await;
+    assert_eq!(t, ["integer"], "a rehearsal changes nothing");
+}

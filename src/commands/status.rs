@@ -34,6 +34,7 @@ fn slot_json(
         Some((names, s)) => json!({
             "name": names.slot, "publication": names.publication, "retained_wal_bytes": s.retained_bytes,
             "confirmed_flush_lsn": s.confirmed_flush, "wal_status": s.wal_status, "active_pid": s.active_pid,
+            "confirmed_seconds_ago": s.reply_age_seconds,
         }),
         None => serde_json::Value::Null,
     }
@@ -170,7 +171,10 @@ pub async fn run(
         }
         if let Some((names, s)) = slot(&client, m).await {
             let who = match s.active_pid {
-                Some(pid) => format!("streamed by pid {pid}"),
+                Some(pid) => format!(
+                    "streamed by pid {pid}{}",
+                    s.reply_age_seconds.map(|a| format!(", last confirmed {a:.1} s ago")).unwrap_or_default()
+                ),
                 None if m.phase.before_swap() => {
                     format!(
                         "not streamed: `ghostwire resume {}` continues, `ghostwire abort {}` drops it",

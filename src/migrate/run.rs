@@ -283,7 +283,8 @@ impl<'a> Run<'a> {
             outcome.rows_copied += copied;
             outcome.rows_this_run = copied;
             outcome.copy_time = t.elapsed();
-            let details = json!({"rows": copied, "jobs": self.opts.parallel.max(1)});
+            let slot = self.live.progress().slot_retained_bytes;
+            let details = json!({"rows": copied, "jobs": self.opts.parallel.max(1), "slot_retained_bytes": slot});
             self.event("copy_done", &format!("copied {copied} rows"), Some(outcome.copy_time), Some(details)).await;
         }
         if from <= Phase::Index {

@@ -134,15 +134,20 @@ pub struct SlotState {
     /// `reserved`, `extended`, `unreserved`, `lost` (NULL on a slot never used).
     pub wal_status: Option<String>,
     pub active_pid: Option<i32>,
+    /// Seconds since the streaming client last reported its position (while streamed).
+    pub reply_age_seconds: Option<f64>,
 }
 
 /// The slot, if it exists.
 pub async fn state(client: &Client, names: &Names) -> Result<Option<SlotState>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn), 0)::int8,
-                    confirmed_flush_lsn::text, wal_status, active_pid
-               FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            "SELECT coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn), 0)::int8,
+                    s.confirmed_flush_lsn::text, s.wal_status, s.active_pid,
+                    extract(epoch FROM clock_timestamp() - r.reply_time)::float8
+               FROM pg_catalog.pg_replication_slots s
+               LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1",
             &[&names.slot],
         )
         .await?;
@@ -151,6 +156,7 @@ pub async fn state(client: &Client, names: &Names) -> Result<Option<SlotState>, 
         confirmed_flush: r.get(1),
         wal_status: r.get(2),
         active_pid: r.get(3),
+        reply_age_seconds: r.get(4),
     }))
 }
 
