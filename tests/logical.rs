@@ -319,3 +319,24 @@ async fn a_rehearsal_with_logical_capture_leaves_no_slot() {
     let t = strings(&db.client, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'qty'").await;
     assert_eq!(t, ["integer"], "a rehearsal changes nothing");
 }
+
+/// The trigger capture's oracle suites (`migrate`, `migrate_cutover`, `migrate_objects`)
+/// again with `--capture logical`: their test binaries run with `GHOSTWIRE_TEST_CAPTURE`.
+#[test]
+fn the_trigger_oracle_suites_pass_in_logical_mode() {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    for suite in ["migrate", "migrate_cutover", "migrate_objects"] {
+        let exe =
+            common::test_binary(&deps, suite).unwrap_or_else(|| panic!("{suite}: not built (cargo test --workspace)"));
+        let out = std::process::Command::new(&exe)
+            .args(["--test-threads", "2"])
+            .env("GHOSTWIRE_TEST_CAPTURE", "logical")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let from = stdout.find("failures:").unwrap_or(0);
+        assert!(out.status.success(), "{suite} in logical mode:\n{}", &stdout[from..]);
+        assert!(stdout.contains("test result: ok."), "{suite}: {stdout}");
+    }
+}

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use ghostwire::ephemeral::Binaries;
 
+mod common;
+
 /// Test binaries and the tests of each to run (all when empty).
 const SUBSETS: &[(&str, &[&str])] = &[
     ("migrate", &[]),
@@ -40,21 +42,6 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// The newest `NAME-<hash>` executable beside this one.
-fn test_binary(dir: &Path, name: &str) -> Option<PathBuf> {
-    let prefix = format!("{name}-");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let file = e.file_name().to_string_lossy().into_owned();
-            file.strip_prefix(&prefix).is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, p)| p)
-}
-
 struct Outcome {
     major: String,
     lines: Vec<String>,
@@ -69,7 +56,7 @@ fn run_major(bindir: &Path, deps: &Path) -> Outcome {
         .unwrap_or_else(|e| format!("{} ({e})", bindir.display()));
     let mut out = Outcome { major, lines: Vec::new(), failures: Vec::new() };
     for (name, filters) in SUBSETS {
-        let Some(exe) = test_binary(deps, name) else {
+        let Some(exe) = common::test_binary(deps, name) else {
             out.failures.push(format!("{name}: test binary not built (run `cargo test --workspace`)"));
             continue;
         };

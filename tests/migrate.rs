@@ -60,6 +60,12 @@ async fn type_change_with_using_under_writes() {
     // The old table is kept until finish.
     let kept = strings(&db.client, &format!("SELECT count(*)::text FROM ghostwire_{}_old.items", outcome.id)).await;
     assert!(kept[0].parse::<i64>().unwrap() > 0);
+    // Captured as the suite runs it (tests/logical.rs runs it again in logical mode).
+    let expected = match common::capture_under_test() {
+        ghostwire::migrate::capture::Choice::Logical => "logical",
+        _ => "trigger",
+    };
+    assert_eq!(strings(&db.client, "SELECT capture FROM ghostwire.migrations").await, [expected]);
 }
 
 #[tokio::test]

@@ -273,7 +273,10 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     .await;
     // note is NOT NULL now: the writers leave it to its default.
     let shape = Shape { note: None, ..Shape::items() };
-    let (outcome, _) = migrate_under_load(&db, shape, ROWS, RETYPE, &test_options()).await;
+    // Triggers: its replica identity is not its key, which logical capture refuses (tested in
+    // tests/logical_refusals.rs).
+    let opts = ghostwire::migrate::Options { capture: ghostwire::migrate::capture::Choice::Trigger, ..test_options() };
+    let (outcome, _) = migrate_under_load(&db, shape, ROWS, RETYPE, &opts).await;
     assert!(outcome.swap.is_some());
     oracle_matches(&db).await;
     let q = |sql: &'static str| strings(&db.client, sql);

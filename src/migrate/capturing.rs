@@ -24,9 +24,14 @@ impl Run<'_> {
                     "installing the capture triggers",
                 )
             }
-            Mode::Logical => capture::logical::install(&self.control, &self.session(), spec, &self.retry)
-                .await
-                .map_err(|e| self.capture_error(e)),
+            Mode::Logical => {
+                // CREATE PUBLICATION takes the table's SHARE UPDATE EXCLUSIVE lock, which a
+                // vacuum of it holds.
+                self.clear_autovacuum(spec, "creating the publication").await?;
+                capture::logical::install(&self.control, &self.session(), spec, &self.retry)
+                    .await
+                    .map_err(|e| self.capture_error(e))
+            }
         }
     }
 

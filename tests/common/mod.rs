@@ -93,7 +93,17 @@ pub fn test_options() -> Options {
         verify_range_rows: 500,
         parallel: 2,
         yes: true,
+        capture: capture_under_test(),
         ..Options::default()
+    }
+}
+
+/// The capture the in-process migrations use: triggers, or logical with
+/// `GHOSTWIRE_TEST_CAPTURE=logical` (how `tests/logical.rs` runs the trigger suite again).
+pub fn capture_under_test() -> ghostwire::migrate::capture::Choice {
+    match std::env::var("GHOSTWIRE_TEST_CAPTURE").as_deref() {
+        Ok("logical") => ghostwire::migrate::capture::Choice::Logical,
+        _ => ghostwire::migrate::capture::Choice::Trigger,
     }
 }
 
@@ -189,4 +199,19 @@ pub async fn wait_for(client: &Client, sql: &str) {
         assert!(std::time::Instant::now() < deadline, "timed out waiting for: {sql}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The newest `NAME-<hash>` test executable in `dir` (beside the running one).
+pub fn test_binary(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    let prefix = format!("{name}-");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            file.strip_prefix(&prefix).is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, p)| p)
 }
