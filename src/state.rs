@@ -220,12 +220,14 @@ pub struct Migration {
     /// How it was started: jobs, verify, `rehearsal`, `sample`, `version_schema`, …
     #[serde(skip)]
     pub settings: Value,
+    /// How writes are captured: `trigger` or `logical`.
+    pub capture: String,
 }
 
 const MIGRATION_COLUMNS: &str = "id, table_schema, table_name, statement, strategy, phase, work_schema, archive_schema,
     rows_estimated, rows_copied, cutover_attempts, lock_wait_ms, lock_hold_ms, error,
     to_char(started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
-    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec, checkpoint, copy_end, throttled, settings";
+    to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), spec, checkpoint, copy_end, throttled, settings, capture";
 
 fn migration_from(row: &tokio_postgres::Row) -> Migration {
     Migration {
@@ -250,6 +252,7 @@ fn migration_from(row: &tokio_postgres::Row) -> Migration {
         copy_end: row.get(19),
         throttled: row.get(20),
         settings: row.get(21),
+        capture: row.get(22),
     }
 }
 

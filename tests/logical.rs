@@ -73,28 +73,6 @@ async fn a_type_change_under_writes_matches_the_oracle() {
     assert!(debris(&db.client, outcome.id).await.is_empty());
 }
 
-#[tokio::test]
-async fn a_composite_key_with_key_updates() {
-    let db = TestDb::new().await;
-    db.exec(&format!(
-        "CREATE TABLE events (tenant int, seq bigint, qty int, note text, payload text, PRIMARY KEY (tenant, seq));
-         CREATE TABLE events_oracle (LIKE events, PRIMARY KEY (tenant, seq));
-         INSERT INTO events SELECT g % 7, g, g, 'n' || g, CASE WHEN g % 40 = 0 THEN {LONG} END FROM generate_series(1, {ROWS}) g;
-         INSERT INTO events_oracle SELECT * FROM events;"
-    ))
-    .await;
-    let shape = Shape {
-        table: "events".into(),
-        oracle: "events_oracle".into(),
-        key: vec!["tenant".into(), "seq".into()],
-        ..Shape::items()
-    };
-    let (outcome, _) =
-        migrate_under_load(&db, shape, ROWS, "ALTER TABLE events ALTER COLUMN qty TYPE bigint", &logical()).await;
-    assert!(outcome.swap.is_some());
-    assert_same_rows(&db.client, "SELECT * FROM events", "SELECT * FROM events_oracle").await;
-}
-
 /// Runs `sql` (with both tables in it) as the test's own transaction.
 async fn exec(url: &str, sql: &str) {
     let c = common::connect(url).await;
@@ -215,21 +193,7 @@ async fn postgres_restarted_mid_stream_is_ridden_out() {
         ghostwire(&url2, &args, None).await
     });
     // Restart (as a crash: immediate shutdown) once the copy is under way and changes stream.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let copied: i64 = client
-            .query_opt("SELECT rows_copied FROM ghostwire.migrations WHERE phase = 'copy'", &[])
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if copied >= 1000 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the copy never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for(&client, common::COPY_UNDER_WAY).await;
     let c = Arc::clone(&cluster);
     tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
     let out = migration.await.unwrap();

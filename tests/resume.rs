@@ -171,21 +171,7 @@ async fn postgres_restarted_mid_copy_is_ridden_out() {
         ghostwire(&url2, &args, None).await
     });
     // Restart (as a crash: immediate shutdown) once the copy is under way.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let copied: i64 = client
-            .query_opt("SELECT rows_copied FROM ghostwire.migrations WHERE phase = 'copy'", &[])
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if copied >= 1000 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the copy never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for(&client, common::COPY_UNDER_WAY).await;
     let c = Arc::clone(&cluster);
     tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
     // The run rides the restart out: it reconnects and goes on from its checkpoint.

@@ -77,6 +77,25 @@ impl Run<'_> {
         }
     }
 
+    /// Of the keys a verification found different without a log entry, those still without
+    /// one once the stream is fenced (logical capture: the log lags the table by the
+    /// stream's delay; with triggers the verification's own snapshot is exact).
+    pub(super) async fn unexplained_after_fence(
+        &self,
+        spec: &Spec,
+        keys: &[String],
+    ) -> Result<Vec<String>, MigrateError> {
+        if keys.is_empty() || self.stream.is_none() {
+            return Ok(keys.to_vec());
+        }
+        self.fence(Duration::from_secs(60)).await?;
+        super::verify::still_unexplained(&self.control, spec, keys).await.during(
+            self.id,
+            Phase::Verify,
+            "checking the differences against the change log",
+        )
+    }
+
     /// Waits until the change log holds every change committed before this call (logical
     /// capture; at once with triggers, which log in the writers' own transactions).
     pub(super) async fn fence(&self, timeout: Duration) -> Result<(), MigrateError> {

@@ -340,7 +340,7 @@ pub async fn migrate(
         "chunk_time_ms": opts.settings.chunk_time_ms, "chunk_rows": opts.settings.chunk_rows,
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
         "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify, "rehearsal": opts.rehearse,
-        "sample": opts.sample.filter(|_| opts.rehearse), "capture": capture.as_str(),
+        "sample": opts.sample.filter(|_| opts.rehearse),
     });
     let def = &plan.table_def;
     let id = state::insert_migration(
@@ -383,7 +383,11 @@ async fn capture_mode(
     if opts.capture == Choice::Trigger || plan.strategy == Strategy::Instant || opts.version_schema.is_some() {
         return Ok(Mode::Trigger);
     }
-    let why = crate::replication::slot::refusals(control, &plan.table_def).await.map_err(state_err)?;
+    // `plan` asked the server already (it lists the modes for every change with a copy).
+    let why = match plan.capture.iter().find(|c| c.mode == "logical") {
+        Some(c) => c.why_not.clone(),
+        None => crate::replication::slot::refusals(control, &plan.table_def).await.map_err(state_err)?,
+    };
     if why.is_empty() {
         return Ok(Mode::Logical);
     }

@@ -544,15 +544,7 @@ impl<'a> Run<'a> {
             Some(details),
         )
         .await;
-        let mut unexplained = report.unexplained.clone();
-        if !unexplained.is_empty() && self.stream.is_some() {
-            self.fence(Duration::from_secs(60)).await?;
-            unexplained = verify::still_unexplained(&self.control, spec, &unexplained).await.during(
-                self.id,
-                Phase::Verify,
-                "checking the differences against the change log",
-            )?;
-        }
+        let unexplained = self.unexplained_after_fence(spec, &report.unexplained).await?;
         if !unexplained.is_empty() {
             let report = verify::Report { unexplained, ..report.clone() };
             let sample: Vec<String> = report.unexplained.iter().take(5).cloned().collect();

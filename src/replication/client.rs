@@ -6,7 +6,7 @@
 use std::time::SystemTime;
 
 use bytes::{Buf, BytesMut};
-use ghostwire_proto::{ServerCopy, error_fields, server_copy, standby_status_update, startup_message};
+use ghostwire_proto::{error_fields, standby_status_update, startup_message};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -325,11 +325,6 @@ impl ReplicationClient {
             }
         }
     }
-}
-
-/// Decodes a server message from the stream.
-pub fn decode_copy(body: &[u8]) -> Result<ServerCopy<'_>, ReplicationError> {
-    Ok(server_copy(body)?)
 }
 
 fn password_message(secret: &[u8]) -> Vec<u8> {

@@ -192,6 +192,10 @@ pub async fn debris(client: &Client, id: i64) -> Vec<String> {
     .await
 }
 
+/// True once a migration's copy has passed 1,000 rows (false before the state exists).
+pub const COPY_UNDER_WAY: &str =
+    "SELECT coalesce((SELECT rows_copied >= 1000 FROM ghostwire.migrations WHERE phase = 'copy'), false)";
+
 /// Polls `sql` (one boolean) until it returns true; fails the test after a minute.
 pub async fn wait_for(client: &Client, sql: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -43,10 +43,10 @@ impl Mode {
         }
     }
 
-    /// The mode a migration was started with (its settings; trigger for older runs).
+    /// The mode a migration was started with.
     pub fn of(m: &crate::state::Migration) -> Mode {
-        match m.settings["capture"].as_str() {
-            Some("logical") => Mode::Logical,
+        match m.capture.as_str() {
+            "logical" => Mode::Logical,
             _ => Mode::Trigger,
         }
     }

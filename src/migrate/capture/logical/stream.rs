@@ -23,8 +23,6 @@ use crate::replication::{ReplicationClient, ReplicationError, Streamed, slot};
 pub struct Progress {
     /// The last LSN confirmed to the server.
     pub confirmed: AtomicU64,
-    /// Keys (and markers) written to the log.
-    pub logged: AtomicU64,
     /// When the stream last told the server how far it got (ms since the Unix epoch).
     pub confirmed_at_ms: AtomicU64,
 }
@@ -328,7 +326,6 @@ impl Task {
             };
             write_entries(&mut self.log, &insert, &self.spec, &entries).await?;
             crate::failpoint::hit("logical.logged");
-            self.progress.logged.fetch_add(entries.len() as u64, Ordering::Relaxed);
             metrics::counter!("ghostwire_logical_changes_total").increment(entries.len() as u64);
         }
         self.progress.confirmed.fetch_max(self.decoder.last_commit_end, Ordering::Relaxed);
