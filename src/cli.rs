@@ -141,6 +141,28 @@ pub enum Command {
         #[arg(value_name = "NAME=VALUE")]
         changes: Vec<String>,
     },
+    /// After the swap: go back to the old table, kept in step since, without losing a write
+    /// (the new table is then kept until `finish`).
+    Revert {
+        #[command(flatten)]
+        db: Database,
+        table: String,
+        /// lock_timeout for the swap back's lock on the live table.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        lock_timeout: Duration,
+        /// Attempts at the swap back before giving up (the window stays open).
+        #[arg(long, default_value_t = 5)]
+        cutover_attempts: u32,
+        /// The control API of each proxy to drain around the swap back (repeatable).
+        #[arg(long = "proxy", value_name = "URL")]
+        proxies: Vec<String>,
+        /// Bearer token of the proxies' control APIs.
+        #[arg(long, env = "GHOSTWIRE_PROXY_TOKEN", hide_env_values = true)]
+        proxy_token: Option<String>,
+        /// How long proxies may hold new queries for the swap back.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        drain_timeout: Duration,
+    },
     /// After the swap: drop the old table and every trace of the migration.
     Finish {
         #[command(flatten)]

@@ -80,14 +80,19 @@ pub enum Phase {
     Verify,
     Catchup,
     Cutover,
-    /// Swapped; the old table is kept until `finish`.
+    /// Swapped; the old table is kept until `finish`, in step through reverse capture (the
+    /// revert window).
     Swapped,
+    /// `revert` is catching the old table up, or swapping it back.
+    Reverting,
+    /// The old table is live again; the new one is kept until `finish`.
+    Reverted,
     Finished,
     Aborted,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 13] = [
         Phase::Planned,
         Phase::Shadow,
         Phase::Capture,
@@ -97,6 +102,8 @@ impl Phase {
         Phase::Catchup,
         Phase::Cutover,
         Phase::Swapped,
+        Phase::Reverting,
+        Phase::Reverted,
         Phase::Finished,
         Phase::Aborted,
     ];
@@ -112,6 +119,8 @@ impl Phase {
             Phase::Verify => "verify",
             Phase::Cutover => "cutover",
             Phase::Swapped => "swapped",
+            Phase::Reverting => "reverting",
+            Phase::Reverted => "reverted",
             Phase::Finished => "finished",
             Phase::Aborted => "aborted",
         }

@@ -207,6 +207,61 @@ async fn postgres_restarted_mid_stream_is_ridden_out() {
     assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
 }
 
+/// The change log is UNLOGGED with logical capture: a crash of the server empties it,
+/// keys the slot was confirmed past among them. The run must notice and copy again.
+#[tokio::test]
+async fn a_crash_that_empties_the_change_log_makes_the_run_copy_again() {
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().unwrap());
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    common::items::create(&client, common::items::ROWS).await;
+    client.batch_execute("CREATE TABLE gate (hold boolean NOT NULL); INSERT INTO gate VALUES (false)").await.unwrap();
+    let load = Workload::start_tolerant(&url, Shape::items(), 2, common::items::ROWS, 54);
+    load.wait_for_more(20).await;
+    let url2 = url.clone();
+    let migration = tokio::spawn(async move {
+        let args = [
+            "migrate",
+            "--capture",
+            "logical",
+            "--chunk-rows",
+            "100",
+            "--chunk-time",
+            "5ms",
+            "--throttle-query",
+            "SELECT hold FROM gate",
+            common::items::RETYPE,
+        ];
+        ghostwire(&url2, &args, None).await
+    });
+    // Part of the table copied, then the copy held: changes of copied rows wait in the log,
+    // and the slot is confirmed past them.
+    common::wait_for(&client, common::COPY_UNDER_WAY).await;
+    client.batch_execute("UPDATE gate SET hold = true").await.unwrap();
+    common::wait_for(&client, "SELECT count(*) >= 50 FROM ghostwire.changes_1").await;
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    common::wait_for(&client, &format!("SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots"))
+        .await;
+    // The slot's confirmed position reaches the disk at a checkpoint (a crash before one
+    // would stream those changes again).
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    let c = Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
+    let client = common::connect(&url).await;
+    client.batch_execute("UPDATE gate SET hold = false").await.unwrap();
+    let out = migration.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the run should go on after the crash: {stderr}");
+    load.wait_for_more(20).await;
+    load.stop().await;
+    common::items::assert_matches_oracle(&client).await;
+    let lost = strings(&client, "SELECT message FROM ghostwire.events WHERE kind = 'change_log_lost'").await;
+    assert_eq!(lost.len(), 1, "the lost log was not noticed: {stderr}");
+    common::items::assert_swapped_then_finish(&url, &client).await;
+    assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
+}
+
 #[tokio::test]
 async fn ddl_on_the_table_under_the_run_stops_it_before_the_swap() {
     for capture in [Choice::Logical, Choice::Trigger] {

@@ -1,4 +1,4 @@
-//! `ghostwire abort TABLE` and `ghostwire finish TABLE`.
+//! `ghostwire abort TABLE`, `ghostwire revert TABLE` and `ghostwire finish TABLE`.
 
 use super::{CommandError, target};
 use crate::migrate::cleanup::{self, CleanupError};
@@ -72,6 +72,55 @@ pub async fn finish(url: Option<&str>, table: &str, proxies: &Proxies<'_>) -> Re
             crate::sql::display_ident(&schema)
         ),
         None => say!("Finished migration #{} of {}: the old table is dropped.", m.id, m.table),
+    }
+    Ok(())
+}
+
+pub async fn revert(
+    url: Option<&str>,
+    table: &str,
+    opts: &crate::migrate::revert::Options,
+    proxies: &Proxies<'_>,
+) -> Result<(), CommandError> {
+    use crate::migrate::revert::{self, RevertError};
+    let config = connect::params(url, "ghostwire revert")?;
+    let client = connect::connect(&config).await?;
+    let m = target::active(&client, table).await?;
+    if !state::try_lock_table(&client, &m.table).await.map_err(CommandError::failed)? {
+        let pid = state::lock_holder(&client, &m.table).await.ok().flatten().unwrap_or(0);
+        return Err(CommandError::refused(format!(
+            "a ghostwire process (backend pid {pid}) is still working on {}; wait for it to end",
+            m.table
+        )));
+    }
+    if let Some(schema) = crate::migrate::version_schema::of(&m) {
+        // The table never changed: reverting is dropping the version schema.
+        cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;
+        say!(
+            "Reverted migration #{} of {}: version schema {} is dropped; the table never changed.",
+            m.id,
+            m.table,
+            crate::sql::display_ident(&schema)
+        );
+        return Ok(());
+    }
+    let work = connect::connect(&config).await?;
+    let outcome = revert::revert(&client, &work, &m, opts, proxies).await.map_err(|e| match e {
+        RevertError::Refused(_) => CommandError::refused(e),
+        _ => CommandError::failed(e),
+    })?;
+    say!(
+        "Reverted migration #{} of {}: the old table is live again ({} reverse change(s) applied; swap attempt {}, lock waited {:.1} ms, held {:.1} ms). The new table is kept until `ghostwire finish {}`.",
+        outcome.id,
+        m.table,
+        outcome.applied,
+        outcome.attempts,
+        outcome.lock_wait.as_secs_f64() * 1000.0,
+        outcome.lock_hold.as_secs_f64() * 1000.0,
+        m.table
+    );
+    for u in &outcome.unvalidated {
+        say!("warning: not validated: {u}");
     }
     Ok(())
 }

@@ -20,7 +20,14 @@ impl Run<'_> {
         work: &Client,
         spec: &Spec,
     ) -> Result<(Swapped, u32, Option<Duration>), MigrateError> {
-        let script = swap::script(spec);
+        let mut script = swap::script(spec);
+        if !self.opts.finish && !self.rehearse {
+            // The revert window opens in the swap's transaction.
+            match super::revert::mapping::Mapping::of(spec) {
+                Ok(m) => script.after_move.extend(super::revert::capture::install_sql(spec, &m)),
+                Err(why) => self.reporter.note(&format!("no revert window: {why}")),
+            }
+        }
         let mut own = Vec::new();
         for c in [&self.control, work] {
             own.push(

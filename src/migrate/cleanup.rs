@@ -20,8 +20,8 @@ pub enum CleanupError {
     #[error("{}", crate::connect::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error(
-        "migration #{id} of {table} is already swapped: the new table is live. `ghostwire finish {table}` drops the old \
-         table; reverting is not available yet"
+        "migration #{id} of {table} is already swapped: the new table is live. `ghostwire revert {table}` goes back to \
+         the old table without losing a write, `ghostwire finish {table}` drops it"
     )]
     AlreadySwapped { id: i64, table: String },
     #[error("migration #{id} of {table} is not swapped yet (phase {phase}); nothing to finish")]
@@ -105,6 +105,9 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     if m.phase == Phase::Finished {
         return Ok(());
     }
+    if m.phase == Phase::Reverted {
+        return finish_reverted(client, m).await;
+    }
     if m.phase != Phase::Swapped {
         return Err(CleanupError::NotSwapped { id: m.id, table: m.table.to_string(), phase: m.phase });
     }
@@ -114,6 +117,12 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
         state::set_phase(client, m.id, Phase::Finished, &message).await?;
         return Ok(());
     }
+    // The revert window closes: reverse capture off the live table first (a short lock).
+    if super::revert::capture::installed(client, m.id, &m.table).await? {
+        let sql = super::revert::capture::drop_triggers_sql(m.id, &m.table);
+        ddl(client, &RetryPolicy::default(), "removing the reverse capture triggers", &sql).await?;
+    }
+    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     let archive = spec::archive_schema(m.id);
     let old = QualifiedName::new(&archive, &m.table.name);
     if exists(client, &old).await? {
@@ -128,5 +137,24 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: old table dropped").await?;
+    Ok(())
+}
+
+/// After a revert: the new table kept in `ghostwire_<id>_new` is dropped.
+async fn finish_reverted(client: &Client, m: &Migration) -> Result<(), CleanupError> {
+    let kept_schema = super::revert::swap_back::kept_schema(m.id);
+    let kept = QualifiedName::new(&kept_schema, &m.table.name);
+    if exists(client, &kept).await? {
+        if let Err(e) = client.batch_execute(&format!("DROP TABLE {}", kept.sql())).await {
+            let reason = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
+            return Err(CleanupError::OldTableInUse { old: kept.to_string(), reason });
+        }
+    }
+    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {}", ident(&kept_schema))).await?;
+    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
+    capture::logical::remove(client, m.id).await?;
+    client.batch_execute(&capture::drop_log_sql(m.id)).await?;
+    client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
+    state::set_phase(client, m.id, Phase::Finished, "finished: the new table kept after the revert is dropped").await?;
     Ok(())
 }

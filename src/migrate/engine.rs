@@ -446,14 +446,21 @@ pub async fn resume(config: &Config, table: &str, opts: &Options, ctx: &Context<
 pub(super) async fn continue_migration(
     config: &Config,
     mut control: Client,
-    m: Migration,
+    mut m: Migration,
     opts: &Options,
     ctx: &Context<'_>,
 ) -> Result<Outcome, MigrateError> {
     if m.phase.is_done() {
         return Err(MigrateError::Refused(format!("migration #{} of {} is already {}", m.id, m.table, m.phase)));
     }
+    if matches!(m.phase, Phase::Reverting | Phase::Reverted) {
+        return Err(MigrateError::Refused(format!(
+            "migration #{} of {} is {}: `ghostwire revert {}` goes on with a revert, `ghostwire finish {}` ends it",
+            m.id, m.table, m.phase, m.table, m.table
+        )));
+    }
     name_session(&control, m.id).await?;
+    super::capturing::copy_over_if_log_lost(&control, &mut m, ctx.reporter).await?;
     let spec: Option<Spec> = m.spec.clone().and_then(|v| serde_json::from_value(v).ok());
     let strategy = match m.strategy.as_str() {
         "instant" => Strategy::Instant,

@@ -25,6 +25,7 @@ pub mod proxies;
 mod reconnect;
 pub mod rehearsal;
 pub mod retry;
+pub mod revert;
 mod run;
 pub mod shadow;
 pub mod spec;

@@ -143,6 +143,9 @@ impl<'a> Run<'a> {
         if self.cancel.is_cancelled() {
             return Err(MigrateError::Interrupted { id: self.id, table: self.table.to_string(), phase: self.phase });
         }
+        if self.stream.as_ref().is_some_and(|s| s.log_lost()) {
+            return Err(self.logical_error(capture::logical::LogicalError::LogLost));
+        }
         if let Some(reason) = self.stream.as_ref().and_then(|s| s.failure()) {
             return Err(self.capture_error(reason));
         }

@@ -28,7 +28,7 @@ pub struct Script {
     pub validations: Vec<(String, String)>,
 }
 
-fn enable_state(table_sql: &str, trigger: &Trigger) -> Option<String> {
+pub(super) fn enable_state(table_sql: &str, trigger: &Trigger) -> Option<String> {
     let how = match trigger.enabled.as_str() {
         "D" => "DISABLE TRIGGER",
         "R" => "ENABLE REPLICA TRIGGER",
@@ -59,7 +59,7 @@ pub fn views_to_recreate(spec: &Spec) -> Vec<QualifiedName> {
 
 /// Views whose columns the change drops with CASCADE: dropped, not recreated, like
 /// PostgreSQL would.
-fn views_dropped_by_cascade(spec: &Spec) -> Vec<QualifiedName> {
+pub(super) fn views_dropped_by_cascade(spec: &Spec) -> Vec<QualifiedName> {
     let mut out: Vec<QualifiedName> = Vec::new();
     for v in &spec.table.views {
         let direct = v.reads_columns.iter().any(|c| spec.dropped_columns.contains(c));
@@ -71,11 +71,11 @@ fn views_dropped_by_cascade(spec: &Spec) -> Vec<QualifiedName> {
     out
 }
 
-fn view_options(v: &DependentView) -> String {
+pub(super) fn view_options(v: &DependentView) -> String {
     if v.options.is_empty() { String::new() } else { format!(" WITH ({})", v.options.join(", ")) }
 }
 
-fn create_view(v: &DependentView) -> Vec<String> {
+pub(super) fn create_view(v: &DependentView) -> Vec<String> {
     let name = v.name.sql();
     let mut out = vec![
         format!("CREATE VIEW {name}{} AS {}", view_options(v), v.definition.trim_end_matches(';')),
@@ -127,6 +127,11 @@ pub fn script(spec: &Spec) -> Script {
     s.moves.push(format!("DROP SCHEMA {}", ident(&spec.work_schema)));
 
     let a = &mut s.after_move;
+    // The kept old table must not stop a write to the tables it references (a parent row
+    // deleted once the new table's rows are gone); a revert adds them back.
+    for c in t.constraints.iter().filter(|c| c.kind == crate::catalog::ConstraintKind::ForeignKey) {
+        a.push(format!("ALTER TABLE {} DROP CONSTRAINT {}", spec.archived().sql(), ident(&c.name)));
+    }
     for q in &kept_serials {
         a.push(format!("ALTER SEQUENCE {} OWNED BY {table_sql}.{}", q.name.sql(), ident(&q.column)));
     }

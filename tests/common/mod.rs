@@ -184,8 +184,9 @@ pub async fn debris(client: &Client, id: i64) -> Vec<String> {
         client,
         &format!(
             "SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname LIKE 'ghostwire\\_{id}%'
-             UNION ALL SELECT 'table ' || relname FROM pg_class WHERE relname IN ('changes_{id}', 'copy_round_{id}')
-             UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proname LIKE 'capture\\_{id}\\_%'
+             UNION ALL SELECT 'table ' || relname FROM pg_class
+              WHERE relname IN ('changes_{id}', 'changes_{id}_intact', 'revert_changes_{id}', 'copy_round_{id}')
+             UNION ALL SELECT 'function ' || proname FROM pg_proc WHERE proname LIKE 'capture\\_{id}\\_%' OR proname LIKE 'revert\\_{id}\\_%'
              UNION ALL SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgname LIKE 'ghostwire\\_{id}\\_%'"
         ),
     )

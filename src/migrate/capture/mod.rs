@@ -53,8 +53,13 @@ impl Mode {
 }
 
 /// `CREATE TABLE IF NOT EXISTS` for the change log: an ordering id, the TRUNCATE marker and
-/// the key columns as the original has them (no lock on the live table).
-pub fn log_table_sql(spec: &super::spec::Spec) -> String {
+/// the key columns as the original has them (no lock on the live table). With triggers the
+/// log is the only record of a write, so it is an ordinary table. With logical capture it is
+/// UNLOGGED: its rows would otherwise go to the WAL, which the slot's walsender decodes
+/// (only to discard them, as not published), and that work is most of what logical capture
+/// costs a busy server; a crash of the server empties it, which the run detects and answers
+/// by copying again (`logical::log_intact`).
+pub fn log_table_sql(spec: &super::spec::Spec, mode: Mode) -> String {
     let columns: Vec<String> = spec
         .key
         .iter()
@@ -64,8 +69,9 @@ pub fn log_table_sql(spec: &super::spec::Spec) -> String {
         })
         .collect();
     format!(
-        "CREATE TABLE IF NOT EXISTS {} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+        "CREATE {}TABLE IF NOT EXISTS {} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
          ghostwire_truncated boolean NOT NULL DEFAULT false, {})",
+        if mode == Mode::Logical { "UNLOGGED " } else { "" },
         spec.log_table().sql(),
         columns.join(", ")
     )

@@ -14,7 +14,7 @@ use super::super::spec::{CAPTURE_EVENTS, Spec, trigger_function, trigger_name};
 use crate::sql::{QualifiedName, ident};
 
 /// `body` between dollar quotes whose tag does not occur in it.
-fn dollar_quoted(body: &str) -> String {
+pub(crate) fn dollar_quoted(body: &str) -> String {
     let mut tag = String::from("ghostwire");
     while body.contains(&format!("${tag}$")) {
         tag.push('_');
@@ -26,7 +26,7 @@ fn dollar_quoted(body: &str) -> String {
 pub fn log_sql(spec: &Spec) -> String {
     let log = spec.log_table().sql();
     let keys = spec.key_list();
-    let mut sql = super::log_table_sql(spec);
+    let mut sql = super::log_table_sql(spec, super::Mode::Trigger);
     sql.push_str(";\n");
     for event in CAPTURE_EVENTS {
         let body = match event {
@@ -84,7 +84,11 @@ pub fn drop_triggers_sql(id: i64, table: &QualifiedName) -> String {
 
 /// Removes the change log and the trigger functions (after the triggers are gone).
 pub fn drop_log_sql(id: i64) -> String {
-    let mut sql = format!("DROP TABLE IF EXISTS {};", super::super::spec::log_table(id).sql());
+    let mut sql = format!(
+        "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
+        super::super::spec::log_table(id).sql(),
+        super::logical::intact_table(id).sql()
+    );
     for e in CAPTURE_EVENTS {
         sql.push_str(&format!(" DROP FUNCTION IF EXISTS {}();", trigger_function(id, e).sql()));
     }

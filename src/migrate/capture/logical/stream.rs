@@ -47,6 +47,8 @@ struct FenceRequest {
 pub struct Stream {
     requests: mpsc::Sender<FenceRequest>,
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The task stopped because the change log was emptied by a crash of the server.
+    log_lost: Arc<std::sync::atomic::AtomicBool>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub progress: Arc<Progress>,
@@ -74,16 +76,18 @@ impl Stream {
             fence_seq: 0,
             progress: Arc::clone(&progress),
         };
-        let (f, c) = (Arc::clone(&failure), cancel.clone());
+        let log_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, lost, c) = (Arc::clone(&failure), Arc::clone(&log_lost), cancel.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = task.run(rx, c).await {
                 tracing::error!("logical capture stopped: {e}");
+                lost.store(matches!(e, LogicalError::LogLost), Ordering::Relaxed);
                 if let Ok(mut slot) = f.lock() {
                     *slot = Some(e.to_string());
                 }
             }
         });
-        Ok(Stream { requests, failure, cancel, task, progress, names })
+        Ok(Stream { requests, failure, log_lost, cancel, task, progress, names })
     }
 
     /// Why the stream stopped, if it did.
@@ -94,6 +98,11 @@ impl Stream {
         self.task.is_finished().then(|| "the stream task ended".to_owned())
     }
 
+    /// Whether the stream stopped because a crash of the server emptied the change log.
+    pub fn log_lost(&self) -> bool {
+        self.log_lost.load(Ordering::Relaxed)
+    }
+
     /// Returns once every transaction committed before this call is in the change log.
     pub async fn fence(&self, timeout: Duration) -> Result<(), LogicalError> {
         let (reply, done) = oneshot::channel();
@@ -101,6 +110,7 @@ impl Stream {
         self.requests.send(FenceRequest { reply }).await.map_err(|_| failed())?;
         match tokio::time::timeout(timeout, done).await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) if self.log_lost() => Err(LogicalError::LogLost),
             Ok(Err(_)) => Err(failed()),
             Err(_) => Err(LogicalError::FenceTimeout(timeout)),
         }
@@ -123,8 +133,13 @@ impl Drop for Stream {
 
 async fn open(session: &Params, spec: &Spec) -> Result<(Client, ReplicationClient, slot::Names), LogicalError> {
     let log = connect::connect(session).await?;
-    // Rows are confirmed to the server once committed: the commit must be durable.
+    // Rows are confirmed to the server once committed: the commit must be durable, and
+    // nothing confirmed may have been lost to a crash since (checked on every connection:
+    // a crash ends them all).
     log.batch_execute("SET synchronous_commit = on").await?;
+    if !super::log_intact(&log, spec.migration_id).await? {
+        return Err(LogicalError::LogLost);
+    }
     let names = slot::Names::of(&log, spec.migration_id).await?;
     let options = [("proto_version", "1"), ("publication_names", names.publication.as_str()), ("messages", "true")];
     let started = Instant::now();

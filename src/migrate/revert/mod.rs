@@ -1,0 +1,351 @@
+//! The revert window (DESIGN.md §2.9): after the swap the old table is kept in step through
+//! reverse capture, and `ghostwire revert TABLE` goes back to it without losing a write.
+//!
+//! revert: catch the old table up from the reverse log while the application writes (in
+//! batches, each its own transaction), then swap back in one short transaction exactly as
+//! the forward cut-over does: `lock_timeout` with jittered retries, the last reverse changes
+//! under the lock, the snapshot-hazard check, proxies drained with `--proxy`, every
+//! dependent object carried back (`swap_back`). A row that cannot be mapped back stops the
+//! revert before its swap with the rows named; nothing live changes and the window stays
+//! open. The phase is `reverting` meanwhile (a crash leaves it there; `revert` again goes
+//! on, each step being idempotent), then `reverted`: the new table is kept in
+//! `ghostwire_<id>_new` until `finish`.
+
+pub mod apply;
+pub mod capture;
+pub mod mapping;
+pub mod swap_back;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use crate::migrate::cutover;
+use crate::migrate::proxies::Proxies;
+use crate::migrate::retry::RetryPolicy;
+use crate::migrate::spec::Spec;
+use crate::state::{self, Migration, Phase};
+
+#[derive(Debug, Error)]
+pub enum RevertError {
+    #[error("{}", crate::connect::describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "revert of migration #{id} of {table} stopped before its swap: {count} row(s) written since the swap cannot go back to the old table: {rows}. Nothing live changed and the revert window stays open: correct those rows (or remove them) and run `ghostwire revert {table}` again, or `ghostwire finish {table}` to keep the new table"
+    )]
+    Unmappable { id: i64, table: String, count: usize, rows: String },
+    #[error(
+        "revert of migration #{id} of {table} could not swap back after {attempts} attempt(s) ({reason}); nothing live changed and the window stays open: run `ghostwire revert {table}` again, with a longer --lock-timeout or more --cutover-attempts"
+    )]
+    GaveUp { id: i64, table: String, attempts: u32, reason: String },
+}
+
+/// How a revert runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub lock_timeout: Duration,
+    pub attempts: u32,
+    pub batch: i64,
+}
+
+/// What a revert did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: i64,
+    pub applied: i64,
+    pub attempts: u32,
+    pub lock_wait: Duration,
+    pub lock_hold: Duration,
+    pub unvalidated: Vec<String>,
+}
+
+fn refused(m: &Migration, why: &str) -> RevertError {
+    RevertError::Refused(format!("migration #{} of {} cannot be reverted: {why}", m.id, m.table))
+}
+
+/// Reverts migration `m` (the caller holds the table's advisory lock on `control`, and a
+/// second session `work` for the batches and the swap).
+pub async fn revert(
+    control: &Client,
+    work: &Client,
+    m: &Migration,
+    opts: &Options,
+    proxies: &Proxies<'_>,
+) -> Result<Outcome, RevertError> {
+    match m.phase {
+        Phase::Swapped | Phase::Reverting => {}
+        Phase::Reverted => return Err(refused(m, "it is already reverted; `ghostwire finish` drops the new table")),
+        p if p.before_swap() => {
+            return Err(refused(
+                m,
+                "it has not swapped yet; `ghostwire abort` removes it and leaves the table as it was",
+            ));
+        }
+        p => return Err(refused(m, &format!("it is {p}, so the old table is gone"))),
+    }
+    let spec: Spec =
+        m.spec.clone().and_then(|v| serde_json::from_value(v).ok()).ok_or_else(|| refused(m, "its spec is missing"))?;
+    if !capture::installed(control, m.id, &spec.original).await? {
+        return Err(refused(
+            m,
+            "it has no revert window (it ran with --finish, its window was closed, or it predates revert windows); `ghostwire finish` drops the old table",
+        ));
+    }
+    let mapping = mapping::Mapping::of(&spec).map_err(|why| refused(m, &why))?;
+    let tables = apply::Tables::of(&spec);
+    if m.phase == Phase::Swapped {
+        state::event(control, m.id, m.phase, "revert", "revert requested", None, None).await?;
+        state::set_phase(control, m.id, Phase::Reverting, "reverting: catching the old table up").await?;
+    }
+    apply::prepare(work, m.id).await?;
+    let caught_up = Instant::now();
+    let mut applied = 0;
+    // Catch up while the application writes, until one batch is enough for what is left.
+    loop {
+        let n = match apply::batch(work, &mapping, &tables, m.id, opts.batch).await? {
+            Ok(n) => n,
+            Err(rows) => return Err(unmappable(control, m, rows).await),
+        };
+        applied += n;
+        metrics::counter!("ghostwire_revert_changes_applied_total").increment(n as u64);
+        if n < opts.batch {
+            break;
+        }
+    }
+    let details = json!({"entries": applied});
+    state::event(
+        control,
+        m.id,
+        Phase::Reverting,
+        "revert_catchup",
+        &format!("applied {applied} reverse change(s)"),
+        Some(ms(caught_up.elapsed())),
+        Some(details),
+    )
+    .await?;
+    let script = swap_back::script(&spec);
+    let own: Vec<i32> = vec![
+        control.query_one("SELECT pg_backend_pid()", &[]).await?.get(0),
+        work.query_one("SELECT pg_backend_pid()", &[]).await?.get(0),
+    ];
+    let retry =
+        RetryPolicy { lock_timeout: opts.lock_timeout, attempts: opts.attempts.max(1), ..RetryPolicy::default() };
+    let mut reason = String::from("no attempt made");
+    for attempt in 1..=opts.attempts.max(1) {
+        loop {
+            match apply::batch(work, &mapping, &tables, m.id, opts.batch).await? {
+                Ok(n) if n < opts.batch => break,
+                Ok(_) => continue,
+                Err(rows) => return Err(unmappable(control, m, rows).await),
+            }
+        }
+        let xid: i64 = work.query_one("SELECT txid_current()", &[]).await?.get(0);
+        let gated = Instant::now();
+        let drained = match proxies.drain().await {
+            Ok(d) => d,
+            Err(e) => {
+                reason = format!("a proxy did not drain in time ({e})");
+                attempt_event(control, m, attempt, &reason, None).await;
+                crate::migrate::retry::pause_unless_closed(control, retry.pause(attempt)).await;
+                continue;
+            }
+        };
+        let result = attempt_swap(work, &spec, &mapping, &tables, &script, &retry, xid, &own).await;
+        if drained.is_some() {
+            proxies.open().await;
+        }
+        let stall = drained.map(|_| gated.elapsed());
+        match result? {
+            Attempt::Swapped { lock_wait, lock_hold } => {
+                let msg = format!(
+                    "revert attempt {attempt}: swapped back; lock waited {:.1} ms, held {:.1} ms{}",
+                    ms(lock_wait),
+                    ms(lock_hold),
+                    stall.map(|d| format!("; clients held {:.1} ms", ms(d))).unwrap_or_default()
+                );
+                let mut details = json!({"attempt": attempt, "outcome": "swapped", "lock_wait_ms": ms(lock_wait), "lock_hold_ms": ms(lock_hold)});
+                if let Some(d) = stall {
+                    details["stall_ms"] = json!(ms(d));
+                }
+                state::event(
+                    control,
+                    m.id,
+                    Phase::Reverting,
+                    "revert_attempt",
+                    &msg,
+                    Some(ms(lock_hold)),
+                    Some(details),
+                )
+                .await?;
+                state::set_phase(
+                    control,
+                    m.id,
+                    Phase::Reverted,
+                    "reverted: the old table is live again; the new table is kept until finish",
+                )
+                .await?;
+                metrics::histogram!("ghostwire_lock_wait_seconds").record(lock_wait.as_secs_f64());
+                metrics::histogram!("ghostwire_lock_hold_seconds").record(lock_hold.as_secs_f64());
+                let unvalidated = validate(work, &script).await;
+                return Ok(Outcome { id: m.id, applied, attempts: attempt, lock_wait, lock_hold, unvalidated });
+            }
+            Attempt::NotGranted(r) => {
+                reason = r;
+                attempt_event(control, m, attempt, &reason, None).await;
+                crate::migrate::retry::pause_unless_closed(control, retry.pause(attempt)).await;
+            }
+            Attempt::Unmappable(rows) => return Err(unmappable(control, m, rows).await),
+        }
+    }
+    Err(RevertError::GaveUp { id: m.id, table: m.table.to_string(), attempts: opts.attempts.max(1), reason })
+}
+
+enum Attempt {
+    Swapped { lock_wait: Duration, lock_hold: Duration },
+    NotGranted(String),
+    Unmappable(Vec<apply::Unmappable>),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_swap(
+    work: &Client,
+    spec: &Spec,
+    mapping: &mapping::Mapping,
+    tables: &apply::Tables,
+    script: &crate::migrate::swap::Script,
+    retry: &RetryPolicy,
+    xid: i64,
+    own: &[i32],
+) -> Result<Attempt, RevertError> {
+    work.batch_execute(&format!(
+        "BEGIN; {}; SELECT pg_catalog.set_config('synchronous_commit', 'on', true) WHERE current_setting('synchronous_commit') = 'off'",
+        retry.set_local()
+    ))
+    .await?;
+    let asked = Instant::now();
+    if let Err(e) = work.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", spec.original.sql())).await {
+        work.batch_execute("ROLLBACK").await?;
+        if crate::migrate::retry::is_lock_conflict(&e) {
+            return Ok(Attempt::NotGranted(format!("the lock was not granted within {:?}", retry.lock_timeout)));
+        }
+        return Err(e.into());
+    }
+    let lock_wait = asked.elapsed();
+    let granted = Instant::now();
+    let result = under_lock(work, spec, mapping, tables, script, xid, own).await;
+    match result {
+        Ok(None) => {
+            work.batch_execute("COMMIT").await?;
+            crate::failpoint::hit("revert.committed");
+            Ok(Attempt::Swapped { lock_wait, lock_hold: granted.elapsed() })
+        }
+        Ok(Some(held)) => {
+            work.batch_execute("ROLLBACK").await?;
+            Ok(held)
+        }
+        Err(e) => {
+            work.batch_execute("ROLLBACK").await?;
+            if crate::migrate::retry::is_lock_conflict(&e) {
+                return Ok(Attempt::NotGranted(format!("a lock was not granted within {:?}", retry.lock_timeout)));
+            }
+            if apply::is_row_fault(&e) {
+                let reason = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string());
+                return Ok(Attempt::Unmappable(vec![apply::Unmappable {
+                    key: "(the last changes)".into(),
+                    column: None,
+                    reason,
+                }]));
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Under the lock: the last reverse changes, the hazard check, the swap back. `Some`: it
+/// did not go ahead.
+async fn under_lock(
+    work: &Client,
+    spec: &Spec,
+    mapping: &mapping::Mapping,
+    tables: &apply::Tables,
+    script: &crate::migrate::swap::Script,
+    xid: i64,
+    own: &[i32],
+) -> Result<Option<Attempt>, tokio_postgres::Error> {
+    work.batch_execute(&apply::apply_sql(mapping, tables, spec.migration_id, None)).await?;
+    crate::failpoint::hit("revert.locked");
+    let sessions = cutover::hazards(work, xid, own).await?;
+    if !sessions.is_empty() {
+        let named: Vec<String> =
+            sessions.iter().map(|s| format!("pid {} ({:.0} s)", s.pid, s.transaction_seconds)).collect();
+        return Ok(Some(Attempt::NotGranted(format!(
+            "sessions hold snapshots older than the last reverse changes: {}",
+            named.join(", ")
+        ))));
+    }
+    for section in [&script.before_move, &script.moves, &script.after_move] {
+        for sql in section {
+            work.batch_execute(sql).await?;
+        }
+    }
+    swap_back::identity_sequences(work, spec).await?;
+    for sql in &script.optional {
+        work.batch_execute("SAVEPOINT ghostwire_optional").await?;
+        match work.batch_execute(sql).await {
+            Ok(()) => work.batch_execute("RELEASE SAVEPOINT ghostwire_optional").await?,
+            Err(e) => {
+                tracing::warn!("revert: could not run {sql}: {}", crate::connect::describe(&e));
+                work.batch_execute("ROLLBACK TO SAVEPOINT ghostwire_optional").await?;
+            }
+        }
+    }
+    work.batch_execute(&capture::drop_log_sql(spec.migration_id)).await?;
+    Ok(None)
+}
+
+/// Validates the foreign keys added NOT VALID (writes go on meanwhile); returns those that
+/// could not be.
+async fn validate(work: &Client, script: &crate::migrate::swap::Script) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (what, sql) in &script.validations {
+        if let Err(e) = work.batch_execute(sql).await {
+            failed.push(format!("{what}: {}", crate::connect::describe(&e)));
+        }
+    }
+    failed
+}
+
+async fn attempt_event(control: &Client, m: &Migration, attempt: u32, reason: &str, took: Option<Duration>) {
+    let details = json!({"attempt": attempt, "outcome": "not_swapped", "reason": reason});
+    let msg = format!("revert attempt {attempt}: {reason}");
+    if let Err(e) =
+        state::event(control, m.id, Phase::Reverting, "revert_attempt", &msg, took.map(ms), Some(details)).await
+    {
+        tracing::warn!("could not record a revert attempt: {}", crate::connect::describe(&e));
+    }
+}
+
+async fn unmappable(control: &Client, m: &Migration, rows: Vec<apply::Unmappable>) -> RevertError {
+    let named: Vec<String> = rows
+        .iter()
+        .map(|r| match &r.column {
+            Some(c) => format!("key {} column {}: {}", r.key, crate::sql::display_ident(c), r.reason),
+            None => format!("key {}: {}", r.key, r.reason),
+        })
+        .collect();
+    let details = json!({"rows": named});
+    let msg = format!("revert stopped: {} row(s) cannot go back", rows.len());
+    let _ = state::event(control, m.id, Phase::Reverting, "revert_refused", &msg, None, Some(details)).await;
+    // The window stays open: back to swapped.
+    let _ =
+        state::set_phase(control, m.id, Phase::Swapped, "swapped; a revert stopped on rows that cannot go back").await;
+    RevertError::Unmappable { id: m.id, table: m.table.to_string(), count: rows.len(), rows: named.join("; ") }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
