@@ -312,8 +312,13 @@ pub struct MigrateArgs {
     #[arg(long, value_enum, default_value = "full")]
     pub verify: Verify,
     /// Drop the old table right after the swap (no revert window).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "revert_window")]
     pub finish: bool,
+    /// Keep running after the swap for DUR with the revert window open (`POST /revert` on
+    /// --control goes back), then close it as `finish` does. Default: the window stays open
+    /// until `ghostwire revert` or `ghostwire finish`.
+    #[arg(long, value_parser = duration, value_name = "DUR")]
+    pub revert_window: Option<Duration>,
     /// Do not ask: consent to a change that cannot be reverted, and to resuming an
     /// unfinished migration of the same statement.
     #[arg(long)]

@@ -8,7 +8,9 @@
 //! held), `cutover.before_commit`, `cutover.committed`; logical capture: `logical.received`
 //! (a change received, its log row not written), `logical.logged` (log rows committed, not
 //! yet confirmed to the server), `logical.fence` (a fence reached, its caller not yet told),
-//! `cutover.fenced` (under the swap's lock, the fence reached, the last changes not applied).
+//! `cutover.fenced` (under the swap's lock, the fence reached, the last changes not applied);
+//! revert: `revert.batch` (after a catch-up batch committed), `revert.locked` (the swap
+//! back's lock held, the last changes applied), `revert.before_commit`, `revert.committed`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

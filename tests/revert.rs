@@ -170,3 +170,52 @@ async fn foreign_keys_both_ways_views_and_the_identity_sequence_survive_a_revert
     ok(&ghostwire(&db.url, &["finish", "orders"], None).await);
     assert!(debris(&db.client, 1).await.is_empty(), "{:?}", debris(&db.client, 1).await);
 }
+
+#[tokio::test]
+async fn a_revert_killed_in_its_catch_up_or_its_swap_goes_on_when_run_again() {
+    for point in ["revert.batch", "revert.locked", "revert.before_commit", "revert.committed"] {
+        let db = TestDb::new().await;
+        items::create(&db.client, ROWS).await;
+        let load = Workload::start(&db.url, Shape::items(), 2, ROWS, 62);
+        ok(&ghostwire(&db.url, &["migrate", RETYPE], None).await);
+        load.wait_for_more(50).await;
+        let killed = ghostwire(&db.url, &["revert", "items"], Some(point)).await;
+        assert_eq!(killed.status.code(), None, "{point}: the failpoint should kill the revert");
+        load.wait_for_more(20).await;
+        let said = ok(&ghostwire(&db.url, &["revert", "items"], None).await);
+        assert!(said.contains("Reverted"), "{point}: {said}");
+        load.wait_for_more(20).await;
+        load.stop().await;
+        items::assert_matches_oracle(&db.client).await;
+        assert_eq!(column_type(&db, "qty").await, "integer", "{point}");
+        ok(&ghostwire(&db.url, &["finish", "items"], None).await);
+        assert!(debris(&db.client, 1).await.is_empty(), "{point}: {:?}", debris(&db.client, 1).await);
+    }
+}
+
+#[tokio::test]
+async fn a_revert_window_on_migrate_reverts_on_request_or_closes_by_itself() {
+    let db = TestDb::new().await;
+    items::create(&db.client, 2000).await;
+    let run = common::running::Running::start(&db.url, &["migrate", "--revert-window", "10min", RETYPE]).await;
+    common::wait_for(&db.client, "SELECT phase = 'swapped' FROM ghostwire.migrations").await;
+    db.exec("UPDATE items SET qty = 0 WHERE id = 1").await;
+    let (code, body) =
+        ghostwire::control::call(&run.addr, None, "POST", "/revert", std::time::Duration::from_secs(10)).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let ended = run.wait().await;
+    assert!(ended.status.success(), "{}", ended.output());
+    assert!(ended.output().contains("the old table is live again"), "{}", ended.output());
+    assert_eq!(column_type(&db, "qty").await, "integer");
+    assert_eq!(strings(&db.client, "SELECT qty::text FROM items WHERE id = 1").await, ["0"]);
+    ok(&ghostwire(&db.url, &["finish", "items"], None).await);
+
+    // A window that runs out closes as finish does.
+    let run = common::running::Running::start(&db.url, &["migrate", "--revert-window", "1s", RETYPE]).await;
+    let ended = run.wait().await;
+    assert!(ended.status.success(), "{}", ended.output());
+    assert_eq!(column_type(&db, "qty").await, "bigint");
+    let phases = strings(&db.client, "SELECT phase FROM ghostwire.migrations ORDER BY id").await;
+    assert_eq!(phases, ["finished", "finished"]);
+    assert!(debris(&db.client, 2).await.is_empty(), "{:?}", debris(&db.client, 2).await);
+}

@@ -152,7 +152,13 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
         Target::Statement(statement) => migrate::migrate(&config, statement, &opts, &ctx).await,
         Target::Resume(table) => migrate::resume(&config, table, &opts, &ctx).await,
     };
-    shutdown.cancel();
+    let window = match (&result, args.revert_window) {
+        (Ok(o), Some(d)) if o.swap.is_some() && !o.finished && o.version_schema.is_none() => Some((o.table.clone(), d)),
+        _ => None,
+    };
+    if window.is_none() {
+        shutdown.cancel();
+    }
     out.close();
     let outcome = result.map_err(classify)?;
     if let Some(report) = &outcome.rehearsal {
@@ -169,7 +175,50 @@ pub async fn run(url: Option<&str>, target: Target<'_>, args: &MigrateArgs) -> R
     } else {
         summary(&outcome);
     }
+    if let Some((table, duration)) = window {
+        let closed = revert_window(url, &table, duration, &ctx, args).await;
+        shutdown.cancel();
+        closed?;
+    }
     Ok(())
+}
+
+/// `--revert-window DUR`: waits for `POST /revert` (then reverts) or the end of the window
+/// (then finishes); Ctrl-C leaves the window open.
+async fn revert_window(
+    url: Option<&str>,
+    table: &crate::sql::QualifiedName,
+    duration: Duration,
+    ctx: &Context<'_>,
+    args: &MigrateArgs,
+) -> Result<(), CommandError> {
+    say!(
+        "The revert window is open for {:.0} s: `POST /revert` on the control API (or `ghostwire revert {table}`) goes \
+         back; then it closes as `ghostwire finish {table}` would.",
+        duration.as_secs_f64()
+    );
+    let token = args.proxy_token.as_deref().map(crate::connect::Secret::new).or_else(|| args.token.secret());
+    let proxies = crate::migrate::proxies::Proxies {
+        urls: &args.proxies,
+        token: token.as_ref(),
+        drain_timeout: args.drain_timeout,
+    };
+    let name = table.to_string();
+    tokio::select! {
+        _ = ctx.live.revert_requested() => {
+            let opts = crate::migrate::revert::Options {
+                lock_timeout: args.lock_timeout,
+                attempts: args.cutover_attempts,
+                batch: 5_000,
+            };
+            super::cleanup::revert(url, &name, &opts, &proxies).await
+        }
+        _ = tokio::time::sleep(duration) => super::cleanup::finish(url, &name, &proxies).await,
+        _ = ctx.cancel.cancelled() => {
+            say!("Interrupted: the revert window stays open (`ghostwire revert {table}` or `ghostwire finish {table}`).");
+            Ok(())
+        }
+    }
 }
 
 /// Plans the statement and asks for consent where it is needed: a change that cannot be
@@ -266,9 +315,11 @@ fn summary(outcome: &Outcome) {
                 say!("The old table is dropped.");
             } else {
                 say!(
-                    "The old table is kept as {}.{}; when you are happy with the new one: ghostwire finish {}",
+                    "The old table is kept in step as {}.{}: `ghostwire revert {}` goes back to it without losing a \
+                     write; when you are happy with the new one, `ghostwire finish {}` drops it.",
                     crate::sql::display_ident(&migrate::spec::archive_schema(outcome.id)),
                     crate::sql::display_ident(&outcome.table.name),
+                    outcome.table,
                     outcome.table
                 );
             }

@@ -14,6 +14,24 @@ async fn backlog(client: &tokio_postgres::Client, m: &Migration) -> Option<i64> 
     migrate::capture::backlog(client, m.id).await.ok()
 }
 
+/// The revert window of a swapped migration, if open: (reverse changes pending, bytes the
+/// old table holds).
+async fn window(client: &tokio_postgres::Client, m: &Migration) -> Option<(i64, i64)> {
+    if m.phase != state::Phase::Swapped || migrate::version_schema::of(m).is_some() {
+        return None;
+    }
+    let log = migrate::revert::capture::log_table(m.id).sql();
+    let open: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&log]).await.ok()?.get(0);
+    if !open {
+        return None;
+    }
+    let pending = migrate::revert::apply::backlog(client, m.id).await.ok()?;
+    let old = crate::sql::QualifiedName::new(migrate::spec::archive_schema(m.id), &m.table.name).sql();
+    let bytes: i64 =
+        client.query_one("SELECT coalesce(pg_total_relation_size(to_regclass($1)), 0)", &[&old]).await.ok()?.get(0);
+    Some((pending, bytes))
+}
+
 /// The replication slot of a logical-capture migration, if it has one.
 async fn slot(
     client: &tokio_postgres::Client,
@@ -119,7 +137,9 @@ pub async fn run(
         for m in &migrations {
             let events = state::recent_events(&client, m.id, 10).await.map_err(CommandError::failed)?;
             let slot = slot_json(&slot(&client, m).await);
-            out.push(json!({ "migration": m, "backlog": backlog(&client, m).await, "slot": slot, "events": events }));
+            let window = window(&client, m).await.map(|(p, b)| json!({"reverse_pending": p, "old_table_bytes": b}));
+            out.push(json!({ "migration": m, "backlog": backlog(&client, m).await, "slot": slot,
+                             "revert_window": window, "events": events }));
         }
         say!("{}", serde_json::to_string_pretty(&out).map_err(CommandError::failed)?);
         return Ok(());
@@ -168,6 +188,16 @@ pub async fn run(
         }
         if let Some(b) = backlog(&client, m).await {
             say!("    change backlog: {b}");
+        }
+        if let Some((pending, bytes)) = window(&client, m).await {
+            say!(
+                "    revert window open since {}: {pending} reverse change(s) pending, the old table holds {}; \
+                 `ghostwire revert {}` goes back, `ghostwire finish {}` closes it",
+                m.updated_at,
+                crate::plan::report::bytes(bytes),
+                m.table,
+                m.table
+            );
         }
         if let Some((names, s)) = slot(&client, m).await {
             let who = match s.active_pid {

@@ -24,7 +24,15 @@ impl Run<'_> {
         if !self.opts.finish && !self.rehearse {
             // The revert window opens in the swap's transaction.
             match super::revert::mapping::Mapping::of(spec) {
-                Ok(m) => script.after_move.extend(super::revert::capture::install_sql(spec, &m)),
+                Ok(m) => {
+                    script.after_move.extend(super::revert::capture::install_sql(spec, &m));
+                    let can = m.describe();
+                    self.reporter.note(&format!(
+                        "after the swap the old table is kept in step: `ghostwire revert {}` goes back to it ({})",
+                        self.table,
+                        can.join("; ")
+                    ));
+                }
                 Err(why) => self.reporter.note(&format!("no revert window: {why}")),
             }
         }

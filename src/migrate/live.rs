@@ -110,6 +110,7 @@ pub struct Live {
     paused: AtomicBool,
     cutover_allowed: AtomicBool,
     abort: CancellationToken,
+    revert: CancellationToken,
     changed: Notify,
 }
 
@@ -125,6 +126,7 @@ impl Live {
             paused: AtomicBool::new(false),
             cutover_allowed: AtomicBool::new(!postpone_cutover),
             abort: CancellationToken::new(),
+            revert: CancellationToken::new(),
             changed: Notify::new(),
         })
     }
@@ -177,6 +179,17 @@ impl Live {
         self.abort.is_cancelled()
     }
 
+    /// Asks for a revert once the swap is done (`--revert-window`).
+    pub fn request_revert(&self) {
+        self.revert.cancel();
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once a revert is asked for.
+    pub async fn revert_requested(&self) {
+        self.revert.cancelled().await
+    }
+
     /// Waits until a command or setting changes, or `timeout` passes.
     pub async fn wait_for_change(&self, timeout: Duration) {
         let changed = self.changed.notified();
@@ -213,6 +226,10 @@ impl Live {
             ("POST", "/abort") => {
                 self.request_abort();
                 ok("abort requested")
+            }
+            ("POST", "/revert") => {
+                self.request_revert();
+                ok("revert requested: it runs once the swap is done, while --revert-window is open")
             }
             ("PUT", "/settings") => {
                 let patch: serde_json::Value = match serde_json::from_slice(&req.body) {

@@ -226,8 +226,8 @@ mod tests {
         assert!(d[2].starts_with("note: dropped"), "{d:?}");
         assert!(d.iter().all(|l| !l.starts_with("same")), "{d:?}");
         let (targets, sources) = m.copy_lists();
-        assert_eq!(targets, "id, qty, same");
-        assert_eq!(sources, "CAST(n.id AS integer), n.amount, n.same");
+        assert_eq!(targets, r#""id", "qty", "same""#);
+        assert_eq!(sources, r#"CAST(n."id" AS integer), n."amount", n."same""#);
         assert_eq!(m.updated_columns(), vec!["id", "qty", "same"]);
     }
 }

@@ -77,8 +77,7 @@ pub async fn revert(
     proxies: &Proxies<'_>,
 ) -> Result<Outcome, RevertError> {
     match m.phase {
-        Phase::Swapped | Phase::Reverting => {}
-        Phase::Reverted => return Err(refused(m, "it is already reverted; `ghostwire finish` drops the new table")),
+        Phase::Swapped | Phase::Reverting | Phase::Reverted => {}
         p if p.before_swap() => {
             return Err(refused(
                 m,
@@ -89,6 +88,12 @@ pub async fn revert(
     }
     let spec: Spec =
         m.spec.clone().and_then(|v| serde_json::from_value(v).ok()).ok_or_else(|| refused(m, "its spec is missing"))?;
+    if m.phase == Phase::Reverted {
+        // Swapped back already (a run that stopped after the commit): the validations left.
+        let unvalidated = validate(work, &swap_back::script(&spec)).await;
+        let none = Duration::ZERO;
+        return Ok(Outcome { id: m.id, applied: 0, attempts: 0, lock_wait: none, lock_hold: none, unvalidated });
+    }
     if !capture::installed(control, m.id, &spec.original).await? {
         return Err(refused(
             m,
@@ -112,6 +117,7 @@ pub async fn revert(
         };
         applied += n;
         metrics::counter!("ghostwire_revert_changes_applied_total").increment(n as u64);
+        crate::failpoint::hit("revert.batch");
         if n < opts.batch {
             break;
         }
@@ -179,13 +185,6 @@ pub async fn revert(
                     &msg,
                     Some(ms(lock_hold)),
                     Some(details),
-                )
-                .await?;
-                state::set_phase(
-                    control,
-                    m.id,
-                    Phase::Reverted,
-                    "reverted: the old table is live again; the new table is kept until finish",
                 )
                 .await?;
                 metrics::histogram!("ghostwire_lock_wait_seconds").record(lock_wait.as_secs_f64());
@@ -304,6 +303,10 @@ async fn under_lock(
         }
     }
     work.batch_execute(&capture::drop_log_sql(spec.migration_id)).await?;
+    // The phase moves with the swap, in its transaction: a crash leaves one or the other.
+    let message = "reverted: the old table is live again; the new table is kept until finish";
+    state::set_phase(work, spec.migration_id, Phase::Reverted, message).await?;
+    crate::failpoint::hit("revert.before_commit");
     Ok(None)
 }
 
