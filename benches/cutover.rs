@@ -7,7 +7,10 @@
 //! the swap and are prepared again by the proxy. Meanwhile `ghostwire migrate --proxy`
 //! changes `amount` from integer to bigint. Printed for each: errors (target: 0),
 //! p50/p99/max latency in steady state and around the cut-over, and the stall clients saw
-//! (target: under 100 ms). `GHOSTWIRE_BENCH_ROWS` (default 1,000,000) sets the table size,
+//! (target: under 100 ms). Then, the load still running, `ghostwire revert` goes back to the
+//! old table (kept in step since the swap, the proxy drained for its swap back): the same
+//! figures around the revert's swap, and how long the revert took for the writes made since
+//! the swap. `GHOSTWIRE_BENCH_ROWS` (default 1,000,000) sets the table size,
 //! `GHOSTWIRE_BENCH_RATE` (default 400) the transactions per second.
 
 use std::path::Path;
@@ -180,7 +183,7 @@ async fn main() {
     let s = shutdown.clone();
     tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });
 
-    let seconds = 25;
+    let seconds = 40;
     let loads = [
         Load { label: "simple protocol, 8 clients", mode: "simple", script: SCRIPT, clients: 8, rate },
         Load {
@@ -196,7 +199,7 @@ async fn main() {
 
     let started = now_us();
     let config = ghostwire::connect::Params::from_conninfo(Some(&cluster.url("postgres"))).unwrap();
-    let opts = Options { yes: true, finish: true, proxies: vec![control_url], ..Options::default() };
+    let opts = Options { yes: true, proxies: vec![control_url.clone()], ..Options::default() };
     let outcome = migrate::migrate(
         &config,
         "ALTER TABLE orders ALTER COLUMN amount TYPE bigint",
@@ -207,17 +210,43 @@ async fn main() {
     .expect("the migration");
     let ended = now_us();
     // The cut-over window: from the start of the last attempt to its end.
-    let window: Vec<String> = client
-        .query(
-            "SELECT (extract(epoch FROM at) * 1e6)::bigint::text, coalesce(details->>'stall_ms', '0')
-               FROM ghostwire.events WHERE kind = 'cutover_attempt' AND details->>'outcome' = 'swapped'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
-        .collect();
+    let swap_event = |kind: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT (extract(epoch FROM at) * 1e6)::bigint::text, coalesce(details->>'stall_ms', '0')
+                       FROM ghostwire.events WHERE kind = $1 AND details->>'outcome' = 'swapped'",
+                    &[&kind],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
+                .collect::<Vec<String>>()
+        }
+    };
+    let window = swap_event("cutover_attempt").await;
+    // Writes to the new table for a while, then the revert.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pending = migrate::revert::apply::backlog(&client, outcome.id).await.unwrap_or(0);
+    let revert_started = now_us();
+    let control_session = cluster.connect("postgres").await.unwrap();
+    let work = cluster.connect("postgres").await.unwrap();
+    let m = ghostwire::state::migration(&control_session, outcome.id).await.unwrap().expect("the migration");
+    assert!(ghostwire::state::try_lock_table(&control_session, &m.table).await.unwrap());
+    let urls = [control_url.clone()];
+    let proxies = migrate::proxies::Proxies { urls: &urls, token: None, drain_timeout: Duration::from_secs(2) };
+    let revert_opts = migrate::revert::Options {
+        lock_timeout: Duration::from_millis(100),
+        attempts: 30,
+        batch: 5_000,
+        settings: Default::default(),
+    };
+    let reverted =
+        migrate::revert::revert(&control_session, &work, &m, &revert_opts, &proxies).await.expect("the revert");
+    let revert_ended = now_us();
+    let revert_window = swap_event("revert_attempt").await;
     let mut outputs = Vec::new();
     for run in &mut runs {
         let child = &mut run.child;
@@ -254,6 +283,21 @@ async fn main() {
         if !status.success() {
             println!("  pgbench exited with {status}:\n{text}");
         }
+    }
+    let back_at: u64 = revert_window.first().and_then(|v| v.parse().ok()).unwrap_or(revert_ended);
+    let back_stall: f64 = revert_window.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    println!(
+        "revert after 5 s of writes ({pending} reverse changes pending): {:.2} s, {} applied; swap back lock waited {:.1} ms, held {:.1} ms (attempt {}); proxy held clients {back_stall:.1} ms",
+        (revert_ended - revert_started) as f64 / 1e6,
+        reverted.applied,
+        reverted.lock_wait.as_secs_f64() * 1e3,
+        reverted.lock_hold.as_secs_f64() * 1e3,
+        reverted.attempts
+    );
+    let back_from = back_at.saturating_sub((back_stall * 1000.0) as u64 + 50_000);
+    for (run, (_, text)) in runs.iter().zip(&outputs) {
+        println!("  around the revert's swap:");
+        report(run, text, (revert_started, revert_ended), (back_from, back_at + 50_000));
     }
     println!(
         "proxy: {} statements prepared again, {} batches replayed, {} rows reshaped, {} stale-statement errors passed on",

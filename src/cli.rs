@@ -162,6 +162,8 @@ pub enum Command {
         /// How long proxies may hold new queries for the swap back.
         #[arg(long, default_value = "2s", value_parser = duration)]
         drain_timeout: Duration,
+        #[command(flatten)]
+        throttle: ThrottleArgs,
     },
     /// After the swap: drop the old table and every trace of the migration.
     Finish {
@@ -355,27 +357,14 @@ pub struct MigrateArgs {
     /// Print progress as JSON lines.
     #[arg(long)]
     pub json: bool,
-    /// Pause copy and catch-up while a replica replays further behind than this.
-    #[arg(long, value_parser = duration)]
-    pub max_replica_lag: Option<Duration>,
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
     /// Pause the copy while more captured changes than this wait (catch-up runs meanwhile).
     #[arg(long)]
     pub max_backlog: Option<i64>,
-    /// Pause copy and catch-up while more client sessions than this are active.
-    #[arg(long)]
-    pub max_active: Option<i64>,
-    /// Pause copy and catch-up while this SQL returns true.
-    #[arg(long)]
-    pub throttle_query: Option<String>,
-    /// Stop the run (resumable) when a replica falls further behind than this.
-    #[arg(long, value_parser = duration)]
-    pub critical_replica_lag: Option<Duration>,
     /// Stop the run (resumable) when more captured changes than this wait.
     #[arg(long)]
     pub critical_backlog: Option<i64>,
-    /// Stop the run (resumable) when more client sessions than this are active.
-    #[arg(long)]
-    pub critical_active: Option<i64>,
     /// With --capture logical: pause copy and catch-up while the replication slot retains
     /// more WAL than this (e.g. 2GB).
     #[arg(long, value_name = "SIZE", value_parser = size)]
@@ -384,6 +373,39 @@ pub struct MigrateArgs {
     /// included) when the slot retains more WAL than this.
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub critical_slot_lag: Option<i64>,
+}
+
+/// The throttle signals of any work done in batches beside the application (copy and
+/// catch-up, a revert's catch-up).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ThrottleArgs {
+    /// Pause the work while a replica replays further behind than this.
+    #[arg(long, value_parser = duration)]
+    pub max_replica_lag: Option<Duration>,
+    /// Pause the work while more client sessions than this are active.
+    #[arg(long)]
+    pub max_active: Option<i64>,
+    /// Pause the work while this SQL returns true.
+    #[arg(long)]
+    pub throttle_query: Option<String>,
+    /// Stop (resumable) when a replica falls further behind than this.
+    #[arg(long, value_parser = duration)]
+    pub critical_replica_lag: Option<Duration>,
+    /// Stop (resumable) when more client sessions than this are active.
+    #[arg(long)]
+    pub critical_active: Option<i64>,
+}
+
+impl ThrottleArgs {
+    /// These limits in `settings`.
+    pub fn apply(&self, settings: &mut crate::migrate::live::Settings) {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        settings.max_replica_lag_ms = ms(self.max_replica_lag);
+        settings.max_active = self.max_active;
+        settings.throttle_query = self.throttle_query.clone();
+        settings.critical_replica_lag_ms = ms(self.critical_replica_lag);
+        settings.critical_active = self.critical_active;
+    }
 }
 
 /// Exit statuses.

@@ -32,6 +32,7 @@ const SUBSETS: &[(&str, &[&str])] = &[
     ("logical", &[]),
     ("logical_resume", &[]),
     ("logical_refusals", &[]),
+    ("revert", &["a_revert_under_writes", "foreign_keys_both_ways", "dropped_and_added_columns"]),
 ];
 
 /// Majors run at once (each test binary runs its own tests two at a time).

@@ -257,3 +257,46 @@ async fn inside_a_transaction_the_error_goes_to_the_client_and_a_too_large_value
     let status = proxy.status();
     assert_eq!(status.prepared.errors_passed_on, 1, "{:?}", status.prepared);
 }
+
+#[tokio::test]
+async fn pgbench_prepared_sees_no_error_across_a_swap_and_its_revert() {
+    let db = TestDb::new().await;
+    orders(&db).await;
+    let proxy = TestProxy::start(&upstream(&db)).await;
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        format!(
+            "\\set id random(1, {ROWS})\nSELECT * FROM orders WHERE id = :id;\nUPDATE orders SET amount = amount + 1 WHERE id = :id;\n"
+        ),
+    )
+    .unwrap();
+    let bin = Cluster::shared().unwrap().binaries().path("pgbench");
+    let dbname = db.url.rsplit('/').next().unwrap().to_owned();
+    let port = proxy.addr.port().to_string();
+    let path = script.path().display().to_string();
+    let before = requests(&proxy).await;
+    let bench = tokio::spawn(async move {
+        Command::new(bin)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n", "-M", "prepared", "-c", "4", "-T", "8"])
+            .args(["-f", &path, &dbname])
+            .output()
+            .await
+            .unwrap()
+    });
+    wait_for_requests(&proxy, before + 200.0).await;
+    let opts = Options { proxies: vec![proxy.control.clone()], ..test_options() };
+    run_migration(&db.url, "ALTER TABLE orders ALTER COLUMN amount TYPE bigint", &opts, None).await.unwrap();
+    // Writes to the new table, then back to the old one with the proxy drained.
+    wait_for_requests(&proxy, requests(&proxy).await + 200.0).await;
+    let out = common::items::ghostwire(&db.url, &["revert", "orders", "--proxy", &proxy.control], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_requests(&proxy, requests(&proxy).await + 200.0).await;
+    let out = bench.await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("number of failed transactions: 0") || !text.contains("failed"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    let ty = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attname = 'amount'";
+    assert_eq!(common::strings(&db.client, ty).await, ["integer"]);
+}

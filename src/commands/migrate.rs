@@ -44,21 +44,18 @@ impl Reporter for Lines {
 
 /// The engine's options from the command line.
 pub fn options(a: &MigrateArgs) -> Options {
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
+    let mut settings = Settings {
+        chunk_time_ms: a.chunk_time.as_millis().max(1) as u64,
+        chunk_rows: a.chunk_rows.max(1),
+        max_backlog: a.max_backlog,
+        critical_backlog: a.critical_backlog,
+        max_slot_lag_bytes: a.max_slot_lag,
+        critical_slot_lag_bytes: a.critical_slot_lag,
+        ..Settings::default()
+    };
+    a.throttle.apply(&mut settings);
     Options {
-        settings: Settings {
-            chunk_time_ms: a.chunk_time.as_millis().max(1) as u64,
-            chunk_rows: a.chunk_rows.max(1),
-            max_replica_lag_ms: ms(a.max_replica_lag),
-            max_backlog: a.max_backlog,
-            max_active: a.max_active,
-            throttle_query: a.throttle_query.clone(),
-            critical_replica_lag_ms: ms(a.critical_replica_lag),
-            critical_backlog: a.critical_backlog,
-            critical_active: a.critical_active,
-            max_slot_lag_bytes: a.max_slot_lag,
-            critical_slot_lag_bytes: a.critical_slot_lag,
-        },
+        settings,
         lock_timeout: a.lock_timeout,
         cutover_attempts: a.cutover_attempts,
         finish: a.finish,
@@ -210,6 +207,7 @@ async fn revert_window(
                 lock_timeout: args.lock_timeout,
                 attempts: args.cutover_attempts,
                 batch: 5_000,
+                settings: ctx.live.settings(),
             };
             super::cleanup::revert(url, &name, &opts, &proxies).await
         }

@@ -94,10 +94,22 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         Command::Settings { control, token, changes } => {
             live::settings(live::Remote { addr: &control, token: token.secret().as_ref() }, &changes).await
         }
-        Command::Revert { db, table, lock_timeout, cutover_attempts, proxies, proxy_token, drain_timeout } => {
+        Command::Revert {
+            db,
+            table,
+            lock_timeout,
+            cutover_attempts,
+            proxies,
+            proxy_token,
+            drain_timeout,
+            throttle,
+        } => {
             let token = proxy_token.as_deref().filter(|t| !t.is_empty()).map(crate::connect::Secret::new);
             let proxies = crate::migrate::proxies::Proxies { urls: &proxies, token: token.as_ref(), drain_timeout };
-            let opts = crate::migrate::revert::Options { lock_timeout, attempts: cutover_attempts, batch: 5_000 };
+            let mut settings = crate::migrate::live::Settings::default();
+            throttle.apply(&mut settings);
+            let opts =
+                crate::migrate::revert::Options { lock_timeout, attempts: cutover_attempts, batch: 5_000, settings };
             cleanup::revert(db.database_url.as_deref(), &table, &opts, &proxies).await
         }
         Command::Finish { db, table, proxies, proxy_token, drain_timeout } => {

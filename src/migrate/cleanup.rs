@@ -108,7 +108,8 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     if m.phase == Phase::Reverted {
         return finish_reverted(client, m).await;
     }
-    if m.phase != Phase::Swapped {
+    // A revert that stopped midway (`reverting`) left the new table live: finishing keeps it.
+    if m.phase != Phase::Swapped && m.phase != Phase::Reverting {
         return Err(CleanupError::NotSwapped { id: m.id, table: m.table.to_string(), phase: m.phase });
     }
     if let Some(schema) = super::version_schema::of(m) {

@@ -42,6 +42,10 @@ pub enum RevertError {
         "revert of migration #{id} of {table} could not swap back after {attempts} attempt(s) ({reason}); nothing live changed and the window stays open: run `ghostwire revert {table}` again, with a longer --lock-timeout or more --cutover-attempts"
     )]
     GaveUp { id: i64, table: String, attempts: u32, reason: String },
+    #[error(
+        "revert of migration #{id} of {table} stopped before its swap: {reason}. Nothing live changed and the window stays open: run `ghostwire revert {table}` again once the cause is gone"
+    )]
+    Critical { id: i64, table: String, reason: String },
 }
 
 /// How a revert runs.
@@ -50,6 +54,8 @@ pub struct Options {
     pub lock_timeout: Duration,
     pub attempts: u32,
     pub batch: i64,
+    /// The throttle limits of the catch-up (replica lag, active sessions, the SQL check).
+    pub settings: crate::migrate::live::Settings,
 }
 
 /// What a revert did.
@@ -111,6 +117,7 @@ pub async fn revert(
     let mut applied = 0;
     // Catch up while the application writes, until one batch is enough for what is left.
     loop {
+        pace(control, m, &opts.settings).await?;
         let n = match apply::batch(work, &mapping, &tables, m.id, opts.batch).await? {
             Ok(n) => n,
             Err(rows) => return Err(unmappable(control, m, rows).await),
@@ -201,6 +208,43 @@ pub async fn revert(
         }
     }
     Err(RevertError::GaveUp { id: m.id, table: m.table.to_string(), attempts: opts.attempts.max(1), reason })
+}
+
+/// Waits while a throttle signal is over its limit (a signal that cannot be read holds the
+/// catch-up back); a critical limit stops the revert.
+async fn pace(control: &Client, m: &Migration, settings: &crate::migrate::live::Settings) -> Result<(), RevertError> {
+    use crate::migrate::throttle::{self, Verdict};
+    let mut held: Option<(String, Instant)> = None;
+    loop {
+        let signals = throttle::read(control, settings, Ok(0), false, None).await;
+        match throttle::judge(settings, &signals) {
+            Verdict::Go => {
+                if let Some((reason, since)) = held {
+                    let msg =
+                        format!("revert catch-up resumed after {:.1} s ({reason})", since.elapsed().as_secs_f64());
+                    state::event(control, m.id, Phase::Reverting, "throttle", &msg, Some(ms(since.elapsed())), None)
+                        .await?;
+                }
+                return Ok(());
+            }
+            Verdict::Throttle(reason) => {
+                if held.as_ref().is_none_or(|(r, _)| r != &reason) {
+                    tracing::info!("revert catch-up throttled: {reason}");
+                    let msg = format!("revert catch-up throttled: {reason}");
+                    state::event(control, m.id, Phase::Reverting, "throttle", &msg, None, None).await?;
+                    held = Some((reason, Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Verdict::Critical(reason) => {
+                let msg = format!("revert stopped: {reason}");
+                state::event(control, m.id, Phase::Reverting, "revert_stopped", &msg, None, None).await?;
+                state::set_phase(control, m.id, Phase::Swapped, "swapped; a revert stopped at a critical limit")
+                    .await?;
+                return Err(RevertError::Critical { id: m.id, table: m.table.to_string(), reason });
+            }
+        }
+    }
 }
 
 enum Attempt {
