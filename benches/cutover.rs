@@ -141,6 +141,52 @@ fn read_logs(dir: &Path) -> Vec<(u64, f64)> {
     out
 }
 
+/// One revert, as `ghostwire revert --proxy` runs it.
+struct Reverted {
+    outcome: migrate::revert::Outcome,
+    started: u64,
+    ended: u64,
+    /// The swap back's event: (at, in µs since the epoch; the proxy's stall, ms).
+    window: Vec<String>,
+}
+
+async fn revert_once(cluster: &Cluster, id: i64, control_url: &str) -> Reverted {
+    let control_session = cluster.connect("postgres").await.unwrap();
+    let work = cluster.connect("postgres").await.unwrap();
+    let m = ghostwire::state::migration(&control_session, id).await.unwrap().expect("the migration");
+    assert!(ghostwire::state::try_lock_table(&control_session, &m.table).await.unwrap());
+    let urls = [control_url.to_owned()];
+    let proxies = migrate::proxies::Proxies { urls: &urls, token: None, drain_timeout: Duration::from_secs(2) };
+    let opts = migrate::revert::Options {
+        lock_timeout: Duration::from_millis(100),
+        attempts: 30,
+        batch: 5_000,
+        settings: Default::default(),
+    };
+    let started = now_us();
+    let outcome = migrate::revert::revert(&control_session, &work, &m, &opts, &proxies).await.expect("the revert");
+    let ended = now_us();
+    let window = control_session
+        .query(
+            "SELECT (extract(epoch FROM at) * 1e6)::bigint::text, coalesce(details->>'stall_ms', '0')
+               FROM ghostwire.events WHERE migration_id = $1 AND kind = 'revert_attempt' AND details->>'outcome' = 'swapped'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
+        .collect();
+    Reverted { outcome, started, ended, window }
+}
+
+/// `ghostwire finish` after a revert: drops the kept new table.
+async fn finish(cluster: &Cluster, id: i64) {
+    let client = cluster.connect("postgres").await.unwrap();
+    let m = ghostwire::state::migration(&client, id).await.unwrap().expect("the migration");
+    migrate::cleanup::finish(&client, &m).await.expect("finish");
+}
+
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
@@ -183,7 +229,7 @@ async fn main() {
     let s = shutdown.clone();
     tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });
 
-    let seconds = 40;
+    let seconds = 60;
     let loads = [
         Load { label: "simple protocol, 8 clients", mode: "simple", script: SCRIPT, clients: 8, rate },
         Load {
@@ -227,26 +273,29 @@ async fn main() {
         }
     };
     let window = swap_event("cutover_attempt").await;
-    // Writes to the new table for a while, then the revert.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let pending = migrate::revert::apply::backlog(&client, outcome.id).await.unwrap_or(0);
-    let revert_started = now_us();
-    let control_session = cluster.connect("postgres").await.unwrap();
-    let work = cluster.connect("postgres").await.unwrap();
-    let m = ghostwire::state::migration(&control_session, outcome.id).await.unwrap().expect("the migration");
-    assert!(ghostwire::state::try_lock_table(&control_session, &m.table).await.unwrap());
-    let urls = [control_url.clone()];
-    let proxies = migrate::proxies::Proxies { urls: &urls, token: None, drain_timeout: Duration::from_secs(2) };
-    let revert_opts = migrate::revert::Options {
-        lock_timeout: Duration::from_millis(100),
-        attempts: 30,
-        batch: 5_000,
-        settings: Default::default(),
-    };
-    let reverted =
-        migrate::revert::revert(&control_session, &work, &m, &revert_opts, &proxies).await.expect("the revert");
-    let revert_ended = now_us();
-    let revert_window = swap_event("revert_attempt").await;
+    // Writes to the new table for a while, then the revert; then again (migrate, writes,
+    // revert, finish) after longer writes, for how the revert's time grows with them.
+    let mut reverts = Vec::new();
+    let mut outcome_id = outcome.id;
+    for (i, wait) in [5u64, 2, 10].into_iter().enumerate() {
+        if i > 0 {
+            let again = migrate::migrate(
+                &config,
+                "ALTER TABLE orders ALTER COLUMN amount TYPE bigint",
+                &opts,
+                &migrate::Context::new(&Silent, &opts),
+            )
+            .await
+            .expect("the migration");
+            outcome_id = again.id;
+        }
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let r = revert_once(&cluster, outcome_id, &control_url).await;
+        reverts.push((wait, r));
+        finish(&cluster, outcome_id).await;
+    }
+    let (revert_started, revert_ended) = (reverts[0].1.started, reverts[0].1.ended);
+    let revert_window = reverts[0].1.window.clone();
     let mut outputs = Vec::new();
     for run in &mut runs {
         let child = &mut run.child;
@@ -286,14 +335,18 @@ async fn main() {
     }
     let back_at: u64 = revert_window.first().and_then(|v| v.parse().ok()).unwrap_or(revert_ended);
     let back_stall: f64 = revert_window.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    println!(
-        "revert after 5 s of writes ({pending} reverse changes pending): {:.2} s, {} applied; swap back lock waited {:.1} ms, held {:.1} ms (attempt {}); proxy held clients {back_stall:.1} ms",
-        (revert_ended - revert_started) as f64 / 1e6,
-        reverted.applied,
-        reverted.lock_wait.as_secs_f64() * 1e3,
-        reverted.lock_hold.as_secs_f64() * 1e3,
-        reverted.attempts
-    );
+    for (wait, r) in &reverts {
+        println!(
+            "revert after {wait} s of writes: {} reverse changes applied in {:.2} s ({:.0} changes/s); swap back lock waited {:.1} ms, held {:.1} ms (attempt {}); proxy held clients {:.1} ms",
+            r.outcome.applied,
+            (r.ended - r.started) as f64 / 1e6,
+            r.outcome.applied as f64 / ((r.ended - r.started) as f64 / 1e6),
+            r.outcome.lock_wait.as_secs_f64() * 1e3,
+            r.outcome.lock_hold.as_secs_f64() * 1e3,
+            r.outcome.attempts,
+            r.window.get(1).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        );
+    }
     let back_from = back_at.saturating_sub((back_stall * 1000.0) as u64 + 50_000);
     for (run, (_, text)) in runs.iter().zip(&outputs) {
         println!("  around the revert's swap:");

@@ -264,6 +264,7 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
          ALTER TABLE items REPLICA IDENTITY USING INDEX items_id_note;
          ALTER TABLE items CLUSTER ON items_id_qty;
          ALTER TABLE items ALTER COLUMN note SET STATISTICS 321;
+         ALTER TABLE items ALTER COLUMN note SET (n_distinct = -0.5, n_distinct_inherited = 100);
          CREATE STATISTICS items_dep (dependencies) ON id, note FROM items;
          COMMENT ON TABLE items IS 'line items';
          COMMENT ON COLUMN items.note IS 'free text';
@@ -313,6 +314,12 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     assert_eq!(
         q("SELECT attstattarget::text FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'note'").await,
         ["321"]
+    );
+    // Attribute options come through too (LIKE does not copy them).
+    assert_eq!(
+        q("SELECT array_to_string(attoptions, ',') FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'note'")
+            .await,
+        ["n_distinct=-0.5,n_distinct_inherited=100"]
     );
     assert_eq!(q("SELECT stxname::text FROM pg_statistic_ext WHERE stxrelid = 'items'::regclass").await, ["items_dep"]);
     if common::major() >= 15 {

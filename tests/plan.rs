@@ -276,6 +276,8 @@ async fn refusals_exit_with_status_2_before_touching_anything() {
         ("ALTER TABLE orders DROP COLUMN note", "view public.orders_notes reads column note"),
         ("ALTER TABLE src ALTER COLUMN v TYPE bigint", "materialized view public.mv"),
         ("ALTER TABLE orders INHERIT customers", "not supported"),
+        ("ALTER TABLE pg_catalog.pg_class ADD COLUMN x int", "is a system catalog"),
+        ("ALTER TABLE information_schema.sql_features ALTER COLUMN comments TYPE varchar(10)", "is a system catalog"),
     ];
     for (sql, needle) in cases {
         let out = ghostwire(&db.url, &["plan", sql]);

@@ -69,6 +69,9 @@ pub struct Column {
     pub comment: Option<String>,
     /// `ALTER COLUMN … SET STATISTICS` target, when set.
     pub statistics_target: Option<i32>,
+    /// `ALTER COLUMN … SET (…)` attribute options (`n_distinct=-0.5`).
+    #[serde(default)]
+    pub options: Vec<String>,
     pub grants: Vec<Grant>,
 }
 

@@ -165,7 +165,7 @@ async fn read_columns(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<
                     a.attnotnull,
                     CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
                     a.attidentity::text, col_description(a.attrelid, a.attnum),
-                    nullif(a.attstattarget::int, -1)
+                    nullif(a.attstattarget::int, -1), coalesce(a.attoptions, '{}')::text[]
                FROM pg_attribute a
                JOIN pg_type ty ON ty.oid = a.atttypid
                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -207,6 +207,7 @@ async fn read_columns(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<
                 },
                 comment: r.get(10),
                 statistics_target: r.get(11),
+                options: r.get(12),
                 grants: grants.iter().filter(|g| g.get::<_, i16>(0) == attnum).map(|g| grant_from(g, 1)).collect(),
             }
         })

@@ -132,6 +132,16 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
         client.batch_execute(&format!("ALTER TABLE {shadow_sql} DROP CONSTRAINT IF EXISTS {}", ident(&c.name))).await?;
         unvalidated_not_nulls.push((c.name.clone(), strip_not_valid(&c.definition)));
     }
+    // Attribute options are not copied by LIKE.
+    for c in def.columns.iter().filter(|c| !c.options.is_empty()) {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {shadow_sql} ALTER COLUMN {} SET ({})",
+                ident(&c.name),
+                c.options.join(", ")
+            ))
+            .await?;
+    }
     for c in def.columns.iter().filter(|c| c.statistics_target.is_some()) {
         client
             .batch_execute(&format!(

@@ -249,7 +249,10 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
 }
 
 fn refuse_table(def: &TableDef) -> Result<(), PlanError> {
-    let why = if def.kind == TableKind::Partitioned {
+    let system = ["pg_catalog", "information_schema", "pg_toast"];
+    let why = if system.contains(&def.name.schema.as_str()) || def.name.schema.starts_with("pg_toast") {
+        "is a system catalog: its definition belongs to PostgreSQL"
+    } else if def.kind == TableKind::Partitioned {
         "is partitioned; ghostwire does not change partitioned tables yet (alter the partitions one by one, or the parent directly if the change is catalog-only)"
     } else if def.is_partition {
         "is a partition; ghostwire does not change partitions yet"
