@@ -238,6 +238,15 @@ pub enum Verify {
     None,
 }
 
+/// `--invalid-indexes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InvalidIndexChoice {
+    /// Build them on the new table (a duplicate for a unique one fails the run).
+    Rebuild,
+    /// Leave them out of the new table.
+    Drop,
+}
+
 /// How concurrent writes are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Capture {
@@ -313,6 +322,11 @@ pub struct MigrateArgs {
     /// Compare every row of the shadow with the original before the swap.
     #[arg(long, value_enum, default_value = "full")]
     pub verify: Verify,
+    /// What to do with the table's invalid indexes (a failed CREATE INDEX CONCURRENTLY):
+    /// build them, valid, on the new table, or leave them out. A copy is refused without it
+    /// while the table has one.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub invalid_indexes: Option<InvalidIndexChoice>,
     /// Drop the old table right after the swap (no revert window).
     #[arg(long, conflicts_with = "revert_window")]
     pub finish: bool,

@@ -431,3 +431,49 @@ async fn keys_constraints_and_indexes_keep_kind_timing_storage_and_comments() {
     assert!(fails(&db, "INSERT INTO items (id) VALUES (-1)").await.contains("items_pkey"));
     assert!(ghostwire_finish(&db).await.is_ok());
 }
+
+/// An invalid index (here from a CREATE UNIQUE INDEX CONCURRENTLY that met a duplicate):
+/// the offline ALTER fails on it, so `plan` names it and `migrate` asks what to do with it.
+#[tokio::test]
+async fn an_invalid_index_is_named_and_refused_until_told_what_to_do() {
+    let db = TestDb::new().await;
+    items(&db, "").await;
+    db.exec("UPDATE items SET note = 'dup' WHERE id IN (1, 2)").await;
+    let failed = db.client.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY items_note_key ON items (note)").await;
+    assert!(failed.is_err(), "the duplicate fails the build");
+    let invalid =
+        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'items'::regclass AND NOT indisvalid";
+    assert_eq!(strings(&db.client, invalid).await, ["items_note_key"]);
+    let run = |args: &'static [&'static str]| common::items::ghostwire(&db.url, args, None);
+    let plan = run(&["plan", "--json", RETYPE]).await;
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains("index items_note_key is invalid"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(!v["carried_over"].to_string().contains("items_note_key"), "{}", v["carried_over"]);
+    // Refused before anything changes.
+    let out = run(&["migrate", RETYPE]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--invalid-indexes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(debris(&db.client, 1).await.is_empty());
+    // Left out: the new table does without it.
+    let out = run(&["migrate", "--finish", "--invalid-indexes", "drop", RETYPE]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(strings(&db.client, invalid).await.is_empty());
+    let named = "SELECT count(*)::text FROM pg_class WHERE relname = 'items_note_key'";
+    assert_eq!(strings(&db.client, named).await, ["0"]);
+    // Failed again, then the duplicate corrected: rebuilt, valid and unique on the new table.
+    let failed = db.client.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY items_note_key ON items (note)").await;
+    assert!(failed.is_err() && strings(&db.client, invalid).await == ["items_note_key"]);
+    db.exec("UPDATE items SET note = 'n2' WHERE id = 2").await;
+    let out =
+        run(&["migrate", "--finish", "--yes", "--invalid-indexes", "rebuild", "ALTER TABLE items ALTER COLUMN qty TYPE int"])
+            .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(strings(&db.client, invalid).await.is_empty());
+    let unique = "SELECT indisunique::text FROM pg_index WHERE indexrelid = 'items_note_key'::regclass";
+    assert_eq!(strings(&db.client, unique).await, ["true"]);
+}

@@ -70,6 +70,10 @@ pub fn options(a: &MigrateArgs) -> Options {
         rehearse: a.rehearse,
         sample: a.sample,
         version_schema: a.version_schema.clone(),
+        invalid_indexes: a.invalid_indexes.map(|c| match c {
+            crate::cli::InvalidIndexChoice::Rebuild => migrate::InvalidIndexes::Rebuild,
+            crate::cli::InvalidIndexChoice::Drop => migrate::InvalidIndexes::Drop,
+        }),
         capture: match a.capture {
             Capture::Trigger => crate::migrate::capture::Choice::Trigger,
             Capture::Logical => crate::migrate::capture::Choice::Logical,

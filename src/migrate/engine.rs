@@ -67,6 +67,28 @@ pub struct Options {
     pub version_schema: Option<String>,
     /// How to capture the application's writes (`--capture`).
     pub capture: super::capture::Choice,
+    /// What to do with the table's invalid indexes (`--invalid-indexes`): a run that copies
+    /// is refused while the table has one and this is not given.
+    pub invalid_indexes: Option<InvalidIndexes>,
+}
+
+/// An invalid index (a failed CREATE INDEX CONCURRENTLY, a `_ccnew` of a failed REINDEX
+/// CONCURRENTLY) on a table to copy: the offline ALTER would fail on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidIndexes {
+    /// Built on the new table like the others (a duplicate for a unique one fails the run).
+    Rebuild,
+    /// Left out of the new table (the old one keeps it until `finish`).
+    Drop,
+}
+
+impl InvalidIndexes {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidIndexes::Rebuild => "rebuild",
+            InvalidIndexes::Drop => "drop",
+        }
+    }
 }
 
 impl Options {
@@ -105,6 +127,7 @@ impl Default for Options {
             sample: None,
             version_schema: None,
             capture: super::capture::Choice::Trigger,
+            invalid_indexes: None,
         }
     }
 }
@@ -305,6 +328,27 @@ pub async fn migrate(
                 .into(),
         ));
     }
+    let invalid: Vec<&str> = plan.table_def.indexes.iter().filter(|i| !i.is_valid).map(|i| i.name.as_str()).collect();
+    if plan.strategy != Strategy::Instant && opts.version_schema.is_none() && !invalid.is_empty() {
+        match opts.invalid_indexes {
+            None => {
+                return Err(MigrateError::Refused(format!(
+                    "{} has invalid index(es) {} (left by a failed CREATE INDEX CONCURRENTLY or REINDEX CONCURRENTLY; the \
+                     offline ALTER would fail on them): pass --invalid-indexes rebuild to build them on the new table \
+                     (where the data allows), or --invalid-indexes drop to leave them out",
+                    plan.table,
+                    invalid.join(", ")
+                )));
+            }
+            Some(InvalidIndexes::Rebuild) => ctx
+                .reporter
+                .note(&format!("invalid index(es) {} are built again, valid, on the new table", invalid.join(", "))),
+            Some(InvalidIndexes::Drop) => ctx.reporter.note(&format!(
+                "invalid index(es) {} are left out of the new table (the old table keeps them until finish)",
+                invalid.join(", ")
+            )),
+        }
+    }
     let capture = capture_mode(&control, &plan, opts, ctx).await?;
     state::ensure_schema(&mut control).await.map_err(state_err)?;
     lock_table(&control, &plan.table).await?;
@@ -341,6 +385,7 @@ pub async fn migrate(
         "lock_timeout_ms": opts.lock_timeout.as_millis() as u64, "cutover_attempts": opts.cutover_attempts,
         "finish": opts.finish, "jobs": opts.parallel, "verify": opts.verify, "rehearsal": opts.rehearse,
         "sample": opts.sample.filter(|_| opts.rehearse),
+        "invalid_indexes": opts.invalid_indexes.map(InvalidIndexes::as_str),
     });
     let def = &plan.table_def;
     let id = state::insert_migration(
@@ -505,6 +550,10 @@ pub(super) async fn continue_migration(
     // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.
     run.rehearse = rehearsal.unwrap_or(false);
     run.sample_every = if run.rehearse { sample_every(sample) } else { None };
+    // The choice made when the migration started holds for a shadow built again.
+    if let Some(choice) = m.settings["invalid_indexes"].as_str() {
+        run.rebuild_invalid = choice == InvalidIndexes::Rebuild.as_str();
+    }
     let result = run.drive(from, plan.as_ref(), spec, Some(&m)).await;
     run.finish_up(result).await
 }

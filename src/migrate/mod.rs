@@ -34,6 +34,8 @@ pub mod throttle;
 pub mod verify;
 pub mod version_schema;
 
-pub use engine::{Context, Options, Outcome, PhaseHook, Reporter, Silent, migrate, resume, session_config};
+pub use engine::{
+    Context, InvalidIndexes, Options, Outcome, PhaseHook, Reporter, Silent, migrate, resume, session_config,
+};
 pub use error::MigrateError;
 pub use live::{Live, Progress, Settings};

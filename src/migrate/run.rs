@@ -57,6 +57,8 @@ pub(super) struct Run<'a> {
     pub(super) capture: capture::Mode,
     /// The logical capture's stream, while it runs.
     pub(super) stream: Option<capture::logical::Stream>,
+    /// Build the table's invalid indexes on the shadow (`--invalid-indexes rebuild`).
+    pub(super) rebuild_invalid: bool,
 }
 
 impl<'a> Run<'a> {
@@ -100,6 +102,7 @@ impl<'a> Run<'a> {
             meter: None,
             capture: capture::Mode::Trigger,
             stream: None,
+            rebuild_invalid: opts.invalid_indexes == Some(super::engine::InvalidIndexes::Rebuild),
         }
     }
 
@@ -249,7 +252,7 @@ impl<'a> Run<'a> {
                 let plan =
                     plan.ok_or_else(|| MigrateError::Refused("cannot rebuild the shadow without the plan".into()))?;
                 self.enter(Phase::Shadow, "building the shadow table with the change applied").await?;
-                let spec = shadow::create(&self.control, plan, self.id, &self.retry).await?;
+                let spec = shadow::create(&self.control, plan, self.id, &self.retry, self.rebuild_invalid).await?;
                 let spec_json = serde_json::to_value(&spec).unwrap_or_default();
                 state::set_spec(&self.control, self.id, &spec.work_schema, &spec.archive_schema, &spec_json)
                     .await

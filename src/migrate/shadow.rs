@@ -48,7 +48,14 @@ struct ShadowColumn {
 
 /// Builds the shadow table and returns the migration's spec. Nothing on the live table
 /// changes (it is only read, under ACCESS SHARE).
-pub async fn create(client: &Client, plan: &Plan, id: i64, retry: &RetryPolicy) -> Result<Spec, MigrateError> {
+/// Builds the shadow; `rebuild_invalid`: the table's invalid indexes too (else left out).
+pub async fn create(
+    client: &Client,
+    plan: &Plan,
+    id: i64,
+    retry: &RetryPolicy,
+    rebuild_invalid: bool,
+) -> Result<Spec, MigrateError> {
     let def = &plan.table_def;
     let volatile_using =
         volatile_using_columns(client, plan).await.map_err(|e| db(id, "checking USING expressions", e))?;
@@ -58,7 +65,7 @@ pub async fn create(client: &Client, plan: &Plan, id: i64, retry: &RetryPolicy) 
             .batch_execute(&format!("BEGIN; {}", retry.set_local()))
             .await
             .map_err(|e| db(id, "starting a transaction", e))?;
-        let result = build(client, plan, id, &volatile_using).await;
+        let result = build(client, plan, id, &volatile_using, rebuild_invalid).await;
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         client.batch_execute(end).await.map_err(|e| db(id, "ending the shadow transaction", e))?;
         match result {
@@ -107,7 +114,13 @@ async fn volatile_using_columns(client: &Client, plan: &Plan) -> Result<Vec<Stri
     Ok(out)
 }
 
-async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String]) -> Result<Spec, Failure> {
+async fn build(
+    client: &Client,
+    plan: &Plan,
+    id: i64,
+    volatile_using: &[String],
+    rebuild_invalid: bool,
+) -> Result<Spec, Failure> {
     let def = &plan.table_def;
     let work = spec::work_schema(id);
     let shadow = QualifiedName::new(&work, &def.name.name);
@@ -163,7 +176,7 @@ async fn build(client: &Client, plan: &Plan, id: i64, volatile_using: &[String])
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    for idx in def.indexes.iter().filter(|i| i.is_valid) {
+    for idx in def.indexes.iter().filter(|i| i.is_valid || rebuild_invalid) {
         let index_sql =
             || parse::retarget_index(&idx.definition, &shadow_sql).map_err(|e| Failure::Refused(e.to_string()));
         let sql = match &idx.constraint {

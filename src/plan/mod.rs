@@ -201,6 +201,19 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         }
     }
     let through_shadow = strategy != Strategy::Instant;
+    for i in def.indexes.iter().filter(|i| !i.is_valid) {
+        warnings.push(format!(
+            "index {} is invalid (left by a failed CREATE INDEX CONCURRENTLY or REINDEX CONCURRENTLY): it slows every \
+             write and serves no query{}",
+            crate::sql::display_ident(&i.name),
+            if through_shadow {
+                "; the offline ALTER would fail on it, and `migrate` asks for --invalid-indexes rebuild (build it \
+                 valid on the new table) or --invalid-indexes drop (leave it out)"
+            } else {
+                ""
+            }
+        ));
+    }
     let summary = if through_shadow {
         format!(
             "copy {} into a shadow table with the change applied, capture concurrent writes (triggers, or \
@@ -330,7 +343,7 @@ fn refuse_for_copy(def: &TableDef, parsed: &ParsedStatement) -> Result<(), PlanE
 fn carried_over(def: &TableDef) -> Vec<CarriedObject> {
     let mut out = Vec::new();
     let mut add = |kind, name: String| out.push(CarriedObject { kind, name });
-    for i in &def.indexes {
+    for i in def.indexes.iter().filter(|i| i.is_valid) {
         add("index", i.name.clone());
     }
     for c in &def.constraints {
