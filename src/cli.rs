@@ -141,6 +141,26 @@ pub enum Command {
         #[arg(value_name = "NAME=VALUE")]
         changes: Vec<String>,
     },
+    /// List the indexes of the database (or of TABLE) with their size and what they cost;
+    /// invalid ones (a failed CREATE INDEX CONCURRENTLY or REINDEX CONCURRENTLY) first.
+    Indexes {
+        #[command(flatten)]
+        db: Database,
+        /// Only the invalid ones.
+        #[arg(long)]
+        invalid: bool,
+        /// Drop the invalid ones with DROP INDEX CONCURRENTLY (asks first).
+        #[arg(long)]
+        drop_invalid: bool,
+        /// Do not ask before dropping.
+        #[arg(long)]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this table's.
+        table: Option<String>,
+    },
     /// After the swap: go back to the old table, kept in step since, without losing a write
     /// (the new table is then kept until `finish`).
     Revert {

@@ -469,9 +469,15 @@ async fn an_invalid_index_is_named_and_refused_until_told_what_to_do() {
     let failed = db.client.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY items_note_key ON items (note)").await;
     assert!(failed.is_err() && strings(&db.client, invalid).await == ["items_note_key"]);
     db.exec("UPDATE items SET note = 'n2' WHERE id = 2").await;
-    let out =
-        run(&["migrate", "--finish", "--yes", "--invalid-indexes", "rebuild", "ALTER TABLE items ALTER COLUMN qty TYPE int"])
-            .await;
+    let out = run(&[
+        "migrate",
+        "--finish",
+        "--yes",
+        "--invalid-indexes",
+        "rebuild",
+        "ALTER TABLE items ALTER COLUMN qty TYPE int",
+    ])
+    .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(strings(&db.client, invalid).await.is_empty());
     let unique = "SELECT indisunique::text FROM pg_index WHERE indexrelid = 'items_note_key'::regclass";

@@ -12,6 +12,7 @@ macro_rules! say {
 
 mod cleanup;
 mod demo;
+mod indexes;
 mod live;
 mod migrate;
 mod plan;
@@ -93,6 +94,9 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         }
         Command::Settings { control, token, changes } => {
             live::settings(live::Remote { addr: &control, token: token.secret().as_ref() }, &changes).await
+        }
+        Command::Indexes { db, invalid, drop_invalid, yes, json, table } => {
+            indexes::run(db.database_url.as_deref(), table.as_deref(), invalid, drop_invalid, yes, json).await
         }
         Command::Revert {
             db,
