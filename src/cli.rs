@@ -166,7 +166,12 @@ pub enum Command {
     Revert {
         #[command(flatten)]
         db: Database,
-        table: String,
+        /// Ask a `migrate --revert-window` still running, through its control API (host:port).
+        #[arg(long, conflicts_with = "table")]
+        control: Option<String>,
+        #[command(flatten)]
+        token: ControlToken,
+        table: Option<String>,
         /// lock_timeout for the swap back's lock on the live table.
         #[arg(long, default_value = "2s", value_parser = duration)]
         lock_timeout: Duration,

@@ -265,6 +265,8 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
          ALTER TABLE items CLUSTER ON items_id_qty;
          ALTER TABLE items ALTER COLUMN note SET STATISTICS 321;
          ALTER TABLE items ALTER COLUMN note SET (n_distinct = -0.5, n_distinct_inherited = 100);
+         CREATE INDEX items_lower_note ON items (lower(note));
+         ALTER INDEX items_lower_note ALTER COLUMN 1 SET STATISTICS 222;
          CREATE STATISTICS items_dep (dependencies) ON id, note FROM items;
          COMMENT ON TABLE items IS 'line items';
          COMMENT ON COLUMN items.note IS 'free text';
@@ -314,6 +316,12 @@ async fn publications_identity_comments_options_statistics_and_legacy_checks() {
     assert_eq!(
         q("SELECT attstattarget::text FROM pg_attribute WHERE attrelid = 'items'::regclass AND attname = 'note'").await,
         ["321"]
+    );
+    // So does an index expression's statistics target.
+    assert_eq!(
+        q("SELECT attstattarget::text FROM pg_attribute WHERE attrelid = 'items_lower_note'::regclass AND attnum = 1")
+            .await,
+        ["222"]
     );
     // Attribute options come through too (LIKE does not copy them).
     assert_eq!(

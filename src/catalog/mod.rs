@@ -112,6 +112,9 @@ pub struct Index {
     pub tablespace: Option<String>,
     pub comment: Option<String>,
     pub bytes: i64,
+    /// `ALTER INDEX … ALTER COLUMN n SET STATISTICS v` of its expression columns: (n, v).
+    #[serde(default)]
+    pub column_statistics: Vec<(i16, i32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

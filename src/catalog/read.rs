@@ -230,7 +230,11 @@ async fn read_indexes(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<
                     i.indimmediate, con.conname::text,
                     (i.indkey::int2[])[0:i.indnkeyatts - 1], i.indpred IS NOT NULL, i.indisclustered,
                     i.indisreplident, ts.spcname::text, obj_description(i.indexrelid, 'pg_class'),
-                    pg_relation_size(i.indexrelid), i.indisvalid AND i.indisready
+                    pg_relation_size(i.indexrelid), i.indisvalid AND i.indisready,
+                    coalesce((SELECT array_agg(a.attnum ORDER BY a.attnum) FROM pg_attribute a
+                               WHERE a.attrelid = i.indexrelid AND a.attstattarget::int > 0), '{}'),
+                    coalesce((SELECT array_agg(a.attstattarget::int ORDER BY a.attnum) FROM pg_attribute a
+                               WHERE a.attrelid = i.indexrelid AND a.attstattarget::int > 0), '{}')
                FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
                LEFT JOIN pg_constraint con
@@ -258,6 +262,7 @@ async fn read_indexes(tx: &tokio_postgres::Transaction<'_>, oid: u32) -> Result<
             tablespace: r.get(10),
             comment: r.get(11),
             bytes: r.get(12),
+            column_statistics: r.get::<_, Vec<i16>>(14).into_iter().zip(r.get::<_, Vec<i32>>(15)).collect(),
         })
         .collect())
 }

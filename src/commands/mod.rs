@@ -100,6 +100,8 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         }
         Command::Revert {
             db,
+            control,
+            token: control_token,
             table,
             lock_timeout,
             cutover_attempts,
@@ -114,7 +116,15 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
             throttle.apply(&mut settings);
             let opts =
                 crate::migrate::revert::Options { lock_timeout, attempts: cutover_attempts, batch: 5_000, settings };
-            cleanup::revert(db.database_url.as_deref(), &table, &opts, &proxies).await
+            match (table, control) {
+                (Some(table), _) => cleanup::revert(db.database_url.as_deref(), &table, &opts, &proxies).await,
+                (None, Some(addr)) => {
+                    live::command(live::Remote { addr: &addr, token: control_token.secret().as_ref() }, "/revert").await
+                }
+                (None, None) => Err(CommandError::refused(
+                    "name the table whose migration to revert, or a running migration's --control ADDR",
+                )),
+            }
         }
         Command::Finish { db, table, proxies, proxy_token, drain_timeout } => {
             let token = proxy_token.as_deref().filter(|t| !t.is_empty()).map(crate::connect::Secret::new);

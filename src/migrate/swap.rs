@@ -246,6 +246,13 @@ pub fn script(spec: &Spec) -> Script {
         if i.is_clustered {
             a.push(format!("ALTER TABLE {table_sql} CLUSTER ON {}", ident(&i.name)));
         }
+        for (n, target) in &i.column_statistics {
+            a.push(format!(
+                "ALTER INDEX {}.{} ALTER COLUMN {n} SET STATISTICS {target}",
+                ident(&spec.original.schema),
+                ident(&i.name)
+            ));
+        }
     }
     for st in &t.statistics {
         s.optional.push(st.definition.clone());
