@@ -162,6 +162,7 @@ async fn revert_once(cluster: &Cluster, id: i64, control_url: &str) -> Reverted 
         attempts: 30,
         batch: 5_000,
         settings: Default::default(),
+        live: None,
     };
     let started = now_us();
     let outcome = migrate::revert::revert(&control_session, &work, &m, &opts, &proxies).await.expect("the revert");

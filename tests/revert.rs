@@ -197,11 +197,17 @@ async fn a_revert_killed_in_its_catch_up_or_its_swap_goes_on_when_run_again() {
 async fn a_revert_window_on_migrate_reverts_on_request_or_closes_by_itself() {
     let db = TestDb::new().await;
     items::create(&db.client, 2000).await;
-    let run = common::running::Running::start(&db.url, &["migrate", "--revert-window", "10min", RETYPE]).await;
+    let mut run = common::running::Running::start(&db.url, &["migrate", "--revert-window", "10min", RETYPE]).await;
     common::wait_for(&db.client, "SELECT phase = 'swapped' FROM ghostwire.migrations").await;
     db.exec("UPDATE items SET qty = 0 WHERE id = 1").await;
-    // `ghostwire revert --control ADDR` is `POST /revert`.
+    // `ghostwire revert --control ADDR` is `POST /revert`; paused first, the revert's
+    // catch-up waits, and `/status` shows it.
+    run.cli(&["pause"]).await;
     assert!(run.cli(&["revert"]).await.contains("revert requested"));
+    let p = run.wait_until("the paused revert", |p| p["phase"] == "reverting" && !p["throttled"].is_null()).await;
+    assert!(p["throttled"].as_str().unwrap_or("").contains("paused"), "{p}");
+    assert_eq!(column_type(&db, "qty").await, "bigint", "held by the pause");
+    run.cli(&["resume"]).await;
     let ended = run.wait().await;
     assert!(ended.status.success(), "{}", ended.output());
     assert!(ended.output().contains("the old table is live again"), "{}", ended.output());

@@ -212,6 +212,7 @@ async fn revert_window(
                 attempts: args.cutover_attempts,
                 batch: 5_000,
                 settings: ctx.live.settings(),
+                live: Some(std::sync::Arc::clone(&ctx.live)),
             };
             super::cleanup::revert(url, &name, &opts, &proxies).await
         }

@@ -114,8 +114,13 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
             let proxies = crate::migrate::proxies::Proxies { urls: &proxies, token: token.as_ref(), drain_timeout };
             let mut settings = crate::migrate::live::Settings::default();
             throttle.apply(&mut settings);
-            let opts =
-                crate::migrate::revert::Options { lock_timeout, attempts: cutover_attempts, batch: 5_000, settings };
+            let opts = crate::migrate::revert::Options {
+                lock_timeout,
+                attempts: cutover_attempts,
+                batch: 5_000,
+                settings,
+                live: None,
+            };
             match (table, control) {
                 (Some(table), _) => cleanup::revert(db.database_url.as_deref(), &table, &opts, &proxies).await,
                 (None, Some(addr)) => {

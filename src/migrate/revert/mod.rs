@@ -56,6 +56,17 @@ pub struct Options {
     pub batch: i64,
     /// The throttle limits of the catch-up (replica lag, active sessions, the SQL check).
     pub settings: crate::migrate::live::Settings,
+    /// The control API's state, when a `migrate --revert-window` runs the revert: its
+    /// progress is shown there, and its pause holds the catch-up.
+    pub live: Option<std::sync::Arc<crate::migrate::live::Live>>,
+}
+
+impl Options {
+    fn show(&self, f: impl FnOnce(&mut crate::migrate::live::Progress)) {
+        if let Some(live) = &self.live {
+            live.update(f);
+        }
+    }
 }
 
 /// What a revert did.
@@ -116,14 +127,18 @@ pub async fn revert(
     let caught_up = Instant::now();
     let mut applied = 0;
     // Catch up while the application writes, until one batch is enough for what is left.
+    opts.show(|p| p.phase = Phase::Reverting.as_str().into());
     loop {
-        pace(control, m, &opts.settings).await?;
+        pace(control, m, opts).await?;
         let n = match apply::batch(work, &mapping, &tables, m.id, opts.batch).await? {
             Ok(n) => n,
             Err(rows) => return Err(unmappable(control, m, rows).await),
         };
         applied += n;
         metrics::counter!("ghostwire_revert_changes_applied_total").increment(n as u64);
+        if let Ok(left) = apply::backlog(control, m.id).await {
+            opts.show(|p| p.backlog = left);
+        }
         crate::failpoint::hit("revert.batch");
         if n < opts.batch {
             break;
@@ -196,6 +211,10 @@ pub async fn revert(
                 .await?;
                 metrics::histogram!("ghostwire_lock_wait_seconds").record(lock_wait.as_secs_f64());
                 metrics::histogram!("ghostwire_lock_hold_seconds").record(lock_hold.as_secs_f64());
+                opts.show(|p| {
+                    p.phase = Phase::Reverted.as_str().into();
+                    p.backlog = 0;
+                });
                 let unvalidated = validate(work, &script).await;
                 return Ok(Outcome { id: m.id, applied, attempts: attempt, lock_wait, lock_hold, unvalidated });
             }
@@ -212,13 +231,16 @@ pub async fn revert(
 
 /// Waits while a throttle signal is over its limit (a signal that cannot be read holds the
 /// catch-up back); a critical limit stops the revert.
-async fn pace(control: &Client, m: &Migration, settings: &crate::migrate::live::Settings) -> Result<(), RevertError> {
+async fn pace(control: &Client, m: &Migration, opts: &Options) -> Result<(), RevertError> {
     use crate::migrate::throttle::{self, Verdict};
     let mut held: Option<(String, Instant)> = None;
     loop {
-        let signals = throttle::read(control, settings, Ok(0), false, None).await;
-        match throttle::judge(settings, &signals) {
+        let settings = opts.live.as_ref().map(|l| l.settings()).unwrap_or_else(|| opts.settings.clone());
+        let paused = opts.live.as_ref().is_some_and(|l| l.paused());
+        let signals = throttle::read(control, &settings, Ok(0), paused, None).await;
+        match throttle::judge(&settings, &signals) {
             Verdict::Go => {
+                opts.show(|p| p.throttled = None);
                 if let Some((reason, since)) = held {
                     let msg =
                         format!("revert catch-up resumed after {:.1} s ({reason})", since.elapsed().as_secs_f64());
@@ -230,6 +252,7 @@ async fn pace(control: &Client, m: &Migration, settings: &crate::migrate::live::
             Verdict::Throttle(reason) => {
                 if held.as_ref().is_none_or(|(r, _)| r != &reason) {
                     tracing::info!("revert catch-up throttled: {reason}");
+                    opts.show(|p| p.throttled = Some(reason.clone()));
                     let msg = format!("revert catch-up throttled: {reason}");
                     state::event(control, m.id, Phase::Reverting, "throttle", &msg, None, None).await?;
                     held = Some((reason, Instant::now()));
