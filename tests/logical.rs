@@ -262,6 +262,54 @@ async fn a_crash_that_empties_the_change_log_makes_the_run_copy_again() {
     assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
 }
 
+/// The same crash while no ghostwire process runs (it was killed first): `resume` finds
+/// the log emptied and copies again.
+#[tokio::test]
+async fn resume_after_a_crash_that_emptied_the_change_log_copies_again() {
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().unwrap());
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    common::items::create(&client, common::items::ROWS).await;
+    client.batch_execute("CREATE TABLE gate (hold boolean NOT NULL); INSERT INTO gate VALUES (false)").await.unwrap();
+    let load = Workload::start_tolerant(&url, Shape::items(), 2, common::items::ROWS, 55);
+    load.wait_for_more(20).await;
+    let args = [
+        "migrate",
+        "--capture",
+        "logical",
+        "--chunk-rows",
+        "100",
+        "--chunk-time",
+        "5ms",
+        "--throttle-query",
+        "SELECT hold FROM gate",
+        common::items::RETYPE,
+    ];
+    let run = common::running::Running::start(&url, &args).await;
+    common::wait_for(&client, common::COPY_UNDER_WAY).await;
+    client.batch_execute("UPDATE gate SET hold = true").await.unwrap();
+    common::wait_for(&client, "SELECT count(*) >= 50 FROM ghostwire.changes_1").await;
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    common::wait_for(&client, &format!("SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots"))
+        .await;
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    drop(run); // SIGKILL
+    let c = Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
+    let client = common::connect(&url).await;
+    client.batch_execute("UPDATE gate SET hold = false").await.unwrap();
+    let out = ghostwire(&url, &["resume", "items"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume should copy again: {stderr}");
+    load.wait_for_more(20).await;
+    load.stop().await;
+    common::items::assert_matches_oracle(&client).await;
+    let lost = strings(&client, "SELECT phase FROM ghostwire.events WHERE kind = 'change_log_lost'").await;
+    assert_eq!(lost.len(), 1, "the lost log was not noticed: {stderr}");
+    common::items::assert_swapped_then_finish(&url, &client).await;
+}
+
 #[tokio::test]
 async fn ddl_on_the_table_under_the_run_stops_it_before_the_swap() {
     for capture in [Choice::Logical, Choice::Trigger] {
