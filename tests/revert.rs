@@ -224,3 +224,20 @@ async fn a_revert_window_on_migrate_reverts_on_request_or_closes_by_itself() {
     assert_eq!(phases, ["finished", "finished"]);
     assert!(debris(&db.client, 2).await.is_empty(), "{:?}", debris(&db.client, 2).await);
 }
+
+#[tokio::test]
+async fn a_lock_held_too_long_makes_the_revert_give_up_with_the_window_open() {
+    let db = TestDb::new().await;
+    items::create(&db.client, 1000).await;
+    ok(&ghostwire(&db.url, &["migrate", RETYPE], None).await);
+    let holder = common::connect(&db.url).await;
+    holder.batch_execute("BEGIN; SELECT count(*) FROM items").await.unwrap();
+    let out = ghostwire(&db.url, &["revert", "items", "--lock-timeout", "50ms", "--cutover-attempts", "2"], None).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not swap back after 2 attempt(s)"));
+    assert_eq!(strings(&db.client, "SELECT phase FROM ghostwire.migrations").await, ["swapped"]);
+    assert_eq!(column_type(&db, "qty").await, "bigint");
+    holder.batch_execute("COMMIT").await.unwrap();
+    ok(&ghostwire(&db.url, &["revert", "items"], None).await);
+    assert_eq!(column_type(&db, "qty").await, "integer");
+}

@@ -226,6 +226,8 @@ pub async fn revert(
             Attempt::Unmappable(rows) => return Err(unmappable(control, m, rows).await),
         }
     }
+    // The window stays open, with no revert under way.
+    state::set_phase(control, m.id, Phase::Swapped, "swapped; a revert could not swap back").await?;
     Err(RevertError::GaveUp { id: m.id, table: m.table.to_string(), attempts: opts.attempts.max(1), reason })
 }
 
