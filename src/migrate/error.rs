@@ -69,6 +69,10 @@ pub enum MigrateError {
         "migration #{id} of {table} was aborted by `ghostwire abort` from elsewhere in phase {phase}; this run stops. That command removes the shadow table, triggers and change log"
     )]
     AbortedElsewhere { id: i64, table: String, phase: Phase },
+    #[error(
+        "migration #{id} of {table} stopped: existing rows violate constraint {constraint}: {example}. The constraint was removed and the table is as it was; correct those rows, then run the migration again"
+    )]
+    Violated { id: i64, table: String, constraint: String, example: String },
 }
 
 fn next_step(phase: Phase) -> &'static str {

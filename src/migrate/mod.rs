@@ -17,6 +17,7 @@ pub mod copy;
 pub mod cutover;
 mod engine;
 mod error;
+mod in_place;
 pub mod index;
 pub mod live;
 mod pacing;

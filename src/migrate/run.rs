@@ -246,6 +246,12 @@ impl<'a> Run<'a> {
             outcome.total_time = started.elapsed();
             return Ok(outcome);
         }
+        if let Some(plan) = plan.filter(|p| super::in_place::runs_in_place(p)) {
+            self.in_place(plan).await?;
+            outcome.finished = true;
+            outcome.total_time = started.elapsed();
+            return Ok(outcome);
+        }
         let spec = match spec {
             Some(s) => s,
             None => {

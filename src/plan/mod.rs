@@ -172,10 +172,10 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     if copy {
         refuse_for_copy(&def, &parsed)?;
     }
-    if steps.iter().any(|s| s.strategy == Strategy::Online) && !copy {
+    if steps.iter().any(|s| s.strategy == Strategy::Online) && !copy && !in_place_steps(&steps) {
         warnings.push(
-            "online recipes currently run through the shadow table (copy and swap); \
-             running them in place is planned"
+            "this online recipe still runs through the shadow table (copy and swap); only CHECK and FOREIGN KEY \
+             constraints run in place so far"
                 .into(),
         );
     }
@@ -258,6 +258,22 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         steps,
         parsed,
         table_def: def,
+    })
+}
+
+/// Whether steps can all run in place, with no copy: catalog-only ones, and CHECK or
+/// FOREIGN KEY constraints (added NOT VALID, then validated).
+pub fn in_place_steps(steps: &[classify::Step]) -> bool {
+    steps.iter().all(|s| {
+        s.strategy == Strategy::Instant
+            || matches!(
+                s.action,
+                Action::AddConstraint {
+                    constraint: parse::NewConstraint::Check | parse::NewConstraint::ForeignKey,
+                    using_index: false,
+                    ..
+                }
+            )
     })
 }
 
