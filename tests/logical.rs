@@ -207,6 +207,19 @@ async fn postgres_restarted_mid_stream_is_ridden_out() {
     assert!(strings(&client, "SELECT slot_name FROM pg_replication_slots").await.is_empty());
 }
 
+/// Part of the table copied, then the copy held (through `gate`): changes of copied rows
+/// wait in the log, the slot is confirmed past them, and a checkpoint has put that position
+/// on disk (a crash before one would stream those changes again).
+async fn hold_copy_with_changes_confirmed(client: &tokio_postgres::Client) {
+    common::wait_for(client, common::COPY_UNDER_WAY).await;
+    client.batch_execute("UPDATE gate SET hold = true").await.unwrap();
+    common::wait_for(client, "SELECT count(*) >= 50 FROM ghostwire.changes_1").await;
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    common::wait_for(client, &format!("SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots"))
+        .await;
+    client.batch_execute("CHECKPOINT").await.unwrap();
+}
+
 /// The change log is UNLOGGED with logical capture: a crash of the server empties it,
 /// keys the slot was confirmed past among them. The run must notice and copy again.
 #[tokio::test]
@@ -235,17 +248,7 @@ async fn a_crash_that_empties_the_change_log_makes_the_run_copy_again() {
         ];
         ghostwire(&url2, &args, None).await
     });
-    // Part of the table copied, then the copy held: changes of copied rows wait in the log,
-    // and the slot is confirmed past them.
-    common::wait_for(&client, common::COPY_UNDER_WAY).await;
-    client.batch_execute("UPDATE gate SET hold = true").await.unwrap();
-    common::wait_for(&client, "SELECT count(*) >= 50 FROM ghostwire.changes_1").await;
-    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-    common::wait_for(&client, &format!("SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots"))
-        .await;
-    // The slot's confirmed position reaches the disk at a checkpoint (a crash before one
-    // would stream those changes again).
-    client.batch_execute("CHECKPOINT").await.unwrap();
+    hold_copy_with_changes_confirmed(&client).await;
     let c = Arc::clone(&cluster);
     tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();
     let client = common::connect(&url).await;
@@ -287,13 +290,7 @@ async fn resume_after_a_crash_that_emptied_the_change_log_copies_again() {
         common::items::RETYPE,
     ];
     let run = common::running::Running::start(&url, &args).await;
-    common::wait_for(&client, common::COPY_UNDER_WAY).await;
-    client.batch_execute("UPDATE gate SET hold = true").await.unwrap();
-    common::wait_for(&client, "SELECT count(*) >= 50 FROM ghostwire.changes_1").await;
-    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-    common::wait_for(&client, &format!("SELECT bool_and(confirmed_flush_lsn >= '{lsn}') FROM pg_replication_slots"))
-        .await;
-    client.batch_execute("CHECKPOINT").await.unwrap();
+    hold_copy_with_changes_confirmed(&client).await;
     drop(run); // SIGKILL
     let c = Arc::clone(&cluster);
     tokio::task::spawn_blocking(move || c.restart()).await.unwrap().unwrap();

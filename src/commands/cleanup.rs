@@ -13,6 +13,18 @@ fn classify(e: CleanupError) -> CommandError {
     }
 }
 
+/// Takes the table's advisory lock, refusing while another ghostwire process holds it.
+async fn take_table(client: &tokio_postgres::Client, m: &state::Migration) -> Result<(), CommandError> {
+    if state::try_lock_table(client, &m.table).await.map_err(CommandError::failed)? {
+        return Ok(());
+    }
+    let pid = state::lock_holder(client, &m.table).await.ok().flatten().unwrap_or(0);
+    Err(CommandError::refused(format!(
+        "a ghostwire process (backend pid {pid}) is still working on {}; wait for it to end",
+        m.table
+    )))
+}
+
 pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
     let config = connect::params(url, "ghostwire abort")?;
     let client = connect::connect(&config).await?;
@@ -44,13 +56,7 @@ pub async fn finish(url: Option<&str>, table: &str, proxies: &Proxies<'_>) -> Re
     let config = connect::params(url, "ghostwire finish")?;
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
-    if !state::try_lock_table(&client, &m.table).await.map_err(CommandError::failed)? {
-        let pid = state::lock_holder(&client, &m.table).await.ok().flatten().unwrap_or(0);
-        return Err(CommandError::refused(format!(
-            "a ghostwire process (backend pid {pid}) is still working on {}; wait for it to end",
-            m.table
-        )));
-    }
+    take_table(&client, &m).await?;
     let version = crate::migrate::version_schema::of(&m);
     // A version schema's contract runs while the proxies hold new queries (a few ms).
     let drained = match &version {
@@ -86,13 +92,7 @@ pub async fn revert(
     let config = connect::params(url, "ghostwire revert")?;
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
-    if !state::try_lock_table(&client, &m.table).await.map_err(CommandError::failed)? {
-        let pid = state::lock_holder(&client, &m.table).await.ok().flatten().unwrap_or(0);
-        return Err(CommandError::refused(format!(
-            "a ghostwire process (backend pid {pid}) is still working on {}; wait for it to end",
-            m.table
-        )));
-    }
+    take_table(&client, &m).await?;
     if let Some(schema) = crate::migrate::version_schema::of(&m) {
         // The table never changed: reverting is dropping the version schema.
         cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;

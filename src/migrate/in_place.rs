@@ -1,4 +1,5 @@
-//! Online recipes run in place, with no copy (issue 18, first part): a statement whose
+//! Changes with no copy: a catalog-only statement run directly, and online recipes run in
+//! place (issue 18, first part): a statement whose
 //! subcommands are catalog-only or `ADD CONSTRAINT … CHECK` / `… FOREIGN KEY` changes the
 //! table through short locks only:
 //!
@@ -38,6 +39,19 @@ async fn constraint_names(client: &Client, table: &str) -> Result<Vec<String>, t
 }
 
 impl Run<'_> {
+    /// A catalog-only statement: run as it is, under the lock timeout, retried.
+    pub(super) async fn run_directly(&mut self, plan: &Plan) -> Result<(), MigrateError> {
+        self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
+        let t = Instant::now();
+        retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text).await.during(
+            self.id,
+            Phase::Cutover,
+            "running the statement",
+        )?;
+        self.event("statement", "statement run", Some(t.elapsed()), None).await;
+        self.enter(Phase::Finished, "finished").await
+    }
+
     /// Runs `plan` in place (see the module); the migration ends `finished`.
     pub(super) async fn in_place(&mut self, plan: &Plan) -> Result<(), MigrateError> {
         let table = plan.table.sql();

@@ -230,24 +230,15 @@ impl<'a> Run<'a> {
             let meter = Meter::start(&self.control, plan, resumed_from).await;
             self.meter = Some(meter.during(self.id, self.phase, "starting the rehearsal's measurements")?);
         }
-        if self.strategy == Strategy::Instant {
+        let direct = self.strategy == Strategy::Instant;
+        if direct || plan.is_some_and(super::in_place::runs_in_place) {
             let plan =
                 plan.ok_or_else(|| MigrateError::Refused("nothing to resume in a catalog-only change".into()))?;
-            self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
-            let t = Instant::now();
-            retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text).await.during(
-                self.id,
-                Phase::Cutover,
-                "running the statement",
-            )?;
-            self.event("statement", "statement run", Some(t.elapsed()), None).await;
-            self.enter(Phase::Finished, "finished").await?;
-            outcome.finished = true;
-            outcome.total_time = started.elapsed();
-            return Ok(outcome);
-        }
-        if let Some(plan) = plan.filter(|p| super::in_place::runs_in_place(p)) {
-            self.in_place(plan).await?;
+            if direct {
+                self.run_directly(plan).await?;
+            } else {
+                self.in_place(plan).await?;
+            }
             outcome.finished = true;
             outcome.total_time = started.elapsed();
             return Ok(outcome);

@@ -98,6 +98,28 @@ pub(super) fn create_view(v: &DependentView) -> Vec<String> {
     out
 }
 
+/// The foreign keys of other tables that reference the table, added again NOT VALID (to
+/// whichever table has its name now), validated after the commit where they were valid.
+pub(super) fn add_referencing_foreign_keys(
+    t: &crate::catalog::TableDef,
+    a: &mut Vec<String>,
+    validations: &mut Vec<(String, String)>,
+) {
+    for fk in &t.referencing_foreign_keys {
+        let definition = fk.definition.strip_suffix(" NOT VALID").unwrap_or(&fk.definition);
+        a.push(format!("ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID", fk.table.sql(), ident(&fk.name)));
+        if let Some(c) = &fk.comment {
+            a.push(format!("COMMENT ON CONSTRAINT {} ON {} IS {}", ident(&fk.name), fk.table.sql(), literal(c)));
+        }
+        if fk.validated {
+            validations.push((
+                format!("foreign key {} on {}", fk.name, fk.table),
+                format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table.sql(), ident(&fk.name)),
+            ));
+        }
+    }
+}
+
 pub fn script(spec: &Spec) -> Script {
     let t = &spec.table;
     let table_sql = spec.original.sql();
@@ -150,19 +172,7 @@ pub fn script(spec: &Spec) -> Script {
             ));
         }
     }
-    for fk in &t.referencing_foreign_keys {
-        let definition = fk.definition.strip_suffix(" NOT VALID").unwrap_or(&fk.definition);
-        a.push(format!("ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID", fk.table.sql(), ident(&fk.name)));
-        if let Some(c) = &fk.comment {
-            a.push(format!("COMMENT ON CONSTRAINT {} ON {} IS {}", ident(&fk.name), fk.table.sql(), literal(c)));
-        }
-        if fk.validated {
-            s.validations.push((
-                format!("foreign key {} on {}", fk.name, fk.table),
-                format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table.sql(), ident(&fk.name)),
-            ));
-        }
-    }
+    add_referencing_foreign_keys(t, a, &mut s.validations);
     for v in t.views.iter().filter(|v| !cascaded.contains(&v.name)) {
         if recreate.contains(&v.name) {
             a.extend(create_view(v));

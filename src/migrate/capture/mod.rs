@@ -68,11 +68,17 @@ pub fn log_table_sql(spec: &super::spec::Spec, mode: Mode) -> String {
             None => format!("{} {}", crate::sql::ident(&k.name), k.type_sql),
         })
         .collect();
+    log_table_ddl(&spec.log_table(), mode == Mode::Logical, &columns)
+}
+
+/// `CREATE [UNLOGGED] TABLE IF NOT EXISTS` for a change log `log` of key `columns` (each
+/// `name type [COLLATE c]`).
+pub fn log_table_ddl(log: &crate::sql::QualifiedName, unlogged: bool, columns: &[String]) -> String {
     format!(
         "CREATE {}TABLE IF NOT EXISTS {} (ghostwire_seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
          ghostwire_truncated boolean NOT NULL DEFAULT false, {})",
-        if mode == Mode::Logical { "UNLOGGED " } else { "" },
-        spec.log_table().sql(),
+        if unlogged { "UNLOGGED " } else { "" },
+        log.sql(),
         columns.join(", ")
     )
 }
@@ -80,7 +86,11 @@ pub fn log_table_sql(spec: &super::spec::Spec, mode: Mode) -> String {
 /// Change-log entries waiting, estimated from the log's sequence bounds (two index probes,
 /// however long the log: it is asked before every copy chunk).
 pub async fn backlog(client: &Client, id: i64) -> Result<i64, tokio_postgres::Error> {
-    let log = super::spec::log_table(id).sql();
-    let sql = format!("SELECT coalesce(max(ghostwire_seq) - min(ghostwire_seq) + 1, 0) FROM {log}");
+    log_backlog(client, &super::spec::log_table(id)).await
+}
+
+/// Entries waiting in the change log `log`.
+pub async fn log_backlog(client: &Client, log: &crate::sql::QualifiedName) -> Result<i64, tokio_postgres::Error> {
+    let sql = format!("SELECT coalesce(max(ghostwire_seq) - min(ghostwire_seq) + 1, 0) FROM {}", log.sql());
     Ok(client.query_one(&sql, &[]).await?.get(0))
 }

@@ -14,7 +14,7 @@ use super::super::spec::{CAPTURE_EVENTS, Spec, trigger_function, trigger_name};
 use crate::sql::{QualifiedName, ident};
 
 /// `body` between dollar quotes whose tag does not occur in it.
-pub(crate) fn dollar_quoted(body: &str) -> String {
+fn dollar_quoted(body: &str) -> String {
     let mut tag = String::from("ghostwire");
     while body.contains(&format!("${tag}$")) {
         tag.push('_');
@@ -22,12 +22,20 @@ pub(crate) fn dollar_quoted(body: &str) -> String {
     format!("${tag}${body}${tag}$")
 }
 
-/// The change log, its trigger functions (no lock on the live table).
-pub fn log_sql(spec: &Spec) -> String {
-    let log = spec.log_table().sql();
-    let keys = spec.key_list();
-    let mut sql = super::log_table_sql(spec, super::Mode::Trigger);
-    sql.push_str(";\n");
+/// The names one set of capture triggers goes by: the trigger and its function, per event.
+/// Forward capture and the revert window's reverse capture each have their own.
+pub struct Names {
+    pub trigger: fn(i64, &str) -> String,
+    pub function: fn(i64, &str) -> QualifiedName,
+}
+
+/// Forward capture's names.
+pub const FORWARD: Names = Names { trigger: trigger_name, function: trigger_function };
+
+/// The trigger functions logging the columns `keys` of each event's rows into `log`.
+pub fn functions_sql(names: &Names, id: i64, log: &QualifiedName, keys: &str) -> String {
+    let log = log.sql();
+    let mut sql = String::new();
     for event in CAPTURE_EVENTS {
         let body = match event {
             "insert" => format!("INSERT INTO {log} ({keys}) SELECT {keys} FROM ghostwire_new;"),
@@ -42,16 +50,23 @@ pub fn log_sql(spec: &Spec) -> String {
         sql.push_str(&format!(
             "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
              SET search_path = pg_catalog, pg_temp AS {};\n",
-            trigger_function(spec.migration_id, event).sql(),
+            (names.function)(id, event).sql(),
             dollar_quoted(&format!("BEGIN {body} RETURN NULL; END"))
         ));
     }
     sql
 }
 
-/// The triggers (SHARE ROW EXCLUSIVE on the live table, briefly).
-pub fn trigger_sql(spec: &Spec, table: &QualifiedName) -> String {
-    let id = spec.migration_id;
+/// The change log, its trigger functions (no lock on the live table).
+pub fn log_sql(spec: &Spec) -> String {
+    let mut sql = super::log_table_sql(spec, super::Mode::Trigger);
+    sql.push_str(";\n");
+    sql.push_str(&functions_sql(&FORWARD, spec.migration_id, &spec.log_table(), &spec.key_list()));
+    sql
+}
+
+/// The triggers on `table`, ENABLE ALWAYS (SHARE ROW EXCLUSIVE on it, briefly).
+pub fn triggers_sql(names: &Names, id: i64, table: &QualifiedName) -> String {
     let table_sql = table.sql();
     let mut sql = String::new();
     for event in CAPTURE_EVENTS {
@@ -63,23 +78,38 @@ pub fn trigger_sql(spec: &Spec, table: &QualifiedName) -> String {
         };
         sql.push_str(&format!(
             "CREATE TRIGGER {} AFTER {when} ON {table_sql} {referencing}FOR EACH STATEMENT EXECUTE FUNCTION {}();\n",
-            ident(&trigger_name(id, event)),
-            trigger_function(id, event).sql()
+            ident(&(names.trigger)(id, event)),
+            (names.function)(id, event).sql()
         ));
     }
     let always: Vec<String> =
-        CAPTURE_EVENTS.iter().map(|e| format!("ENABLE ALWAYS TRIGGER {}", ident(&trigger_name(id, e)))).collect();
+        CAPTURE_EVENTS.iter().map(|e| format!("ENABLE ALWAYS TRIGGER {}", ident(&(names.trigger)(id, e)))).collect();
     sql.push_str(&format!("ALTER TABLE {table_sql} {}", always.join(", ")));
     sql
 }
 
-/// `DROP TRIGGER IF EXISTS …` for the capture triggers on `table`.
-pub fn drop_triggers_sql(id: i64, table: &QualifiedName) -> String {
+/// The forward capture triggers on `table`.
+pub fn trigger_sql(spec: &Spec, table: &QualifiedName) -> String {
+    triggers_sql(&FORWARD, spec.migration_id, table)
+}
+
+/// `DROP TRIGGER IF EXISTS …` for the triggers of `names` on `table`.
+pub fn drop_named_triggers_sql(names: &Names, id: i64, table: &QualifiedName) -> String {
     CAPTURE_EVENTS
         .iter()
-        .map(|e| format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&trigger_name(id, e)), table.sql()))
+        .map(|e| format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&(names.trigger)(id, e)), table.sql()))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `DROP TRIGGER IF EXISTS …` for the capture triggers on `table`.
+pub fn drop_triggers_sql(id: i64, table: &QualifiedName) -> String {
+    drop_named_triggers_sql(&FORWARD, id, table)
+}
+
+/// ` DROP FUNCTION IF EXISTS …` for the trigger functions of `names`.
+pub fn drop_functions_sql(names: &Names, id: i64) -> String {
+    CAPTURE_EVENTS.iter().map(|e| format!(" DROP FUNCTION IF EXISTS {}();", (names.function)(id, e).sql())).collect()
 }
 
 /// Removes the change log and the trigger functions (after the triggers are gone).
@@ -89,9 +119,7 @@ pub fn drop_log_sql(id: i64) -> String {
         super::super::spec::log_table(id).sql(),
         super::logical::intact_table(id).sql()
     );
-    for e in CAPTURE_EVENTS {
-        sql.push_str(&format!(" DROP FUNCTION IF EXISTS {}();", trigger_function(id, e).sql()));
-    }
+    sql.push_str(&drop_functions_sql(&FORWARD, id));
     sql
 }
 
@@ -107,11 +135,21 @@ pub async fn install(client: &Client, spec: &Spec, retry: &RetryPolicy) -> Resul
 
 /// Whether all the capture triggers are on the original table.
 pub async fn installed(client: &Client, spec: &Spec) -> Result<bool, tokio_postgres::Error> {
-    let names: Vec<String> = CAPTURE_EVENTS.iter().map(|e| trigger_name(spec.migration_id, e)).collect();
+    named_installed(client, &FORWARD, spec.migration_id, &spec.original).await
+}
+
+/// Whether all the triggers of `names` are on `table`.
+pub async fn named_installed(
+    client: &Client,
+    names: &Names,
+    id: i64,
+    table: &QualifiedName,
+) -> Result<bool, tokio_postgres::Error> {
+    let names: Vec<String> = CAPTURE_EVENTS.iter().map(|e| (names.trigger)(id, e)).collect();
     let row = client
         .query_one(
             "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY($2)",
-            &[&spec.original.sql(), &names],
+            &[&table.sql(), &names],
         )
         .await?;
     Ok(row.get::<_, i64>(0) == names.len() as i64)

@@ -209,7 +209,5 @@ async fn find_unmappable(
 
 /// Reverse changes waiting.
 pub async fn backlog(client: &Client, id: i64) -> Result<i64, tokio_postgres::Error> {
-    let log = log_table(id).sql();
-    let sql = format!("SELECT coalesce(max(ghostwire_seq) - min(ghostwire_seq) + 1, 0) FROM {log}");
-    Ok(client.query_one(&sql, &[]).await?.get(0))
+    crate::migrate::capture::log_backlog(client, &log_table(id)).await
 }

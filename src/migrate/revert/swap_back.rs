@@ -84,19 +84,7 @@ pub fn script(spec: &Spec) -> Script {
             ));
         }
     }
-    for fk in &t.referencing_foreign_keys {
-        let definition = fk.definition.strip_suffix(" NOT VALID").unwrap_or(&fk.definition);
-        a.push(format!("ALTER TABLE {} ADD CONSTRAINT {} {definition} NOT VALID", fk.table.sql(), ident(&fk.name)));
-        if let Some(c) = &fk.comment {
-            a.push(format!("COMMENT ON CONSTRAINT {} ON {} IS {}", ident(&fk.name), fk.table.sql(), literal(c)));
-        }
-        if fk.validated {
-            s.validations.push((
-                format!("foreign key {} on {}", fk.name, fk.table),
-                format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table.sql(), ident(&fk.name)),
-            ));
-        }
-    }
+    swap::add_referencing_foreign_keys(t, a, &mut s.validations);
     for v in &t.views {
         if recreate.contains(&v.name) || cascaded.contains(&v.name) {
             a.extend(swap::create_view(v));
