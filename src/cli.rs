@@ -352,6 +352,11 @@ pub struct MigrateArgs {
     /// while the table has one.
     #[arg(long, value_enum, value_name = "WHAT")]
     pub invalid_indexes: Option<InvalidIndexChoice>,
+    /// How long a concurrent index build or drop may wait, in all, for the transactions it
+    /// must outlast (CREATE INDEX CONCURRENTLY waits for every older one) before it gives up;
+    /// the invalid index it leaves is dropped.
+    #[arg(long, default_value = "10m", value_parser = duration, value_name = "DUR")]
+    pub build_wait_timeout: Duration,
     /// Drop the old table right after the swap (no revert window).
     #[arg(long, conflicts_with = "revert_window")]
     pub finish: bool,

@@ -67,6 +67,7 @@ pub fn options(a: &MigrateArgs) -> Options {
         parallel: usize::from(a.jobs),
         proxy_token: a.proxy_token.as_deref().map(crate::connect::Secret::new).or_else(|| a.token.secret()),
         reconnect_timeout: a.reconnect_timeout,
+        build_wait_timeout: a.build_wait_timeout,
         rehearse: a.rehearse,
         sample: a.sample,
         version_schema: a.version_schema.clone(),

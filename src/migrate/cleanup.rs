@@ -83,8 +83,16 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
         return Err(CleanupError::AlreadySwapped { id: m.id, table: m.table.to_string() });
     }
     state::event(client, m.id, m.phase, "abort", "abort requested", None, None).await?;
-    // Logical capture put nothing on the table: no lock on it is needed.
-    if capture::Mode::of(m) == capture::Mode::Trigger && exists(client, &m.table).await? {
+    // A change in place built no shadow: what it made is on the table itself (recorded in
+    // its events).
+    let made_in_place = if m.spec.is_none() && m.strategy == "online" {
+        super::in_place::remove(client, m, retry).await?
+    } else {
+        Vec::new()
+    };
+    // The capture is installed only once the shadow's spec is recorded. Logical capture put
+    // nothing on the table: no lock on it is needed.
+    if m.spec.is_some() && capture::Mode::of(m) == capture::Mode::Trigger && exists(client, &m.table).await? {
         // Dropping a trigger waits for a vacuum of the table, as the swap does.
         for w in super::blockers::clear_autovacuum(client, &[m.table.sql()]).await? {
             let message = format!("removing the capture triggers: {}", w.describe());
@@ -96,7 +104,12 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", ident(&spec::work_schema(m.id)))).await?;
-    state::set_phase(client, m.id, Phase::Aborted, "aborted: shadow table, triggers and change log removed").await?;
+    let message = if made_in_place.is_empty() {
+        "aborted: shadow table, triggers and change log removed".to_owned()
+    } else {
+        format!("aborted: removed {} (made by the change in place)", made_in_place.join(", "))
+    };
+    state::set_phase(client, m.id, Phase::Aborted, &message).await?;
     Ok(())
 }
 

@@ -70,6 +70,9 @@ pub struct Options {
     /// What to do with the table's invalid indexes (`--invalid-indexes`): a run that copies
     /// is refused while the table has one and this is not given.
     pub invalid_indexes: Option<InvalidIndexes>,
+    /// How long a concurrent index build (or drop) may wait, in all, for the transactions
+    /// it must outlast before it gives up and is cleaned up (`--build-wait-timeout`).
+    pub build_wait_timeout: Duration,
 }
 
 /// An invalid index (a failed CREATE INDEX CONCURRENTLY, a `_ccnew` of a failed REINDEX
@@ -128,6 +131,7 @@ impl Default for Options {
             version_schema: None,
             capture: super::capture::Choice::Trigger,
             invalid_indexes: None,
+            build_wait_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -329,7 +333,11 @@ pub async fn migrate(
         ));
     }
     let invalid: Vec<&str> = plan.table_def.indexes.iter().filter(|i| !i.is_valid).map(|i| i.name.as_str()).collect();
-    if plan.strategy != Strategy::Instant && opts.version_schema.is_none() && !invalid.is_empty() {
+    if let Some(why) = super::in_place::consent_needed(&plan, opts.yes) {
+        return Err(MigrateError::NeedsConsent(why));
+    }
+    let in_place = super::in_place::runs_in_place(&plan);
+    if plan.strategy != Strategy::Instant && !in_place && opts.version_schema.is_none() && !invalid.is_empty() {
         match opts.invalid_indexes {
             None => {
                 return Err(MigrateError::Refused(format!(
@@ -514,9 +522,18 @@ pub(super) async fn continue_migration(
     };
     // Where to pick up, and whether what that needs is still there.
     let (from, plan) = match (&spec, m.phase) {
+        (None, _)
+            if strategy == Strategy::Online
+                && super::in_place::drop_already_done(&control, &m).await.map_err(state_err)? =>
+        {
+            let message = "finished: the index was dropped by the run that stopped";
+            state::set_phase(&control, m.id, Phase::Finished, message).await.map_err(state_err)?;
+            return Ok(Outcome::already(m.id, m.table.clone(), 0, true));
+        }
         (None, _) => {
-            // Nothing built yet, or a shadow that never got its spec: start over from the plan.
-            let plan = plan::plan(&mut control, &m.statement).await?;
+            // Nothing built yet, a shadow that never got its spec, or a change in place (whose
+            // events say what is done): start over from the plan.
+            let plan = plan::replan(&mut control, &m.statement).await?;
             control
                 .batch_execute(&format!(
                     "DROP SCHEMA IF EXISTS {} CASCADE",

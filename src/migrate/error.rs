@@ -70,9 +70,12 @@ pub enum MigrateError {
     )]
     AbortedElsewhere { id: i64, table: String, phase: Phase },
     #[error(
-        "migration #{id} of {table} stopped: existing rows violate constraint {constraint}: {example}. The constraint was removed and the table is as it was; correct those rows, then run the migration again"
+        "migration #{id} of {table} stopped: existing rows violate {constraint}: {example}. What the run made is removed; correct those rows, then run the migration again"
     )]
     Violated { id: i64, table: String, constraint: String, example: String },
+    /// A concurrent index build, drop or rebuild failed.
+    #[error("migration #{id} of {table} stopped: {message}")]
+    BuildFailed { id: i64, table: String, message: String },
 }
 
 fn next_step(phase: Phase) -> &'static str {

@@ -34,6 +34,7 @@ impl Strategy {
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LockMode {
     ShareUpdateExclusive,
+    Share,
     ShareRowExclusive,
     AccessExclusive,
 }
@@ -42,6 +43,7 @@ impl LockMode {
     pub fn as_str(self) -> &'static str {
         match self {
             LockMode::ShareUpdateExclusive => "SHARE UPDATE EXCLUSIVE",
+            LockMode::Share => "SHARE",
             LockMode::ShareRowExclusive => "SHARE ROW EXCLUSIVE",
             LockMode::AccessExclusive => "ACCESS EXCLUSIVE",
         }
@@ -51,7 +53,7 @@ impl LockMode {
     pub fn blocks(self) -> &'static str {
         match self {
             LockMode::ShareUpdateExclusive => "blocks other schema changes and VACUUM; reads and writes continue",
-            LockMode::ShareRowExclusive => "blocks writes; reads continue",
+            LockMode::Share | LockMode::ShareRowExclusive => "blocks writes; reads continue",
             LockMode::AccessExclusive => "blocks all reads and writes",
         }
     }
@@ -117,6 +119,12 @@ pub fn describe(action: &Action) -> String {
         Action::RenameColumn { from, to } => format!("RENAME COLUMN {from} TO {to}"),
         Action::RenameConstraint { from, to } => format!("RENAME CONSTRAINT {from} TO {to}"),
         Action::Metadata { what, column: Some(c) } => format!("ALTER COLUMN {c} {what}"),
+        Action::CreateIndex { name, unique, .. } => {
+            let unique = if *unique { "UNIQUE " } else { "" };
+            format!("CREATE {unique}INDEX{}", name.as_ref().map(|n| format!(" {n}")).unwrap_or_default())
+        }
+        Action::DropIndex { name, .. } => format!("DROP INDEX {name}"),
+        Action::Reindex { name, .. } => format!("REINDEX INDEX {name}"),
         Action::Metadata { what, column: None } | Action::Rewrite { what } | Action::Unsupported { what } => {
             what.clone()
         }
@@ -166,6 +174,7 @@ pub fn classify(
         _ => None,
     };
     let ae = LockMode::AccessExclusive;
+    let build = seconds(def.table_bytes, SCAN_BYTES_PER_SEC / 3.0);
 
     let (strategy, reason, naive, ghostwire, revert) = match action {
         Action::AddColumn { not_null, has_default, constraints, generated, identity, .. } => {
@@ -370,6 +379,31 @@ pub fn classify(
         Action::Rewrite { what } => {
             (Copy, format!("{what} rewrites the whole table"), rewritten, swap, yes("swap back"))
         }
+        Action::CreateIndex { .. } => (
+            Online,
+            "CREATE INDEX CONCURRENTLY: two scans of the table while reads and writes go on; a failed build is \
+             dropped again"
+                .into(),
+            hold(LockMode::Share, "the whole index build", build),
+            hold(LockMode::ShareUpdateExclusive, "the concurrent build (it first waits for older transactions)", build),
+            yes("DROP INDEX CONCURRENTLY"),
+        ),
+        Action::DropIndex { .. } => (
+            Online,
+            "DROP INDEX CONCURRENTLY: waits for the queries using the index instead of blocking new ones".into(),
+            brief(ae),
+            hold(LockMode::ShareUpdateExclusive, "the concurrent drop", None),
+            yes("CREATE INDEX CONCURRENTLY again (a full build)"),
+        ),
+        Action::Reindex { .. } => (
+            Online,
+            "REINDEX INDEX CONCURRENTLY: a new index built beside the old one, then swapped in; a failed rebuild's \
+             `_ccnew` index is dropped again"
+                .into(),
+            hold(LockMode::Share, "the whole rebuild (queries using the index wait too)", build),
+            hold(LockMode::ShareUpdateExclusive, "the concurrent rebuild", build),
+            yes("nothing to undo"),
+        ),
         Action::Unsupported { what } => (Copy, format!("{what} is not supported"), rewritten, swap, no("unsupported")),
     };
     Step {

@@ -8,6 +8,8 @@
 
 mod classify;
 pub mod expr;
+mod index_plan;
+pub mod index_statement;
 pub mod parse;
 pub mod privileges;
 mod probe;
@@ -109,23 +111,24 @@ pub const NEWEST_MAJOR: i32 = 18;
 
 /// Plans `sql` against the database behind `client`. Changes nothing.
 pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
+    plan_statement(client, sql, false).await
+}
+
+/// Plans again the statement of a migration that stopped: what it made itself (an index
+/// under the statement's name) is not held against it.
+pub async fn replan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
+    plan_statement(client, sql, true).await
+}
+
+async fn plan_statement(client: &mut Client, sql: &str, resuming: bool) -> Result<Plan, PlanError> {
     let parsed = parse::parse(sql)?;
+    if parsed.is_index_statement() {
+        return index_plan::plan(client, parsed, resuming).await;
+    }
     let (oid, _) = catalog::resolve(client, parsed.table.schema.as_deref(), &parsed.table.name).await?;
     let def = catalog::inspect(client, oid).await?;
     let mut warnings = Vec::new();
-    match def.server_version_num / 10000 {
-        major if major < OLDEST_MAJOR => {
-            return Err(PlanError::Refused(format!(
-                "PostgreSQL {major} is not supported: ghostwire runs on PostgreSQL {OLDEST_MAJOR} to {NEWEST_MAJOR}, \
-                 each tested (PostgreSQL {major} is past its end of life; upgrade it first)"
-            )));
-        }
-        major if major > NEWEST_MAJOR => warnings.push(format!(
-            "PostgreSQL {major} is newer than any ghostwire was tested on ({OLDEST_MAJOR} to {NEWEST_MAJOR}); its catalog \
-             may hold what this version cannot carry over: try it on a copy first"
-        )),
-        _ => {}
-    }
+    check_version(&def, &mut warnings)?;
     refuse_table(&def)?;
     for (i, sub) in parsed.subcommands.iter().enumerate() {
         if let Action::Unsupported { what } = &sub.action {
@@ -172,10 +175,22 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     if copy {
         refuse_for_copy(&def, &parsed)?;
     }
-    if steps.iter().any(|s| s.strategy == Strategy::Online) && !copy && !in_place_steps(&steps) {
+    let in_place = !copy && in_place_steps(&steps);
+    if in_place
+        && steps.iter().any(|s| s.strategy == Strategy::Instant)
+        && steps.iter().any(|s| s.strategy == Strategy::Online)
+    {
         warnings.push(
-            "this online recipe still runs through the shadow table (copy and swap); only CHECK and FOREIGN KEY \
-             constraints run in place so far"
+            "the catalog-only subcommands run first, each recipe after them: if existing rows violate a new constraint, \
+             what the recipes made is removed but the catalog-only subcommands stay (run them as a statement of their \
+             own to keep them apart)"
+                .into(),
+        );
+    }
+    if strategy == Strategy::Online && !in_place {
+        warnings.push(
+            "this online recipe runs through the shadow table (copy and swap): a new column's own constraints and \
+             EXCLUDE constraints have no in-place recipe"
                 .into(),
         );
     }
@@ -200,7 +215,7 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
             warnings.push(format!("`{}` fails if the table has any rows: give the column a DEFAULT", s.subcommand));
         }
     }
-    let through_shadow = strategy != Strategy::Instant;
+    let through_shadow = strategy != Strategy::Instant && !in_place;
     for i in def.indexes.iter().filter(|i| !i.is_valid) {
         warnings.push(format!(
             "index {} is invalid (left by a failed CREATE INDEX CONCURRENTLY or REINDEX CONCURRENTLY): it slows every \
@@ -218,6 +233,13 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
         format!(
             "copy {} into a shadow table with the change applied, capture concurrent writes (triggers, or \
              a replication slot with --capture logical), keep it in step, and swap the two in one short transaction",
+            def.name
+        )
+    } else if strategy == Strategy::Online {
+        format!(
+            "change {} in place, with no copy: each step under a short lock_timeout, retrying with jitter; scans \
+             (VALIDATE, concurrent index builds) run while reads and writes go on, and data that violates the change \
+             removes what was made",
             def.name
         )
     } else {
@@ -261,8 +283,10 @@ pub async fn plan(client: &mut Client, sql: &str) -> Result<Plan, PlanError> {
     })
 }
 
-/// Whether steps can all run in place, with no copy: catalog-only ones, and CHECK or
-/// FOREIGN KEY constraints (added NOT VALID, then validated).
+/// Whether steps can all run in place, with no copy: catalog-only ones, and the online
+/// recipes `migrate` runs in place (constraints added NOT VALID then validated, SET NOT
+/// NULL through a validated check, UNIQUE/PRIMARY KEY through a concurrent index build,
+/// VALIDATE CONSTRAINT, and the index statements).
 pub fn in_place_steps(steps: &[classify::Step]) -> bool {
     steps.iter().all(|s| {
         s.strategy == Strategy::Instant
@@ -272,9 +296,32 @@ pub fn in_place_steps(steps: &[classify::Step]) -> bool {
                     constraint: parse::NewConstraint::Check | parse::NewConstraint::ForeignKey,
                     using_index: false,
                     ..
-                }
+                } | Action::AddConstraint { index: Some(_), .. }
+                    | Action::SetNotNull { .. }
+                    | Action::ValidateConstraint { .. }
+                    | Action::CreateIndex { .. }
+                    | Action::DropIndex { .. }
+                    | Action::Reindex { .. }
             )
     })
+}
+
+/// Refuses a server older than the oldest major ghostwire supports; warns on a newer one.
+fn check_version(def: &TableDef, warnings: &mut Vec<String>) -> Result<(), PlanError> {
+    match def.server_version_num / 10000 {
+        major if major < OLDEST_MAJOR => {
+            return Err(PlanError::Refused(format!(
+                "PostgreSQL {major} is not supported: ghostwire runs on PostgreSQL {OLDEST_MAJOR} to {NEWEST_MAJOR}, \
+                 each tested (PostgreSQL {major} is past its end of life; upgrade it first)"
+            )));
+        }
+        major if major > NEWEST_MAJOR => warnings.push(format!(
+            "PostgreSQL {major} is newer than any ghostwire was tested on ({OLDEST_MAJOR} to {NEWEST_MAJOR}); its catalog \
+             may hold what this version cannot carry over: try it on a copy first"
+        )),
+        _ => {}
+    }
+    Ok(())
 }
 
 fn refuse_table(def: &TableDef) -> Result<(), PlanError> {

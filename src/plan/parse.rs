@@ -11,6 +11,8 @@ use pg_query::protobuf::{AlterTableType, ConstrType, DropBehavior, ObjectType, T
 use serde::Serialize;
 use thiserror::Error;
 
+pub use super::index_statement::ConstraintIndex;
+
 #[derive(Debug, Error, PartialEq)]
 pub enum ParseError {
     #[error("the statement does not parse: {message}{}", at.as_ref().map(|a| format!(" at character {}\n{}", a.position, a.excerpt)).unwrap_or_default())]
@@ -21,7 +23,9 @@ pub enum ParseError {
         "{0} statements given: ghostwire runs exactly one ALTER TABLE statement at a time (several subcommands, separated by commas, are fine)"
     )]
     MultipleStatements(usize),
-    #[error("this is a {0}, not an ALTER TABLE statement: ghostwire changes tables with ALTER TABLE only")]
+    #[error(
+        "this is a {0}: ghostwire runs ALTER TABLE, CREATE [UNIQUE] INDEX, DROP INDEX and REINDEX INDEX statements"
+    )]
     NotAlterTable(String),
     #[error(
         "renaming a table is not an online schema change: run `ALTER TABLE … RENAME TO …` directly (it only takes a brief lock)"
@@ -31,6 +35,9 @@ pub enum ParseError {
         "moving a table to another schema is not supported: run `ALTER TABLE … SET SCHEMA …` directly (it only takes a brief lock)"
     )]
     MovesSchema,
+    /// An index statement ghostwire does not run as written.
+    #[error("{0}")]
+    Index(String),
     #[error("could not locate the parts of the statement in its text ({0}); please report this statement")]
     Layout(String),
 }
@@ -113,6 +120,30 @@ pub enum Action {
         not_valid: bool,
         using_index: bool,
         columns: Vec<String>,
+        /// For a UNIQUE or PRIMARY KEY constraint built from scratch: its index, as a
+        /// `CREATE UNIQUE INDEX` (run concurrently, then attached `USING INDEX`).
+        index: Option<ConstraintIndex>,
+    },
+    /// `CREATE [UNIQUE] INDEX …` (always run concurrently).
+    CreateIndex {
+        name: Option<String>,
+        unique: bool,
+        if_not_exists: bool,
+        /// The index's column names as PostgreSQL names an unnamed index after them.
+        columns: Vec<String>,
+        /// Byte span of the statement from `ON` to its end.
+        body: Range<usize>,
+    },
+    /// `DROP INDEX …` (always run concurrently).
+    DropIndex {
+        schema: Option<String>,
+        name: String,
+        if_exists: bool,
+    },
+    /// `REINDEX INDEX …` (always run concurrently).
+    Reindex {
+        schema: Option<String>,
+        name: String,
     },
     ValidateConstraint {
         name: String,
@@ -177,6 +208,15 @@ impl ParsedStatement {
     pub fn single(&self, index: usize, table_sql: &str) -> String {
         let head = &self.text[..self.table.span.start];
         format!("{head}{table_sql} {}", self.subcommand_text(index))
+    }
+
+    /// A `CREATE INDEX`, `DROP INDEX` or `REINDEX INDEX` (one subcommand standing for the
+    /// whole statement).
+    pub fn is_index_statement(&self) -> bool {
+        matches!(
+            self.subcommands.first().map(|s| &s.action),
+            Some(Action::CreateIndex { .. } | Action::DropIndex { .. } | Action::Reindex { .. })
+        )
     }
 
     /// The text of a byte span of the statement.
@@ -251,6 +291,11 @@ pub fn parse(sql: &str) -> Result<ParsedStatement, ParseError> {
             let span = first.start..last.end;
             Ok(ParsedStatement { text, table, subcommands: vec![Subcommand { span, action }] })
         }
+        NodeEnum::IndexStmt(stmt) => super::index_statement::create(text, &tokens, stmt),
+        NodeEnum::DropStmt(stmt) if stmt.remove_type == ObjectType::ObjectIndex as i32 => {
+            super::index_statement::drop(text, stmt)
+        }
+        NodeEnum::ReindexStmt(stmt) => super::index_statement::reindex(text, stmt),
         NodeEnum::AlterObjectSchemaStmt(stmt) if stmt.object_type == ObjectType::ObjectTable as i32 => {
             Err(ParseError::MovesSchema)
         }
@@ -299,14 +344,14 @@ pub fn retarget_index(definition: &str, table_sql: &str) -> Result<String, Parse
 
 /// A scanner token (comments dropped).
 #[derive(Debug, Clone, Copy)]
-struct Tok {
-    start: usize,
+pub(super) struct Tok {
+    pub(super) start: usize,
     end: usize,
     kind: i32,
 }
 
 impl Tok {
-    fn is(&self, t: Token) -> bool {
+    pub(super) fn is(&self, t: Token) -> bool {
         self.kind == t as i32
     }
 }
@@ -321,7 +366,7 @@ fn tokens(text: &str) -> Result<Vec<Tok>, ParseError> {
 }
 
 /// The table reference's span and the index of the first token after it.
-fn table_ref(
+pub(super) fn table_ref(
     tokens: &[Tok],
     rel: &pg_query::protobuf::RangeVar,
     if_exists: bool,
@@ -402,7 +447,7 @@ fn constraint_kind(contype: i32) -> Option<NewConstraint> {
     }
 }
 
-fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
+pub(super) fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
     nodes
         .iter()
         .filter_map(|n| match n.node.as_ref() {
@@ -461,7 +506,13 @@ fn action(cmd: &pg_query::protobuf::AlterTableCmd, piece: &[Tok]) -> Action {
             };
             let mut columns = string_list(&c.keys);
             columns.extend(string_list(&c.fk_attrs));
+            let builds_index = matches!(constraint, NewConstraint::Unique | NewConstraint::PrimaryKey)
+                && c.indexname.is_empty()
+                && c.access_method.is_empty()
+                && c.where_clause.is_none();
+            let index = builds_index.then(|| ConstraintIndex::of(c, constraint == NewConstraint::PrimaryKey));
             Action::AddConstraint {
+                index,
                 name: (!c.conname.is_empty()).then(|| c.conname.clone()),
                 constraint,
                 not_valid: c.skip_validation,

@@ -92,7 +92,8 @@ fn actions_are_typed() {
             constraint: NewConstraint::ForeignKey,
             not_valid: true,
             using_index: false,
-            columns: vec!["x".into()]
+            columns: vec!["x".into()],
+            index: None,
         }
     );
     assert!(matches!(a[8], Action::AddConstraint { constraint: NewConstraint::PrimaryKey, using_index: true, .. }));
