@@ -360,7 +360,7 @@ mod tests {
         assert_eq!(columns, &["lower", "id"]);
         assert_eq!(
             create_concurrently(&p.text, true, "items_lower_id_idx", body),
-            "CREATE UNIQUE INDEX CONCURRENTLY items_lower_id_idx on \"Sales\".items (lower(note), id) where id > 0"
+            "CREATE UNIQUE INDEX CONCURRENTLY \"items_lower_id_idx\" on \"Sales\".items (lower(note), id) where id > 0"
         );
         assert!(matches!(
             super::super::parse::parse("DROP INDEX a, b"),
