@@ -73,6 +73,10 @@ pub struct Options {
     /// How long a concurrent index build (or drop) may wait, in all, for the transactions
     /// it must outlast before it gives up and is cleaned up (`--build-wait-timeout`).
     pub build_wait_timeout: Duration,
+    /// Run an online recipe through the shadow table (copy and swap) rather than in place:
+    /// for benchmarks that compare the two (index statements always run in place). Not
+    /// kept for a resume.
+    pub through_shadow: bool,
 }
 
 /// An invalid index (a failed CREATE INDEX CONCURRENTLY, a `_ccnew` of a failed REINDEX
@@ -132,6 +136,7 @@ impl Default for Options {
             capture: super::capture::Choice::Trigger,
             invalid_indexes: None,
             build_wait_timeout: Duration::from_secs(600),
+            through_shadow: false,
         }
     }
 }
@@ -336,7 +341,7 @@ pub async fn migrate(
     if let Some(why) = super::in_place::consent_needed(&plan, opts.yes) {
         return Err(MigrateError::NeedsConsent(why));
     }
-    let in_place = super::in_place::runs_in_place(&plan);
+    let in_place = super::in_place::chosen(&plan, opts);
     if plan.strategy != Strategy::Instant && !in_place && opts.version_schema.is_none() && !invalid.is_empty() {
         match opts.invalid_indexes {
             None => {

@@ -231,7 +231,7 @@ impl<'a> Run<'a> {
             self.meter = Some(meter.during(self.id, self.phase, "starting the rehearsal's measurements")?);
         }
         let direct = self.strategy == Strategy::Instant;
-        if direct || plan.is_some_and(super::in_place::runs_in_place) {
+        if direct || plan.is_some_and(|p| super::in_place::chosen(p, self.opts)) {
             let plan =
                 plan.ok_or_else(|| MigrateError::Refused("nothing to resume in a catalog-only change".into()))?;
             if direct {

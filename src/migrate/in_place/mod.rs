@@ -40,6 +40,12 @@ pub fn runs_in_place(plan: &Plan) -> bool {
     plan.strategy == Strategy::Online && crate::plan::in_place_steps(&plan.steps)
 }
 
+/// Whether this run changes the table in place: it can, and `Options::through_shadow` (for
+/// benchmarks) did not ask for the copy.
+pub fn chosen(plan: &Plan, opts: &super::engine::Options) -> bool {
+    runs_in_place(plan) && (!opts.through_shadow || plan.parsed.is_index_statement())
+}
+
 /// Refuses, before anything is recorded, a `CREATE INDEX` whose name an invalid index
 /// already has, unless `--yes` consents to replacing it.
 pub fn consent_needed(plan: &Plan, yes: bool) -> Option<String> {
