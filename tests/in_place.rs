@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::items::{self, ghostwire};
@@ -19,16 +18,8 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// An immutable function that takes about 0.3 ms a row: a scan of the 6,000 rows of `items`
-/// calling it takes seconds.
-pub const SLOW: &str = "CREATE FUNCTION slow(bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE
-                         AS $$ BEGIN PERFORM pg_sleep(0.0003); RETURN $1; END $$;";
-
 /// The writers never waited much longer than the lock timeout (100 ms).
-fn assert_writers_never_blocked(load: &Workload) {
-    let worst = Duration::from_micros(load.counters.max_latency_us.load(Ordering::Relaxed));
-    assert!(worst < Duration::from_millis(1000), "a writer waited {worst:?}");
-}
+const NEVER_BLOCKED: Duration = Duration::from_millis(1000);
 
 /// The table's constraints (kind, definition, deferrable) and index definitions, with the
 /// table's name taken out, and which columns are NOT NULL: what must equal the offline
@@ -51,7 +42,7 @@ async fn shape_of(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
 async fn a_check_constraint_is_added_in_place_under_writes() {
     let db = TestDb::new().await;
     items::create(&db.client, items::ROWS).await;
-    db.exec(SLOW).await;
+    db.exec(items::SLOW_FN).await;
     let load = Workload::start(&db.url, Shape::items(), 2, items::ROWS, 71);
     load.wait_for_more(20).await;
     let out = ghostwire(
@@ -65,7 +56,7 @@ async fn a_check_constraint_is_added_in_place_under_writes() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     load.wait_for_more(20).await;
-    assert_writers_never_blocked(&load);
+    load.assert_never_waited(NEVER_BLOCKED);
     load.stop().await;
     // Each step under a table lock records how long it waited and held it.
     let held = "SELECT (details->>'lock_held_ms' IS NOT NULL AND details->>'attempts' IS NOT NULL)::text
@@ -135,7 +126,7 @@ async fn not_null_and_unique_run_in_place_beside_an_instant_change_as_offline() 
     let out = ghostwire(&db.url, &["migrate", &format!("ALTER TABLE items {change}")], None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     load.wait_for_more(20).await;
-    assert_writers_never_blocked(&load);
+    load.assert_never_waited(NEVER_BLOCKED);
     load.stop().await;
     assert_eq!(shape_of(&db.client, "items").await, shape_of(&db.client, "twin").await);
     let kinds = "SELECT string_agg(kind, ',' ORDER BY id) FROM ghostwire.events
@@ -169,7 +160,7 @@ async fn a_primary_key_is_added_in_place_under_writes_as_offline() {
     let out = ghostwire(&db.url, &["migrate", "ALTER TABLE keyless ADD PRIMARY KEY (id)"], None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     load.wait_for_more(20).await;
-    assert_writers_never_blocked(&load);
+    load.assert_never_waited(NEVER_BLOCKED);
     load.stop().await;
     let shape = |t: &'static str| {
         let client = &db.client;

@@ -73,6 +73,57 @@ pub async fn pause_unless_closed(client: &tokio_postgres::Client, pause: Duratio
     }
 }
 
+/// How long a change waited for its lock (the failed attempts and the pauses between them)
+/// and how long its transaction ran once it got it (at most: the transaction's time
+/// includes the successful attempt's own wait, under the lock timeout).
+#[derive(Debug, Clone, Copy)]
+pub struct LockTimes {
+    pub attempts: u32,
+    pub waited: Duration,
+    pub held: Duration,
+}
+
+/// Runs `attempt` inside `BEGIN` under the policy's `lock_timeout` until it commits, retrying
+/// lock conflicts after jittered pauses; a failed attempt is rolled back.
+pub async fn transaction<T, F, Fut>(
+    client: &tokio_postgres::Client,
+    policy: &RetryPolicy,
+    what: &str,
+    mut attempt: F,
+) -> Result<(T, LockTimes), tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let started = std::time::Instant::now();
+    let mut n = 1;
+    loop {
+        let t = std::time::Instant::now();
+        let result = async {
+            client.batch_execute(&format!("BEGIN; {}", policy.set_local())).await?;
+            let value = attempt().await?;
+            client.batch_execute("COMMIT").await?;
+            Ok(value)
+        }
+        .await;
+        match result {
+            Ok(value) => return Ok((value, LockTimes { attempts: n, waited: t - started, held: t.elapsed() })),
+            Err(e) => {
+                // A failed statement leaves the transaction block aborted: end it.
+                let _ = client.batch_execute("ROLLBACK").await;
+                if !is_lock_conflict(&e) || n >= policy.attempts {
+                    return Err(e);
+                }
+                let pause = policy.pause(n);
+                tracing::info!("{what}: lock not granted (attempt {n} of {}), retrying in {pause:?}", policy.attempts);
+                metrics::counter!("ghostwire_lock_retries_total").increment(1);
+                pause_unless_closed(client, pause).await;
+                n += 1;
+            }
+        }
+    }
+}
+
 /// Runs `sql` (one or several statements) in its own transaction under the policy's
 /// `lock_timeout`, with retries.
 pub async fn ddl(
@@ -81,20 +132,7 @@ pub async fn ddl(
     what: &str,
     sql: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let script = format!("{}; {sql}", policy.set_local());
-    let mut n = 1;
-    loop {
-        match in_transaction(client, &script).await {
-            Err(e) if is_lock_conflict(&e) && n < policy.attempts => {
-                let pause = policy.pause(n);
-                tracing::info!("{what}: lock not granted (attempt {n} of {}), retrying in {pause:?}", policy.attempts);
-                metrics::counter!("ghostwire_lock_retries_total").increment(1);
-                pause_unless_closed(client, pause).await;
-                n += 1;
-            }
-            other => return other,
-        }
-    }
+    transaction(client, policy, what, || client.batch_execute(sql)).await.map(|_| ())
 }
 
 #[cfg(test)]

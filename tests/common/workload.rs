@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -251,6 +252,12 @@ impl Workload {
             }));
         }
         Workload { counters, handles }
+    }
+
+    /// No writer's transaction took `limit` or longer so far.
+    pub fn assert_never_waited(&self, limit: Duration) {
+        let worst = Duration::from_micros(self.counters.max_latency_us.load(Ordering::Relaxed));
+        assert!(worst < limit, "a writer waited {worst:?}");
     }
 
     pub fn commits(&self) -> u64 {

@@ -8,9 +8,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_postgres::Client;
 
-use super::{Done, LockTimes, insert_event};
+use super::{Done, insert_event};
 use crate::migrate::error::{Context as _, MigrateError};
-use crate::migrate::retry;
+use crate::migrate::retry::{self, LockTimes};
 use crate::migrate::run::Run;
 use crate::sql::{QualifiedName, ident};
 use crate::state::Phase;
@@ -23,7 +23,11 @@ async fn constraint_names(client: &Client, table: &str) -> Result<Vec<String>, t
 }
 
 /// Whether constraint `name` of `table` exists, and is validated.
-async fn constraint_state(client: &Client, table: &str, name: &str) -> Result<Option<bool>, tokio_postgres::Error> {
+pub(super) async fn constraint_state(
+    client: &Client,
+    table: &str,
+    name: &str,
+) -> Result<Option<bool>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT convalidated FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2",
@@ -85,8 +89,8 @@ impl Run<'_> {
         let (client, id, phase) = (&self.control, self.id, self.phase);
         let sql_table = table.sql();
         let (sql_table, text) = (sql_table.as_str(), text);
-        let ((name, event), times) = self
-            .in_transaction("adding the constraint NOT VALID", move || async move {
+        let ((name, event), times) =
+            retry::transaction(&self.control, &self.retry, "adding the constraint NOT VALID", move || async move {
                 let before = constraint_names(client, sql_table).await?;
                 client.batch_execute(&format!("ALTER TABLE {sql_table} {text}")).await?;
                 let after = constraint_names(client, sql_table).await?;
@@ -106,8 +110,37 @@ impl Run<'_> {
         Ok((name, times))
     }
 
-    /// `VALIDATE CONSTRAINT` of a constraint this run added; violating rows remove it.
-    /// `shown` names it in the error (`constraint qty_nonneg`, `NOT NULL on column note`).
+    /// `VALIDATE CONSTRAINT` (it scans without blocking writes), recorded as an event.
+    /// PostgreSQL's error is returned for the caller to judge.
+    async fn run_validate(
+        &mut self,
+        table: &QualifiedName,
+        step: &str,
+        name: &str,
+    ) -> Result<Result<(), tokio_postgres::Error>, MigrateError> {
+        self.enter(Phase::Verify, &format!("validating {name} (reads and writes go on)")).await?;
+        let t = Instant::now();
+        let validate = format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", table.sql(), ident(name));
+        let result = retry::ddl(&self.control, &self.retry, "validating the constraint", &validate).await;
+        if result.is_ok() {
+            let details = json!({"step": step, "constraint": name});
+            self.event("constraint_validated", &format!("validated {name}"), Some(t.elapsed()), Some(details)).await;
+        }
+        Ok(result)
+    }
+
+    /// `VALIDATE CONSTRAINT` as the user asked it.
+    pub(super) async fn validate_constraint(
+        &mut self,
+        table: &QualifiedName,
+        step: &str,
+        name: &str,
+    ) -> Result<(), MigrateError> {
+        self.run_validate(table, step, name).await?.during(self.id, self.phase, "validating the constraint")
+    }
+
+    /// Validates a constraint this run added; violating rows remove it. `shown` names it in
+    /// the error (`constraint qty_nonneg`, `NOT NULL on column note`).
     async fn validate_added(
         &mut self,
         table: &QualifiedName,
@@ -115,58 +148,30 @@ impl Run<'_> {
         name: &str,
         shown: &str,
     ) -> Result<(), MigrateError> {
-        self.enter(Phase::Verify, &format!("validating {name} (reads and writes go on)")).await?;
         let t = Instant::now();
+        let e = match self.run_validate(table, step, name).await? {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.code().starts_with("23")) => e,
+            Err(e) => return Err(e).during(self.id, self.phase, "validating the constraint"),
+        };
+        // ghostwire's own helper check is not the user's business: say what it means.
+        let helper = name.starts_with(&format!("ghostwire_{}_", self.id));
+        let mut example = match e.as_db_error() {
+            _ if helper => "the column holds NULLs".to_owned(),
+            Some(d) => format!("{}{}", d.message(), d.detail().map(|x| format!(" ({x})")).unwrap_or_default()),
+            None => e.to_string(),
+        };
         let sql_table = table.sql();
-        let validate = format!("ALTER TABLE {sql_table} VALIDATE CONSTRAINT {}", ident(name));
-        match retry::ddl(&self.control, &self.retry, "validating the constraint", &validate).await {
-            Ok(()) => {
-                let details = json!({"step": step, "constraint": name});
-                self.event("constraint_validated", &format!("validated {name}"), Some(t.elapsed()), Some(details))
-                    .await;
-                Ok(())
-            }
-            Err(e) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
-                // ghostwire's own helper check is not the user's business: say what it means.
-                let helper = name.starts_with(&format!("ghostwire_{}_", self.id));
-                let mut example = match e.as_db_error() {
-                    _ if helper => "the column holds NULLs".to_owned(),
-                    Some(d) => format!("{}{}", d.message(), d.detail().map(|x| format!(" ({x})")).unwrap_or_default()),
-                    None => e.to_string(),
-                };
-                if let Some(row) = failing_row(&self.control, &sql_table, name).await {
-                    example.push_str(&format!("; for example the row {row}"));
-                }
-                let drop = format!("ALTER TABLE {sql_table} DROP CONSTRAINT IF EXISTS {}", ident(name));
-                retry::ddl(&self.control, &self.retry, "removing the constraint", &drop).await.during(
-                    self.id,
-                    self.phase,
-                    "removing the constraint that existing rows violate",
-                )?;
-                self.violated(table, shown, example, t).await
-            }
-            Err(e) => Err(e).during(self.id, self.phase, "validating the constraint"),
+        if let Some(row) = failing_row(&self.control, &sql_table, name).await {
+            example.push_str(&format!("; for example the row {row}"));
         }
-    }
-
-    /// `VALIDATE CONSTRAINT` as the user asked it (it already scans without blocking writes).
-    pub(super) async fn validate_constraint(
-        &mut self,
-        table: &QualifiedName,
-        step: &str,
-        name: &str,
-    ) -> Result<(), MigrateError> {
-        self.enter(Phase::Verify, &format!("validating {name} (reads and writes go on)")).await?;
-        let t = Instant::now();
-        let validate = format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", table.sql(), ident(name));
-        retry::ddl(&self.control, &self.retry, "validating the constraint", &validate).await.during(
+        let drop = format!("ALTER TABLE {sql_table} DROP CONSTRAINT IF EXISTS {}", ident(name));
+        retry::ddl(&self.control, &self.retry, "removing the constraint", &drop).await.during(
             self.id,
             self.phase,
-            "validating the constraint",
+            "removing the constraint that existing rows violate",
         )?;
-        let details = json!({"step": step, "constraint": name});
-        self.event("constraint_validated", &format!("validated {name}"), Some(t.elapsed()), Some(details)).await;
-        Ok(())
+        self.violated(table, shown, example, t).await
     }
 
     /// `SET NOT NULL` without a scan under ACCESS EXCLUSIVE: `CHECK (col IS NOT NULL) NOT

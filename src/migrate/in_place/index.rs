@@ -134,27 +134,20 @@ impl Run<'_> {
         )
         .await
         .during(self.id, self.phase, "recording the index build")?;
-        let mut attempt = 1;
-        loop {
-            let failure = match self.concurrently(&what, create).await {
-                Ok(took) => {
-                    let details = json!({"step": step, "index": name});
-                    self.event("index_built", &format!("built index {name}"), Some(took), Some(details)).await;
-                    return Ok(());
-                }
-                Err(f) => f,
-            };
-            let t = Instant::now();
+        let this = &*self;
+        let index = &index;
+        let cleanup = |failure: &Failure| {
             // A name taken meanwhile by someone else's index: that index is not ours to drop.
-            let taken = matches!(&failure, Failure::Database(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE));
-            let cleaned = taken || self.drop_failed(&index).await;
-            if failure.is_deadlock() && attempt < self.retry.attempts && cleaned {
-                attempt += 1;
-                self.reporter.note(&format!("{what}: deadlock, building again (attempt {attempt})"));
-                continue;
-            }
-            return self.build_failed(table, name, failure, cleaned, t).await;
-        }
+            let taken = matches!(failure, Failure::Database(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE));
+            async move { taken || this.drop_failed(index).await }
+        };
+        let details = json!({"step": step, "index": name});
+        let built = format!("built index {name}");
+        let Err((failure, cleaned)) = self.retried(&what, create, "index_built", &built, Some(details), cleanup).await
+        else {
+            return Ok(());
+        };
+        self.build_failed(table, name, failure, cleaned, Instant::now()).await
     }
 
     /// Drops the invalid index a failed build left (concurrently, watched like the build);
@@ -313,9 +306,9 @@ impl Run<'_> {
         self.enter(Phase::Cutover, &format!("dropping index {} concurrently", ident(name))).await?;
         let what = format!("dropping index {}", ident(name));
         let sql = format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index.sql());
-        let failure = match self.retried(&what, &sql, "index_dropped", || async { true }).await {
-            Ok(()) => return Ok(()),
-            Err(f) => f,
+        let Err((failure, _)) = self.retried(&what, &sql, "index_dropped", &what, None, |_| async { true }).await
+        else {
+            return Ok(());
         };
         let reason = match failure {
             Failure::Interrupted => {
@@ -350,40 +343,46 @@ impl Run<'_> {
         let what = format!("rebuilding index {}", ident(name));
         let sql = format!("REINDEX INDEX CONCURRENTLY {}", index.sql());
         let (this, table) = (&*self, &plan.table);
-        let cleanup = || async move {
+        let cleanup = |_: &Failure| async move {
             let mut cleaned = true;
             for leftover in reindex_leftovers(&this.control, table, name).await.unwrap_or_default() {
                 cleaned &= this.drop_failed(&QualifiedName::new(&table.schema, &leftover)).await;
             }
             cleaned
         };
-        let failure = match self.retried(&what, &sql, "index_rebuilt", cleanup).await {
-            Ok(()) => return Ok(()),
-            Err(f) => f,
+        let Err((failure, cleaned)) = self.retried(&what, &sql, "index_rebuilt", &what, None, cleanup).await else {
+            return Ok(());
         };
-        let t = Instant::now();
-        let cleaned = reindex_leftovers(&self.control, &plan.table, name).await.map(|l| l.is_empty()).unwrap_or(false);
-        self.build_failed(&plan.table, name, failure, cleaned, t).await
+        self.build_failed(&plan.table, name, failure, cleaned, Instant::now()).await
     }
 
-    /// Runs a concurrent statement, cleaning up after each failure with `cleanup` (false if
-    /// that failed) and trying again after a deadlock.
-    async fn retried<F, Fut>(&self, what: &str, sql: &str, kind: &str, mut cleanup: F) -> Result<(), Failure>
+    /// Runs a concurrent statement (recording the event `kind` with `message` and `details`
+    /// when it succeeds), cleaning up after each failure with `cleanup` (false if that failed)
+    /// and trying again after a deadlock. A failure comes back with whether it was cleaned up.
+    async fn retried<F, Fut>(
+        &self,
+        what: &str,
+        sql: &str,
+        kind: &str,
+        message: &str,
+        details: Option<serde_json::Value>,
+        mut cleanup: F,
+    ) -> Result<(), (Failure, bool)>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(&Failure) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
         let mut attempt = 1;
         loop {
             match self.concurrently(what, sql).await {
                 Ok(took) => {
-                    self.event(kind, what, Some(took), None).await;
+                    self.event(kind, message, Some(took), details).await;
                     return Ok(());
                 }
                 Err(f) => {
-                    let cleaned = cleanup().await;
+                    let cleaned = cleanup(&f).await;
                     if !(f.is_deadlock() && cleaned && attempt < self.retry.attempts) {
-                        return Err(f);
+                        return Err((f, cleaned));
                     }
                     attempt += 1;
                     self.reporter.note(&format!("{what}: deadlock, trying again (attempt {attempt})"));

@@ -20,14 +20,13 @@ mod concurrently;
 mod constraint;
 mod index;
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
 use super::error::{Context as _, MigrateError};
-use super::retry;
+use super::retry::{self, LockTimes};
 use super::run::Run;
 use crate::plan::parse::{Action, NewConstraint};
 use crate::plan::{Plan, Strategy};
@@ -89,20 +88,8 @@ impl Done {
     }
 }
 
-/// How long a change waited for its lock (the failed attempts and the pauses between
-/// them) and how long its transaction ran once it got it (at most: the transaction's time
-/// includes the successful attempt's own wait, under the lock timeout).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct LockTimes {
-    pub attempts: u32,
-    pub waited: Duration,
-    pub held: Duration,
-}
-
-impl LockTimes {
-    fn json(&self) -> Value {
-        json!({"attempts": self.attempts, "lock_wait_ms": ms(self.waited), "lock_held_ms": ms(self.held)})
-    }
+fn lock_times_json(t: &LockTimes) -> Value {
+    json!({"attempts": t.attempts, "lock_wait_ms": ms(t.waited), "lock_held_ms": ms(t.held)})
 }
 
 fn ms(d: Duration) -> f64 {
@@ -133,7 +120,7 @@ async fn finish_event(client: &Client, event: i64, times: &LockTimes) {
     let result = client
         .execute(
             "UPDATE ghostwire.events SET duration_ms = $2, details = details || $3 WHERE id = $1",
-            &[&event, &ms(times.waited + times.held), &times.json()],
+            &[&event, &ms(times.waited + times.held), &lock_times_json(times)],
         )
         .await;
     if let Err(e) = result {
@@ -155,48 +142,6 @@ impl Run<'_> {
         self.enter(Phase::Finished, "finished").await
     }
 
-    /// Runs one attempt (`attempt`, inside `BEGIN` under the lock timeout) until it commits,
-    /// retrying lock conflicts with jittered pauses.
-    async fn in_transaction<'r, T, F, Fut>(
-        &'r self,
-        what: &str,
-        mut attempt: F,
-    ) -> Result<(T, LockTimes), tokio_postgres::Error>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, tokio_postgres::Error>> + 'r,
-    {
-        let started = Instant::now();
-        let mut n = 1;
-        loop {
-            let t = Instant::now();
-            let result = async {
-                self.control.batch_execute(&format!("BEGIN; {}", self.retry.set_local())).await?;
-                let value = attempt().await?;
-                self.control.batch_execute("COMMIT").await?;
-                Ok(value)
-            }
-            .await;
-            match result {
-                Ok(value) => return Ok((value, LockTimes { attempts: n, waited: t - started, held: t.elapsed() })),
-                Err(e) => {
-                    let _ = self.control.batch_execute("ROLLBACK").await;
-                    if !retry::is_lock_conflict(&e) || n >= self.retry.attempts {
-                        return Err(e);
-                    }
-                    let pause = self.retry.pause(n);
-                    tracing::info!(
-                        "{what}: lock not granted (attempt {n} of {}), retrying in {pause:?}",
-                        self.retry.attempts
-                    );
-                    metrics::counter!("ghostwire_lock_retries_total").increment(1);
-                    retry::pause_unless_closed(&self.control, pause).await;
-                    n += 1;
-                }
-            }
-        }
-    }
-
     /// Runs `statements` in one transaction under the lock timeout (retried), with the event
     /// `kind` (whose details name the step) recorded in the same transaction.
     async fn recorded(
@@ -209,13 +154,12 @@ impl Run<'_> {
     ) -> Result<LockTimes, MigrateError> {
         let (client, id, phase) = (&self.control, self.id, self.phase);
         let (details, statements) = (&details, statements);
-        let (event, times) = self
-            .in_transaction(what, move || async move {
-                client.batch_execute(statements).await?;
-                insert_event(client, id, phase, kind, message, details).await
-            })
-            .await
-            .during(self.id, self.phase, what)?;
+        let (event, times) = retry::transaction(&self.control, &self.retry, what, move || async move {
+            client.batch_execute(statements).await?;
+            insert_event(client, id, phase, kind, message, details).await
+        })
+        .await
+        .during(self.id, self.phase, what)?;
         finish_event(&self.control, event, &times).await;
         Ok(times)
     }
@@ -277,18 +221,18 @@ impl Run<'_> {
     ) -> Result<(), MigrateError> {
         // The statement's other steps go too, so the table is as it was (but for catalog-only
         // subcommands that ran first, which are named).
-        let undone = undo(&self.control, self.id, table, &self.retry).await.during(
+        let done = Done::load(&self.control, self.id).await.during(self.id, self.phase, "reading the events")?;
+        let undone = undo(&self.control, &done, table, &self.retry).await.during(
             self.id,
             self.phase,
             "removing what the statement's other steps made",
         )?;
-        let done = Done::load(&self.control, self.id).await.during(self.id, self.phase, "reading the events")?;
         let mut example = example;
         if !undone.is_empty() {
             example.push_str(&format!("; also removed: {}", undone.join(", ")));
         }
-        if let Some(ran) = done.0.iter().find(|(k, d)| k == "statement" && d["step"] == "instant") {
-            let what = ran.1["ran"].as_str().unwrap_or("the catalog-only subcommands");
+        if let Some(ran) = done.find("statement", "instant") {
+            let what = ran["ran"].as_str().unwrap_or("the catalog-only subcommands");
             example.push_str(&format!("; {what} had already run and stay"));
         }
         let message = format!("existing rows violate {constraint}: {example}");
@@ -315,35 +259,28 @@ pub async fn remove(
     m: &Migration,
     retry: &retry::RetryPolicy,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let mut removed = undo(client, m.id, &m.table, retry).await?;
+    let done = Done::load(client, m.id).await?;
+    let mut removed = undo(client, &done, &m.table, retry).await?;
     removed.extend(index::remove_leftovers(client, m).await?);
     Ok(removed)
 }
 
-/// Takes back what the in-place steps of migration `id` made, newest first, as its events
+/// Takes back what the in-place steps of a migration made (`done`, its events), newest first, as its events
 /// record them: the constraints it added or attached are dropped, a NOT NULL it set is
 /// dropped, the indexes it started building are dropped concurrently. The catalog-only
 /// subcommands it ran stay (they are the user's statement, not ghostwire's scaffolding).
 async fn undo(
     client: &Client,
-    id: i64,
+    done: &Done,
     table: &QualifiedName,
     retry: &retry::RetryPolicy,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let done = Done::load(client, id).await?;
     let mut removed = Vec::new();
     for (kind, details) in done.0.iter().rev() {
         match kind.as_str() {
             "constraint_added" | "constraint_attached" => {
                 let Some(name) = details["constraint"].as_str() else { continue };
-                let exists: bool = client
-                    .query_one(
-                        "SELECT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
-                        &[&table.sql(), &name],
-                    )
-                    .await?
-                    .get(0);
-                if exists {
+                if constraint::constraint_state(client, &table.sql(), name).await?.is_some() {
                     let sql = format!("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", table.sql(), ident(name));
                     retry::ddl(client, retry, "removing a constraint the run added", &sql).await?;
                     removed.push(format!("constraint {name}"));
