@@ -6,6 +6,7 @@
 //! swap would have to carry over. It refuses, with [`PlanError::is_refusal`], anything
 //! ghostwire cannot do safely.
 
+mod alter_action;
 mod classify;
 pub mod expr;
 mod index_plan;
