@@ -15,33 +15,14 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
-use support::{connect, load, median, start_load};
+use support::{beside_writers, connect, median};
 
 const CHECK: &str = "ALTER TABLE orders ADD CONSTRAINT amount_nonneg CHECK (amount >= 0)";
 const INDEX: &str = "CREATE INDEX ON orders (status, amount)";
-
-/// Time and slowest writer of `f` run beside 200 writes/s on a freshly loaded table.
-async fn beside_writers<F, Fut>(url: &str, rows: i64, f: F) -> (Duration, Duration)
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let client = connect(url).await;
-    load(&client, rows).await;
-    let writers = start_load(url, 2, 200, rows);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t = Instant::now();
-    f().await;
-    let took = t.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, errors, slowest) = writers.stop().await;
-    assert_eq!(errors, 0, "a writer failed");
-    (took, slowest)
-}
 
 #[tokio::main]
 async fn main() {

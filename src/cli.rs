@@ -73,6 +73,17 @@ pub enum Command {
         #[command(flatten)]
         options: MigrateArgs,
     },
+    /// Run an UPDATE or DELETE in short keyset batches over the table's key, each its own
+    /// transaction with its checkpoint: throttled like a copy, resumable (`ghostwire resume
+    /// TABLE`), and a rerun writes nothing twice.
+    Backfill {
+        #[command(flatten)]
+        db: Database,
+        /// One UPDATE or DELETE statement.
+        statement: String,
+        #[command(flatten)]
+        options: BackfillArgs,
+    },
     /// Continue a stopped migration of TABLE from its last checkpoint, in whatever phase it
     /// stopped; with --control ADDR and no TABLE: let a paused run go on.
     Resume {
@@ -419,6 +430,41 @@ pub struct MigrateArgs {
     pub critical_slot_lag: Option<i64>,
 }
 
+/// How `backfill` runs its batches.
+#[derive(Debug, Args, Clone)]
+pub struct BackfillArgs {
+    /// Target time per batch; the number of keys in a batch adapts to it.
+    #[arg(long, default_value = "250ms", value_parser = duration)]
+    pub batch_time: Duration,
+    /// The most keys in one batch (the batch time decides below that).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch_rows: i64,
+    /// lock_timeout of each batch: one that waits longer for a row lock is rolled back and
+    /// retried smaller.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    pub lock_timeout: Duration,
+    /// statement_timeout of each batch (retried smaller, as for a lock timeout).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub statement_timeout: Duration,
+    /// Say how many rows the statement would change and in how many batches; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: count the rows exactly (it reads them all) instead of estimating.
+    #[arg(long, requires = "dry_run")]
+    pub count: bool,
+    /// Serve the live control API here (host:port): status, pause, resume, abort, settings
+    /// (batch time as chunk_time_ms, most keys as chunk_rows), metrics.
+    #[arg(long)]
+    pub control: Option<String>,
+    #[command(flatten)]
+    pub token: ControlToken,
+    /// Print progress and the outcome as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
+}
+
 /// The throttle signals of any work done in batches beside the application (copy and
 /// catch-up, a revert's catch-up).
 #[derive(Debug, Args, Clone, Default)]
@@ -441,8 +487,17 @@ pub struct ThrottleArgs {
 }
 
 impl ThrottleArgs {
+    /// Whether any limit is given.
+    pub fn any(&self) -> bool {
+        self.max_replica_lag.is_some()
+            || self.max_active.is_some()
+            || self.throttle_query.is_some()
+            || self.critical_replica_lag.is_some()
+            || self.critical_active.is_some()
+    }
+
     /// These limits in `settings`.
-    pub fn apply(&self, settings: &mut crate::migrate::live::Settings) {
+    pub fn apply(&self, settings: &mut crate::operate::Settings) {
         let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
         settings.max_replica_lag_ms = ms(self.max_replica_lag);
         settings.max_active = self.max_active;

@@ -10,7 +10,9 @@
 //! yet confirmed to the server), `logical.fence` (a fence reached, its caller not yet told),
 //! `cutover.fenced` (under the swap's lock, the fence reached, the last changes not applied);
 //! revert: `revert.batch` (after a catch-up batch committed), `revert.locked` (the swap
-//! back's lock held, the last changes applied), `revert.before_commit`, `revert.committed`.
+//! back's lock held, the last changes applied), `revert.before_commit`, `revert.committed`;
+//! backfill: `backfill.batch` (a batch's rows changed, its checkpoint not yet written, inside
+//! its transaction), `backfill.committed` (after a batch and its checkpoint committed).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

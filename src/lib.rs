@@ -3,6 +3,7 @@
 //! The binary's entry point is `src/main.rs`; this library holds everything else so that
 //! integration tests and benchmarks drive the same code.
 
+pub mod backfill;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
@@ -11,6 +12,7 @@ pub mod control;
 pub mod ephemeral;
 pub mod failpoint;
 pub mod migrate;
+pub mod operate;
 pub mod plan;
 pub mod proxy;
 pub mod replication;

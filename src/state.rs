@@ -73,6 +73,8 @@ ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS abort_requested_at tim
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Planned,
+    /// A backfill runs its batches.
+    Backfill,
     Shadow,
     Capture,
     Copy,
@@ -92,8 +94,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 13] = [
+    pub const ALL: [Phase; 14] = [
         Phase::Planned,
+        Phase::Backfill,
         Phase::Shadow,
         Phase::Capture,
         Phase::Copy,
@@ -111,6 +114,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Planned => "planned",
+            Phase::Backfill => "backfill",
             Phase::Shadow => "shadow",
             Phase::Capture => "capture",
             Phase::Copy => "copy",

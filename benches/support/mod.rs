@@ -126,3 +126,22 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// Time and slowest writer of `f` run beside 200 writes/s on a freshly loaded table.
+pub async fn beside_writers<F, Fut>(url: &str, rows: i64, f: F) -> (Duration, Duration)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let client = connect(url).await;
+    load(&client, rows).await;
+    let writers = start_load(url, 2, 200, rows);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    f().await;
+    let took = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, errors, slowest) = writers.stop().await;
+    assert_eq!(errors, 0, "a writer failed");
+    (took, slowest)
+}

@@ -29,6 +29,9 @@ pub async fn abort(url: Option<&str>, table: &str) -> Result<(), CommandError> {
     let config = connect::params(url, "ghostwire abort")?;
     let client = connect::connect(&config).await?;
     let m = target::active(&client, table).await?;
+    if m.strategy == crate::backfill::STRATEGY {
+        return super::backfill::abort(&client, &m).await;
+    }
     cleanup::stop_runner(&client, &m).await.map_err(classify)?;
     let version = crate::migrate::version_schema::of(&m);
     cleanup::abort(&client, &m, &RetryPolicy::default()).await.map_err(classify)?;

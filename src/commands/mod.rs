@@ -10,6 +10,7 @@ macro_rules! say {
     }};
 }
 
+mod backfill;
 mod cleanup;
 mod demo;
 mod indexes;
@@ -57,10 +58,14 @@ pub async fn run(command: Command) -> Result<(), CommandError> {
         Command::Migrate { db, statement, options } => {
             migrate::run(db.database_url.as_deref(), migrate::Target::Statement(&statement), &options).await
         }
+        Command::Backfill { db, statement, options } => {
+            backfill::run(db.database_url.as_deref(), &statement, &options).await
+        }
         Command::Resume { db, table, options } => match (table, &options.control) {
-            (Some(table), _) => {
-                migrate::run(db.database_url.as_deref(), migrate::Target::Resume(&table), &options).await
-            }
+            (Some(table), _) => match target::backfill_of(db.database_url.as_deref(), &table).await? {
+                Some(m) => backfill::resume(db.database_url.as_deref(), &m, &options).await,
+                None => migrate::run(db.database_url.as_deref(), migrate::Target::Resume(&table), &options).await,
+            },
             (None, Some(addr)) => {
                 let token = options.token.secret();
                 live::command(live::Remote { addr, token: token.as_ref() }, "/resume").await

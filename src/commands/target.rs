@@ -19,3 +19,16 @@ pub async fn active(client: &Client, table: &str) -> Result<Migration, CommandEr
         .map_err(CommandError::failed)?
         .map_err(CommandError::refused)
 }
+
+/// The unfinished backfill of `table`, if that is what its unfinished run is (None also
+/// when there is no ghostwire state or no such run: the migration path says why).
+pub async fn backfill_of(url: Option<&str>, table: &str) -> Result<Option<Migration>, CommandError> {
+    let config = crate::connect::params(url, "ghostwire resume")?;
+    let client = crate::connect::connect(&config).await?;
+    let (schema, name) = parse::table_name(table).map_err(CommandError::refused)?;
+    if !state::schema_exists(&client).await.map_err(CommandError::failed)? {
+        return Ok(None);
+    }
+    let found = state::find_active(&client, schema.as_deref(), &name).await.map_err(CommandError::failed)?;
+    Ok(found.ok().filter(|m| m.strategy == crate::backfill::STRATEGY))
+}

@@ -25,18 +25,7 @@ use crate::plan::{self, Strategy};
 use crate::sql::{QualifiedName, literal};
 use crate::state::{self, Migration, Phase};
 
-/// Where a run reports what it does (the CLI prints; tests stay quiet).
-pub trait Reporter: Send + Sync {
-    fn phase(&self, _phase: Phase, _message: &str) {}
-    fn progress(&self, _phase: Phase, _done: i64, _total: i64, _rows_per_second: f64) {}
-    fn note(&self, _message: &str) {}
-    /// The run is over: leave the output ready for what the command prints next.
-    fn close(&self) {}
-}
-
-/// A reporter that says nothing.
-pub struct Silent;
-impl Reporter for Silent {}
+pub use crate::operate::{Reporter, Silent};
 
 /// Called as each phase starts (tests use it to write during every phase).
 pub type PhaseHook = Arc<dyn Fn(Phase) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;

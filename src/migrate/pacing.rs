@@ -10,38 +10,9 @@ use tokio_postgres::Client;
 use super::error::{Context as _, MigrateError};
 use super::run::Run;
 use super::spec::Spec;
-use super::throttle::{self, Verdict};
+use super::throttle::{self, Throttled, Verdict};
 use super::{capture, catchup, copy, index};
 use crate::state::{self, Phase};
-
-/// Why the run is held back, since when, and the time not yet added to the
-/// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
-pub(super) struct Throttled {
-    reason: String,
-    since: Instant,
-    accounted: Instant,
-    carry: f64,
-}
-
-impl Throttled {
-    pub(super) fn new(reason: String) -> Throttled {
-        let now = Instant::now();
-        Throttled { reason, since: now, accounted: now, carry: 0.0 }
-    }
-
-    /// Adds the time since the last call to the counter, keeping the fraction for later.
-    pub(super) fn account(&mut self) {
-        let now = Instant::now();
-        self.carry += now.duration_since(self.accounted).as_secs_f64();
-        self.accounted = now;
-        let whole = self.carry.floor();
-        if whole >= 1.0 {
-            metrics::counter!("ghostwire_throttled_seconds_total", "reason" => reason_kind(&self.reason))
-                .increment(whole as u64);
-            self.carry -= whole;
-        }
-    }
-}
 
 impl Run<'_> {
     /// Waits while a throttle signal is over its limit. During the copy, a growing change
@@ -96,7 +67,7 @@ impl Run<'_> {
                 Verdict::Go => {
                     if let Some(mut t) = self.throttled.take() {
                         t.account();
-                        let (reason, d) = (t.reason, t.since.elapsed());
+                        let (reason, d) = (t.reason().to_owned(), t.since());
                         self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
                         let _ = state::set_throttled(&self.control, self.id, None).await;
                         self.live.update(|p| p.throttled = None);
@@ -153,7 +124,7 @@ impl Run<'_> {
     /// Records that the run is throttled (once per reason: an event, the state, the status).
     async fn note_throttle(&mut self, verdict: &Verdict) {
         let Verdict::Throttle(reason) = verdict else { return };
-        if self.throttled.as_ref().map(|t| &t.reason) == Some(reason) {
+        if self.throttled.as_ref().map(|t| t.reason()) == Some(reason.as_str()) {
             return;
         }
         if let Some(mut old) = self.throttled.take() {
@@ -214,22 +185,5 @@ impl Run<'_> {
             }
             self.check_cancelled()?;
         }
-    }
-}
-
-/// A short label for a throttle reason (the metric's `reason`).
-fn reason_kind(reason: &str) -> &'static str {
-    if reason.contains("replica") {
-        "replica_lag"
-    } else if reason.contains("active sessions") {
-        "active_sessions"
-    } else if throttle::is_backlog(reason) {
-        "backlog"
-    } else if reason.contains("throttle query") {
-        "throttle_query"
-    } else if reason.contains("paused") {
-        "paused"
-    } else {
-        "other"
     }
 }

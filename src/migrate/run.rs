@@ -18,10 +18,10 @@ use crate::connect::Params as Config;
 use super::engine::{Context, Options, Outcome, PhaseHook, Reporter, session_config};
 use super::error::{Context as _, MigrateError};
 use super::live::Live;
-use super::pacing::Throttled;
 use super::rehearsal::Meter;
-use super::retry::{self, RetryPolicy};
+use super::retry::RetryPolicy;
 use super::spec::{DeferredIndex, Spec};
+use super::throttle::Throttled;
 use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
 use crate::connect;
 use crate::plan::{Plan, Strategy};
@@ -579,17 +579,20 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Validates the foreign keys added NOT VALID during the swap; returns those that failed.
+    /// Validates the foreign keys added NOT VALID during the swap (different tables' at once,
+    /// see `validate`); returns those that failed.
     async fn validate(&self, spec: &Spec) -> Vec<String> {
+        let list = super::swap::script(spec).validations;
+        let done = super::validate::all(&self.session(), &self.control, &self.retry, self.opts.parallel, list).await;
         let mut failed = Vec::new();
-        for (what, sql) in super::swap::script(spec).validations {
-            let t = Instant::now();
-            match retry::ddl(&self.control, &self.retry, &format!("validating {what}"), &sql).await {
-                Ok(()) => self.event("validate", &format!("validated {what}"), Some(t.elapsed()), None).await,
-                Err(e) => {
-                    let msg = format!("could not validate {what} ({}); it stays NOT VALID", connect::describe(&e));
+        for v in done {
+            let what = v.validation.what;
+            match v.error {
+                None => self.event("validate", &format!("validated {what}"), Some(v.took), None).await,
+                Some(e) => {
+                    let msg = format!("could not validate {what} ({e}); it stays NOT VALID");
                     self.reporter.note(&msg);
-                    self.event("validate", &msg, Some(t.elapsed()), None).await;
+                    self.event("validate", &msg, Some(v.took), None).await;
                     failed.push(what);
                 }
             }

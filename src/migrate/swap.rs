@@ -12,6 +12,7 @@
 
 use super::capture;
 use super::spec::Spec;
+use super::validate::Validation;
 use crate::catalog::{DependentView, ReplicaIdentity, Trigger};
 use crate::sql::{QualifiedName, ident, literal};
 
@@ -24,8 +25,8 @@ pub struct Script {
     /// Statements that may fail without stopping the swap (extended statistics on
     /// columns that are gone): each runs under a savepoint, failures are reported.
     pub optional: Vec<String>,
-    /// Run after commit: `(what, statement)`.
-    pub validations: Vec<(String, String)>,
+    /// Run after commit, without blocking writes.
+    pub validations: Vec<Validation>,
 }
 
 pub(super) fn enable_state(table_sql: &str, trigger: &Trigger) -> Option<String> {
@@ -103,7 +104,7 @@ pub(super) fn create_view(v: &DependentView) -> Vec<String> {
 pub(super) fn add_referencing_foreign_keys(
     t: &crate::catalog::TableDef,
     a: &mut Vec<String>,
-    validations: &mut Vec<(String, String)>,
+    validations: &mut Vec<Validation>,
 ) {
     for fk in &t.referencing_foreign_keys {
         let definition = fk.definition.strip_suffix(" NOT VALID").unwrap_or(&fk.definition);
@@ -112,9 +113,10 @@ pub(super) fn add_referencing_foreign_keys(
             a.push(format!("COMMENT ON CONSTRAINT {} ON {} IS {}", ident(&fk.name), fk.table.sql(), literal(c)));
         }
         if fk.validated {
-            validations.push((
+            validations.push(Validation::new(
                 format!("foreign key {} on {}", fk.name, fk.table),
-                format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table.sql(), ident(&fk.name)),
+                fk.table.sql(),
+                &fk.name,
             ));
         }
     }
@@ -166,9 +168,10 @@ pub fn script(spec: &Spec) -> Script {
             a.push(format!("COMMENT ON CONSTRAINT {} ON {table_sql} IS {}", ident(&fk.name), literal(c)));
         }
         if fk.validate {
-            s.validations.push((
+            s.validations.push(Validation::new(
                 format!("foreign key {} on {}", fk.name, spec.original),
-                format!("ALTER TABLE {table_sql} VALIDATE CONSTRAINT {}", ident(&fk.name)),
+                table_sql.clone(),
+                &fk.name,
             ));
         }
     }

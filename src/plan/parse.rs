@@ -344,19 +344,19 @@ pub fn retarget_index(definition: &str, table_sql: &str) -> Result<String, Parse
 
 /// A scanner token (comments dropped).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Tok {
-    pub(super) start: usize,
-    pub(super) end: usize,
+pub(crate) struct Tok {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     kind: i32,
 }
 
 impl Tok {
-    pub(super) fn is(&self, t: Token) -> bool {
+    pub(crate) fn is(&self, t: Token) -> bool {
         self.kind == t as i32
     }
 }
 
-fn tokens(text: &str) -> Result<Vec<Tok>, ParseError> {
+pub(crate) fn tokens(text: &str) -> Result<Vec<Tok>, ParseError> {
     let scanned = pg_query::scan_tokens(text).map_err(|e| ParseError::Layout(e.to_string()))?;
     Ok(scanned
         .into_iter()
@@ -399,7 +399,7 @@ pub(super) fn table_ref(
 }
 
 /// Splits tokens on commas outside parentheses and brackets.
-fn split_top_level(tokens: &[Tok]) -> Vec<&[Tok]> {
+pub(crate) fn split_top_level(tokens: &[Tok]) -> Vec<&[Tok]> {
     let mut pieces = Vec::new();
     let mut depth = 0i32;
     let mut start = 0;
@@ -442,11 +442,13 @@ fn object_statement(objtype: i32) -> String {
     }
 }
 
-fn statement_kind(node: &NodeEnum) -> String {
+pub(crate) fn statement_kind(node: &NodeEnum) -> String {
     let kind = match node {
         NodeEnum::SelectStmt(_) => "SELECT",
         NodeEnum::InsertStmt(_) => "INSERT",
         NodeEnum::UpdateStmt(_) => "UPDATE",
+        NodeEnum::AlterTableStmt(_) => "ALTER TABLE",
+        NodeEnum::MergeStmt(_) => "MERGE",
         NodeEnum::DeleteStmt(_) => "DELETE",
         NodeEnum::CreateStmt(_) => "CREATE TABLE",
         NodeEnum::IndexStmt(_) => "CREATE INDEX",
@@ -460,7 +462,7 @@ fn statement_kind(node: &NodeEnum) -> String {
 
 /// A syntax error with its position, found by bisecting over token boundaries: the shortest
 /// prefix that fails other than "at end of input" ends at the offending token.
-fn syntax_error(sql: &str, err: pg_query::Error) -> ParseError {
+pub(crate) fn syntax_error(sql: &str, err: pg_query::Error) -> ParseError {
     let message = match &err {
         pg_query::Error::Parse(m) => m.clone(),
         other => other.to_string(),

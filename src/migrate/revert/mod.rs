@@ -383,9 +383,9 @@ async fn under_lock(
 /// could not be.
 async fn validate(work: &Client, script: &crate::migrate::swap::Script) -> Vec<String> {
     let mut failed = Vec::new();
-    for (what, sql) in &script.validations {
-        if let Err(e) = work.batch_execute(sql).await {
-            failed.push(format!("{what}: {}", crate::connect::describe(&e)));
+    for v in &script.validations {
+        if let Err(e) = work.batch_execute(&v.sql).await {
+            failed.push(format!("{}: {}", v.what, crate::connect::describe(&e)));
         }
     }
     failed

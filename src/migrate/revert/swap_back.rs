@@ -78,9 +78,10 @@ pub fn script(spec: &Spec) -> Script {
             a.push(format!("COMMENT ON CONSTRAINT {} ON {table_sql} IS {}", ident(&c.name), literal(comment)));
         }
         if c.validated {
-            s.validations.push((
+            s.validations.push(crate::migrate::validate::Validation::new(
                 format!("foreign key {} on {}", c.name, spec.original),
-                format!("ALTER TABLE {table_sql} VALIDATE CONSTRAINT {}", ident(&c.name)),
+                table_sql.clone(),
+                &c.name,
             ));
         }
     }

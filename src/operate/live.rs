@@ -88,6 +88,9 @@ pub struct Progress {
     pub rows_copied: i64,
     pub rows_estimated: i64,
     pub rows_per_second: f64,
+    /// A backfill: the rows its statement changed (`rows_copied` counts the keys walked).
+    #[serde(default)]
+    pub rows_changed: i64,
     pub eta_seconds: Option<f64>,
     pub backlog: i64,
     pub chunk_rows: i64,

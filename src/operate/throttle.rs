@@ -5,6 +5,8 @@
 //! retains, active client sessions, and a user SQL check. A signal that cannot be read while a limit needs it throttles (fails closed),
 //! with the reason saying so. Critical limits abort the run instead (everything it made is removed).
 
+use std::time::Instant;
+
 use tokio_postgres::Client;
 
 use super::live::Settings;
@@ -180,6 +182,62 @@ pub fn judge(s: &Settings, x: &Signals) -> Verdict {
 /// Whether a throttle reason is about the change backlog (catch-up can help).
 pub fn is_backlog(reason: &str) -> bool {
     reason.contains("captured changes waiting")
+}
+
+/// Why the run is held back, since when, and the time not yet added to the
+/// `ghostwire_throttled_seconds_total` counter (which counts whole seconds).
+pub struct Throttled {
+    reason: String,
+    since: Instant,
+    accounted: Instant,
+    carry: f64,
+}
+
+impl Throttled {
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// How long it has been held back for this reason.
+    pub fn since(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    pub fn new(reason: String) -> Throttled {
+        let now = Instant::now();
+        Throttled { reason, since: now, accounted: now, carry: 0.0 }
+    }
+
+    /// Adds the time since the last call to the counter, keeping the fraction for later.
+    pub fn account(&mut self) {
+        let now = Instant::now();
+        self.carry += now.duration_since(self.accounted).as_secs_f64();
+        self.accounted = now;
+        let whole = self.carry.floor();
+        if whole >= 1.0 {
+            metrics::counter!("ghostwire_throttled_seconds_total", "reason" => reason_kind(&self.reason))
+                .increment(whole as u64);
+            self.carry -= whole;
+        }
+    }
+}
+
+/// A short label for a throttle reason (the metric's `reason`).
+fn reason_kind(reason: &str) -> &'static str {
+    if reason.contains("replica") {
+        "replica_lag"
+    } else if reason.contains("active sessions") {
+        "active_sessions"
+    } else if is_backlog(reason) {
+        "backlog"
+    } else if reason.contains("throttle query") {
+        "throttle_query"
+    } else if reason.contains("paused") {
+        "paused"
+    } else {
+        "other"
+    }
 }
 
 #[cfg(test)]
