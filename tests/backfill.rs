@@ -273,3 +273,29 @@ async fn a_dry_run_and_every_refusal_change_nothing() {
     }
     assert_eq!(strings(&db.client, untouched).await, ["true"]);
 }
+
+#[tokio::test]
+async fn quoted_names_and_a_composite_key() {
+    let db = TestDb::new().await;
+    db.exec(
+        r#"CREATE SCHEMA "Sales";
+           CREATE TABLE "Sales"."Order Items" ("Tenant" int, "Seq" bigint, "Note" text, PRIMARY KEY ("Tenant", "Seq"));
+           INSERT INTO "Sales"."Order Items" SELECT g % 7, g, NULL FROM generate_series(1, 2000) g;"#,
+    )
+    .await;
+    let fill = r#"UPDATE "Sales"."Order Items" AS oi SET "Note" = 'x' || oi."Seq" WHERE oi."Tenant" < 3"#;
+    let out = ghostwire(&db.url, &["backfill", "--batch-rows", "70", fill], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done = r#"SELECT count(*) FILTER (WHERE "Note" = 'x' || "Seq")::text || ' ' || count(*) FILTER (WHERE "Note" IS NULL)::text
+                    FROM "Sales"."Order Items""#;
+    let expected: Vec<String> = strings(
+        &db.client,
+        r#"SELECT count(*) FILTER (WHERE "Tenant" < 3)::text || ' ' || count(*) FILTER (WHERE "Tenant" >= 3)::text
+             FROM "Sales"."Order Items""#,
+    )
+    .await;
+    assert_eq!(strings(&db.client, done).await, expected);
+    let status = ghostwire(&db.url, &["status"], None).await;
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(text.contains(r#""Sales"."Order Items": phase finished, backfill:"#), "{text}");
+}

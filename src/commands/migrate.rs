@@ -284,6 +284,13 @@ fn summary(outcome: &Outcome) {
                 outcome.total_time.as_secs_f64()
             )
         }
+        None if outcome.strategy == crate::plan::Strategy::Online => {
+            say!(
+                "Done: {} changed in place (short locks, no copy) in {:.2} s.",
+                outcome.table,
+                outcome.total_time.as_secs_f64()
+            )
+        }
         None => say!(
             "Done: {} was already swapped; nothing left to do but `ghostwire finish {}`.",
             outcome.table,

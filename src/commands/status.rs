@@ -149,7 +149,10 @@ pub async fn run(
         return Ok(());
     }
     for m in &migrations {
-        let progress = if m.rows_estimated > 0 || m.rows_copied > 0 {
+        let progress = if m.strategy == crate::backfill::STRATEGY {
+            let at = m.checkpoint.as_ref().map(|c| format!(", up to the key {}", c.join(", "))).unwrap_or_default();
+            format!(", backfill: {} row(s) changed{at}", thousands(m.rows_copied))
+        } else if m.strategy == "copy" && (m.rows_estimated > 0 || m.rows_copied > 0) {
             let pct = if m.rows_estimated > 0 {
                 (m.rows_copied as f64 * 100.0 / m.rows_estimated as f64).min(100.0)
             } else {
