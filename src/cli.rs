@@ -61,7 +61,8 @@ pub enum Command {
         /// Print one JSON document instead of the report.
         #[arg(long)]
         json: bool,
-        /// One ALTER TABLE statement.
+        /// One ALTER TABLE or index statement, or a migration file (FILE.sql, `-` for
+        /// standard input): each statement's way and locks.
         statement: String,
     },
     /// Run the change online: shadow table, change capture, chunked copy, swap.
@@ -83,6 +84,16 @@ pub enum Command {
         statement: String,
         #[command(flatten)]
         options: BackfillArgs,
+    },
+    /// Run migration files statement by statement, each the safe way (ALTER TABLE and
+    /// index statements through migrate, UPDATE/DELETE through backfill, the rest directly
+    /// under a short lock_timeout), logged in ghostwire.applied; run again, it skips what is
+    /// done and goes on where it stopped.
+    Apply {
+        #[command(flatten)]
+        db: Database,
+        #[command(flatten)]
+        options: ApplyArgs,
     },
     /// Continue a stopped migration of TABLE from its last checkpoint, in whatever phase it
     /// stopped; with --control ADDR and no TABLE: let a paused run go on.
@@ -428,6 +439,29 @@ pub struct MigrateArgs {
     /// included) when the slot retains more WAL than this.
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub critical_slot_lag: Option<i64>,
+}
+
+/// How `apply` runs a file.
+#[derive(Debug, Args, Clone)]
+pub struct ApplyArgs {
+    /// The files (`-`: standard input), run in the order of their names.
+    #[arg(required = true, value_name = "FILE.sql")]
+    pub files: Vec<String>,
+    /// lock_timeout of every statement that locks a table (retried with jitter).
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    pub lock_timeout: Duration,
+    /// Run each file as written in one transaction (BEGIN/COMMIT in it are dropped): every
+    /// lock is held until its end.
+    #[arg(long)]
+    pub single_transaction: bool,
+    /// Consent to changes that cannot be reverted (DROP COLUMN, …).
+    #[arg(long)]
+    pub yes: bool,
+    /// One JSON line per statement, then the outcome.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
 }
 
 /// How `backfill` runs its batches.

@@ -3,6 +3,7 @@
 //! The binary's entry point is `src/main.rs`; this library holds everything else so that
 //! integration tests and benchmarks drive the same code.
 
+pub mod apply;
 pub mod backfill;
 pub mod catalog;
 pub mod cli;

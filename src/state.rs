@@ -16,7 +16,7 @@ use tokio_postgres::{Client, GenericClient};
 use crate::sql::QualifiedName;
 
 /// The version of the state schema this ghostwire writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS ghostwire;
@@ -65,6 +65,26 @@ ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS copy_end text[];
 ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS throttled text;
 -- Version 3: `ghostwire abort` asked the process running the migration to stop.
 ALTER TABLE ghostwire.migrations ADD COLUMN IF NOT EXISTS abort_requested_at timestamptz;
+-- Version 4: the migration log of `ghostwire apply`, one row per attempt at a statement.
+CREATE TABLE IF NOT EXISTS ghostwire.applied (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    file text NOT NULL,
+    statement_number int NOT NULL,
+    line int NOT NULL,
+    checksum text NOT NULL,
+    occurrence int NOT NULL,
+    statement text NOT NULL,
+    way text NOT NULL,
+    migration_id bigint,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at timestamptz,
+    duration_ms double precision,
+    lock_wait_ms double precision,
+    lock_hold_ms double precision,
+    note text,
+    error text
+);
+CREATE INDEX IF NOT EXISTS applied_by_statement ON ghostwire.applied (file, checksum, occurrence);
 "#;
 
 /// Where a migration is. Recorded before each phase starts; a failed run keeps the phase it

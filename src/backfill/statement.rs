@@ -18,7 +18,9 @@ pub enum StatementError {
     Parse(#[from] ParseError),
     #[error("no statement given: pass one UPDATE or DELETE statement")]
     Empty,
-    #[error("{0} statements given: backfill runs one UPDATE or DELETE at a time: run them one by one")]
+    #[error(
+        "{0} statements given: backfill runs one UPDATE or DELETE at a time; `ghostwire apply FILE.sql` runs a file of them"
+    )]
     Several(usize),
     #[error(
         "this is {}: backfill runs an UPDATE or a DELETE (`ghostwire migrate` takes ALTER TABLE and CREATE INDEX)",

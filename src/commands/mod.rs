@@ -10,6 +10,7 @@ macro_rules! say {
     }};
 }
 
+mod apply;
 mod backfill;
 mod cleanup;
 mod demo;
@@ -54,10 +55,14 @@ impl From<crate::connect::ConnectError> for CommandError {
 
 pub async fn run(command: Command) -> Result<(), CommandError> {
     match command {
+        Command::Plan { db, json, statement } if apply::is_file(&statement) => {
+            apply::plan_file(db.database_url.as_deref(), json, &statement).await
+        }
         Command::Plan { db, json, statement } => plan::run(db.database_url.as_deref(), json, &statement).await,
         Command::Migrate { db, statement, options } => {
             migrate::run(db.database_url.as_deref(), migrate::Target::Statement(&statement), &options).await
         }
+        Command::Apply { db, options } => apply::run(db.database_url.as_deref(), &options).await,
         Command::Backfill { db, statement, options } => {
             backfill::run(db.database_url.as_deref(), &statement, &options).await
         }

@@ -90,6 +90,18 @@ pub fn sample_every(fraction: Option<f64>) -> Option<u64> {
     fraction.filter(|f| *f > 0.0 && *f < 1.0).map(|f| (1.0 / f).round().max(1.0) as u64).filter(|k| *k > 1)
 }
 
+impl Options {
+    /// The lock waits of every statement on the live table: `--lock-timeout`, retried up to
+    /// `--cutover-attempts` times.
+    pub fn retry_policy(&self) -> super::retry::RetryPolicy {
+        super::retry::RetryPolicy {
+            lock_timeout: self.lock_timeout,
+            attempts: self.cutover_attempts.max(1),
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
