@@ -108,6 +108,6 @@ mod tests {
         let groups = by_table(vec![v("a", "t"), v("b", "c1"), v("c", "t"), v("d", "c2")]);
         let names: Vec<Vec<&str>> = groups.iter().map(|g| g.iter().map(|v| v.what.as_str()).collect()).collect();
         assert_eq!(names, vec![vec!["a", "c"], vec!["b"], vec!["d"]]);
-        assert_eq!(groups[0][0].sql, "ALTER TABLE t VALIDATE CONSTRAINT a");
+        assert_eq!(groups[0][0].sql, "ALTER TABLE t VALIDATE CONSTRAINT \"a\"");
     }
 }
