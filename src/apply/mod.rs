@@ -4,7 +4,8 @@
 //! `UPDATE`/`DELETE` through `backfill`, anything else directly in its own transaction under
 //! a short `lock_timeout` with retries (outside a transaction where PostgreSQL requires it).
 //!
-//! `ghostwire.applied` is the migration log: one row per attempt, with the statement's md5.
+//! `ghostwire.applied` is the migration log: one row per attempt, with the file's name (not
+//! its path) and the statement's md5.
 //! A rerun skips what finished and resumes a migration or backfill that stopped midway; a
 //! statement run directly records its end in its own transaction, so it is never run twice.
 //! `BEGIN`/`COMMIT` in a file are refused (they would hold every lock to the end) unless

@@ -26,6 +26,12 @@ pub struct Done {
     pub finished: Finished,
 }
 
+/// The file as the log knows it: its name, so `migrations/0042.sql` and
+/// `./migrations/0042.sql` (or a checkout elsewhere) are the same file.
+fn log_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_owned())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -75,7 +81,8 @@ impl Runner<'_> {
     async fn one(&mut self, file: &str, p: &Piece, occurrence: i32, ran: usize) -> Result<Done, ApplyError> {
         let db = |what: &'static str| ApplyError::db(what);
         let checksum = log::checksum(&self.control, &p.text).await.map_err(db("reading the log"))?;
-        let key = Key { file, checksum: &checksum, occurrence };
+        let name = log_name(file);
+        let key = Key { file: &name, checksum: &checksum, occurrence };
         let done = |skipped: bool, seconds: f64, finished: Finished| Done {
             file: file.to_owned(),
             number: p.number,
@@ -228,7 +235,8 @@ impl Runner<'_> {
         let text: Vec<&str> = pieces.iter().map(|p| p.text.as_str()).collect();
         let text = text.join(";\n");
         let checksum = log::checksum(&self.control, &text).await.map_err(ApplyError::db("reading the log"))?;
-        let key = Key { file, checksum: &checksum, occurrence: 1 };
+        let name = log_name(file);
+        let key = Key { file: &name, checksum: &checksum, occurrence: 1 };
         let done = |skipped: bool, seconds: f64, finished: Finished| Done {
             file: file.to_owned(),
             number: 1,
