@@ -204,6 +204,25 @@ pub async fn try_lock_table(client: &impl GenericClient, table: &QualifiedName) 
     Ok(row.get(0))
 }
 
+/// Takes `table`'s advisory lock, waiting up to `grace` for it: the server session of a
+/// ghostwire run that just ended (or died) keeps the lock until the server notices.
+pub async fn lock_table_within(
+    client: &impl GenericClient,
+    table: &QualifiedName,
+    grace: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if try_lock_table(client, table).await? {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The pid of the session holding `table`'s advisory lock, if any.
 pub async fn lock_holder(
     client: &impl GenericClient,

@@ -129,7 +129,10 @@ fn session(config: &Config, name: &str) -> Config {
 /// Takes the table's advisory lock for the run, or says who has it; refuses a table with
 /// another unfinished run (`resuming`: the backfill being resumed is not another).
 async fn claim(control: &Client, table: &QualifiedName, resuming: Option<i64>) -> Result<(), BackfillError> {
-    let held = !state::try_lock_table(control, table).await.map_err(BackfillError::db("locking the run"))?;
+    // The session of a run that just ended (the statement before, in `apply`) may hold the
+    // lock a moment longer.
+    let grace = std::time::Duration::from_secs(3);
+    let held = !state::lock_table_within(control, table, grace).await.map_err(BackfillError::db("locking the run"))?;
     if held {
         let pid = state::lock_holder(control, table).await.ok().flatten();
         return Err(BackfillError::Refused(format!(

@@ -123,17 +123,11 @@ const LOCK_GRACE: Duration = Duration::from_secs(3);
 
 /// Takes the table's advisory lock for this session, or says who holds it.
 async fn lock_table(control: &Client, table: &QualifiedName) -> Result<(), MigrateError> {
-    let deadline = tokio::time::Instant::now() + LOCK_GRACE;
-    loop {
-        if state::try_lock_table(control, table).await.map_err(state_err)? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let pid = state::lock_holder(control, table).await.ok().flatten().unwrap_or(0);
-            return Err(MigrateError::Busy { table: table.to_string(), pid });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if state::lock_table_within(control, table, LOCK_GRACE).await.map_err(state_err)? {
+        return Ok(());
     }
+    let pid = state::lock_holder(control, table).await.ok().flatten().unwrap_or(0);
+    Err(MigrateError::Busy { table: table.to_string(), pid })
 }
 
 /// `--version-schema`: builds the schema and records the migration, waiting for `finish`.
