@@ -21,7 +21,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
 use support::{connect, load, median, start_load, timed};
 use tokio_postgres::Client;
@@ -74,10 +73,8 @@ fn line(name: &str, took: Duration, rows: i64, baseline: Duration) {
 
 #[tokio::main]
 async fn main() {
-    let rows: i64 = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
-    let runs: usize = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let options = ClusterOptions::default().with_setting("shared_buffers", "1GB");
-    let cluster = Cluster::start(options).expect("a throwaway cluster");
+    let (rows, runs) = support::rows_and_runs();
+    let cluster = support::cluster();
     println!("PostgreSQL {} ({})", cluster.binaries().version, cluster.binaries().bindir.display());
     let url = cluster.url("postgres");
     let client = connect(&url).await;

@@ -20,7 +20,6 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
 use support::{connect, load, median, timed};
 use tokio_postgres::Client;
@@ -81,9 +80,8 @@ fn line(name: &str, took: Duration, baseline: Duration) {
 
 #[tokio::main]
 async fn main() {
-    let rows: i64 = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
-    let runs: usize = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let cluster = Cluster::start(ClusterOptions::default().with_setting("shared_buffers", "1GB")).expect("a cluster");
+    let (rows, runs) = support::rows_and_runs();
+    let cluster = support::cluster();
     let url = cluster.url("postgres");
     println!("foreign-key benchmark: {rows} rows, median of {runs} run(s), PostgreSQL {}", cluster.binaries().version);
     let client = connect(&url).await;

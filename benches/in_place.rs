@@ -17,7 +17,6 @@ mod support;
 
 use std::time::Duration;
 
-use ghostwire::ephemeral::{Cluster, ClusterOptions};
 use ghostwire::migrate::{self, Options, Silent};
 use support::{beside_writers, connect, median};
 
@@ -26,9 +25,8 @@ const INDEX: &str = "CREATE INDEX ON orders (status, amount)";
 
 #[tokio::main]
 async fn main() {
-    let rows: i64 = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
-    let runs: usize = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let cluster = Cluster::start(ClusterOptions::default().with_setting("shared_buffers", "1GB")).expect("a cluster");
+    let (rows, runs) = support::rows_and_runs();
+    let cluster = support::cluster();
     let url = cluster.url("postgres");
     println!(
         "in-place benchmark: {rows} rows, 200 writes/s beside, median of {runs} run(s), PostgreSQL {}",

@@ -9,6 +9,31 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// Key values bound as text: `($first::text::type, …)`, one per type, in key order.
+pub fn text_params<S: AsRef<str>>(first: usize, types: &[S]) -> String {
+    let p: Vec<String> =
+        types.iter().enumerate().map(|(i, t)| format!("${}::text::{}", first + i, t.as_ref())).collect();
+    format!("({})", p.join(", "))
+}
+
+/// The columns as one text array: `ARRAY["a"::text, "b"::text]` (`prefix` before each).
+pub fn text_array<S: AsRef<str>>(prefix: &str, columns: &[S]) -> String {
+    let parts: Vec<String> = columns.iter().map(|c| format!("{prefix}{}::text", ident(c.as_ref()))).collect();
+    format!("ARRAY[{}]", parts.join(", "))
+}
+
+/// `head` followed by each key's text values, as statement parameters.
+pub fn with_keys<'a>(
+    head: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+    keys: &[&'a Vec<String>],
+) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+    let mut out = head;
+    for k in keys {
+        out.extend(k.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)));
+    }
+    out
+}
+
 /// `name` as a quoted SQL identifier: `Order Items` → `"Order Items"`, `a"b` → `"a""b"`.
 pub fn ident(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 2);

@@ -122,6 +122,19 @@ impl Load {
     }
 }
 
+/// `GHOSTWIRE_BENCH_ROWS` (default 2,000,000) and `GHOSTWIRE_BENCH_RUNS` (default 3).
+pub fn rows_and_runs() -> (i64, usize) {
+    let rows = std::env::var("GHOSTWIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000_000);
+    let runs = std::env::var("GHOSTWIRE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3usize).max(1);
+    (rows, runs)
+}
+
+/// A throwaway cluster with 1 GB of shared buffers, for the `orders` benches.
+pub fn cluster() -> ghostwire::ephemeral::Cluster {
+    let options = ghostwire::ephemeral::ClusterOptions::default().with_setting("shared_buffers", "1GB");
+    ghostwire::ephemeral::Cluster::start(options).expect("a throwaway cluster")
+}
+
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

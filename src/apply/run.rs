@@ -188,15 +188,10 @@ impl Runner<'_> {
             Way::Direct => {
                 let client = connect::connect(&self.config).await.map_err(|e| (e.to_string(), false))?;
                 let what = format!("statement {}", p.number);
-                let attempt = || async {
-                    client.batch_execute(&p.text).await?;
-                    Ok(())
-                };
                 let ((), times) = retry::transaction(&client, &opts.migrate.retry_policy(), &what, || async {
-                    attempt().await?;
-                    // The log row is written in the statement's own transaction.
-                    let f = Finished { note: None, ..Default::default() };
-                    log::finish(&client, id, &f).await
+                    client.batch_execute(&p.text).await?;
+                    // Finished in the statement's own transaction: it never runs twice.
+                    log::finish(&client, id, &Finished::default()).await
                 })
                 .await
                 .map_err(|e| (connect::describe(&e), false))?;

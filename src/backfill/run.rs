@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement as Prepared};
 use tokio_util::sync::CancellationToken;
 
@@ -14,8 +13,8 @@ use super::target::Target;
 use super::{BackfillError, Options, STRATEGY};
 use crate::connect::{self, Params as Config};
 use crate::operate::throttle::{self, Throttled, Verdict};
-use crate::operate::{ChunkSizer, Live, Reporter};
-use crate::sql::QualifiedName;
+use crate::operate::{ChunkSizer, Live, Reporter, retry};
+use crate::sql::{QualifiedName, with_keys};
 use crate::state::{self, Migration, Phase};
 
 /// What drives a backfill from outside: its reporter, Ctrl-C, and the live state the
@@ -84,7 +83,7 @@ pub async fn backfill(config: &Config, sql: &str, opts: &Options, ctx: &Context<
         .await
         .map_err(BackfillError::db("recording the backfill"))?;
     ctx.reporter.phase(Phase::Backfill, &what);
-    let run = Runner::new(config, control, id, target, opts, ctx, None, 0);
+    let run = Runner::new(config, control, id, target, opts, ctx);
     run.go(end).await
 }
 
@@ -107,7 +106,7 @@ pub async fn resume(
         .await
         .map_err(BackfillError::db("recording the resume"))?;
     ctx.reporter.phase(Phase::Backfill, &message);
-    let run = Runner::new(config, control, m.id, target, opts, ctx, m.checkpoint.clone(), m.rows_copied);
+    let run = Runner::new(config, control, m.id, target, opts, ctx).resuming(m.checkpoint.clone(), m.rows_copied);
     run.go(m.copy_end.clone()).await
 }
 
@@ -155,7 +154,8 @@ async fn claim(control: &Client, table: &QualifiedName, resuming: Option<i64>) -
     }
 }
 
-struct Prepared4 {
+/// The batch's statements, prepared once on the batch session.
+struct Statements {
     upper_first: Prepared,
     upper_after: Prepared,
     batch_first: Prepared,
@@ -177,32 +177,13 @@ struct Runner<'a> {
     throttled_total: Duration,
 }
 
-fn params<'a>(head: Vec<&'a (dyn ToSql + Sync)>, keys: &[&'a Vec<String>]) -> Vec<&'a (dyn ToSql + Sync)> {
-    let mut out = head;
-    for k in keys {
-        out.extend(k.iter().map(|v| v as &(dyn ToSql + Sync)));
-    }
-    out
-}
-
 /// Worth another, smaller attempt: a lock or statement timeout, a deadlock, a conflict.
 fn retryable(e: &tokio_postgres::Error) -> bool {
-    crate::operate::retry::is_lock_conflict(e) || e.code() == Some(&SqlState::QUERY_CANCELED)
+    retry::is_lock_conflict(e) || e.code() == Some(&SqlState::QUERY_CANCELED)
 }
 
 impl<'a> Runner<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        config: &Config,
-        control: Client,
-        id: i64,
-        target: Target,
-        opts: &'a Options,
-        ctx: &'a Context<'a>,
-        checkpoint: Option<Vec<String>>,
-        rows: i64,
-    ) -> Runner<'a> {
-        let resumed = checkpoint.is_some() || rows > 0;
+    fn new(config: &Config, control: Client, id: i64, target: Target, opts: &'a Options, ctx: &'a Context<'a>) -> Self {
         Runner {
             config: config.clone(),
             control,
@@ -210,12 +191,17 @@ impl<'a> Runner<'a> {
             target,
             opts,
             ctx,
-            checkpoint,
-            rows,
-            resumed,
+            checkpoint: None,
+            rows: 0,
+            resumed: false,
             throttled: None,
             throttled_total: Duration::ZERO,
         }
+    }
+
+    /// Goes on after the last committed batch (`checkpoint`), `rows` already changed.
+    fn resuming(self, checkpoint: Option<Vec<String>>, rows: i64) -> Self {
+        Runner { checkpoint, rows, resumed: true, ..self }
     }
 
     fn table(&self) -> String {
@@ -229,20 +215,24 @@ impl<'a> Runner<'a> {
         }
     }
 
-    async fn fail(&self, what: &str, cause: String) -> BackfillError {
-        let e = BackfillError::Failed { id: self.id, table: self.table(), rows: self.rows, what: what.into(), cause };
+    /// `e`, recorded on the run (its phase kept: resumable).
+    async fn recorded(&self, e: BackfillError) -> BackfillError {
         let _ = state::set_error(&self.control, self.id, Phase::Backfill, &e.to_string()).await;
         e
+    }
+
+    async fn fail(&self, what: &str, cause: String) -> BackfillError {
+        let (id, table, rows) = (self.id, self.table(), self.rows);
+        self.recorded(BackfillError::Failed { id, table, rows, what: what.into(), cause }).await
     }
 
     async fn stop(&self, reason: String) -> BackfillError {
-        let e = BackfillError::Stopped { id: self.id, table: self.table(), rows: self.rows, reason };
-        let _ = state::set_error(&self.control, self.id, Phase::Backfill, &e.to_string()).await;
-        e
+        let (id, table, rows) = (self.id, self.table(), self.rows);
+        self.recorded(BackfillError::Stopped { id, table, rows, reason }).await
     }
 
-    async fn prepare(&self, work: &Client) -> Result<Prepared4, tokio_postgres::Error> {
-        Ok(Prepared4 {
+    async fn prepare(&self, work: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
             upper_first: work.prepare(&self.target.upper_sql(false)).await?,
             upper_after: work.prepare(&self.target.upper_sql(true)).await?,
             batch_first: work.prepare(&self.target.batch_sql(false)).await?,
@@ -335,6 +325,7 @@ impl<'a> Runner<'a> {
             let mut sizer = ChunkSizer::new(settings.chunk_time(), settings.chunk_rows);
             let (mut walked, mut failures) = (0i64, 0u32);
             let mut last_event = Instant::now();
+            let pauses = retry::RetryPolicy { lock_timeout: self.opts.lock_timeout, ..Default::default() };
             let total = self.target.estimated_rows.max(1);
             loop {
                 self.pace().await?;
@@ -343,8 +334,8 @@ impl<'a> Runner<'a> {
                 sizer.rows = sizer.rows.min(sizer.max_rows);
                 let skip = sizer.rows - 1;
                 let found = match &self.checkpoint {
-                    None => work.query_opt(&st.upper_first, &params(vec![&skip], &[&end])).await,
-                    Some(lo) => work.query_opt(&st.upper_after, &params(vec![&skip], &[lo, &end])).await,
+                    None => work.query_opt(&st.upper_first, &with_keys(vec![&skip], &[&end])).await,
+                    Some(lo) => work.query_opt(&st.upper_after, &with_keys(vec![&skip], &[lo, &end])).await,
                 };
                 let (upper, last) = match found {
                     Ok(Some(row)) => (row.get::<_, Vec<String>>(0), false),
@@ -375,12 +366,7 @@ impl<'a> Runner<'a> {
                         let message = format!("batch rolled back ({why}); retrying with {} keys", sizer.rows);
                         self.event("batch_retry", &message, Some(took), None).await;
                         self.ctx.reporter.note(&message);
-                        let pause = crate::operate::retry::RetryPolicy {
-                            lock_timeout: self.opts.lock_timeout,
-                            ..Default::default()
-                        }
-                        .pause(failures);
-                        crate::operate::retry::pause_unless_closed(&work, pause).await;
+                        retry::pause_unless_closed(&work, pauses.pause(failures)).await;
                         continue;
                     }
                     Err(e) => return Err(self.fail("running a batch", connect::describe(&e)).await),
@@ -443,7 +429,7 @@ impl<'a> Runner<'a> {
     }
 
     /// One batch up to `upper` and its checkpoint, in one transaction: the rows it changed.
-    async fn batch(&self, work: &Client, st: &Prepared4, upper: &Vec<String>) -> Result<i64, tokio_postgres::Error> {
+    async fn batch(&self, work: &Client, st: &Statements, upper: &Vec<String>) -> Result<i64, tokio_postgres::Error> {
         let result = async {
             work.batch_execute(&format!(
                 "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'",
@@ -452,8 +438,8 @@ impl<'a> Runner<'a> {
             ))
             .await?;
             let n = match &self.checkpoint {
-                None => work.execute(&st.batch_first, &params(vec![], &[upper])).await?,
-                Some(lo) => work.execute(&st.batch_after, &params(vec![], &[lo, upper])).await?,
+                None => work.execute(&st.batch_first, &with_keys(vec![], &[upper])).await?,
+                Some(lo) => work.execute(&st.batch_after, &with_keys(vec![], &[lo, upper])).await?,
             } as i64;
             crate::failpoint::hit("backfill.batch");
             work.execute(&st.checkpoint, &[&self.id, upper, &n]).await?;

@@ -9,7 +9,7 @@ use pg_query::NodeEnum;
 use pg_query::protobuf::Token;
 
 use crate::plan::parse::{ParseError, Tok, split_top_level, syntax_error, tokens};
-use crate::sql::ident;
+use crate::sql::{ident, text_params};
 
 /// Why a statement is not taken. Each says what to do instead.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -257,12 +257,6 @@ fn key_row(s: &Statement, key: &[String]) -> String {
     format!("({})", cols.join(", "))
 }
 
-/// `($first::text::type, …)`.
-fn params(first: usize, types: &[String]) -> String {
-    let p: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::text::{t}", first + i)).collect();
-    format!("({})", p.join(", "))
-}
-
 impl Statement {
     /// Whether the SET list is all plain `col = expr`, so already-changed rows can be skipped.
     pub fn skips_unchanged(&self) -> bool {
@@ -316,10 +310,10 @@ impl Statement {
         let mut conds = Vec::new();
         let mut next = 1;
         if after {
-            conds.push(format!("{row} > {}", params(next, types)));
+            conds.push(format!("{row} > {}", text_params(next, types)));
             next += types.len();
         }
-        conds.push(format!("{row} <= {}", params(next, types)));
+        conds.push(format!("{row} <= {}", text_params(next, types)));
         conds.extend(self.filters());
         format!("{} WHERE {}", self.head, conds.join(" AND "))
     }

@@ -104,14 +104,11 @@ impl Target {
     }
 
     fn key_text(&self) -> String {
-        let parts: Vec<String> = self.key.iter().map(|k| format!("{}::text", ident(k))).collect();
-        format!("ARRAY[{}]", parts.join(", "))
+        crate::sql::text_array("", &self.key)
     }
 
     fn key_params(&self, first: usize) -> String {
-        let p: Vec<String> =
-            self.key_types.iter().enumerate().map(|(i, t)| format!("${}::text::{t}", first + i)).collect();
-        format!("({})", p.join(", "))
+        crate::sql::text_params(first, &self.key_types)
     }
 
     /// The largest key now, as text (None: the table is empty).

@@ -23,6 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use super::spec::Spec;
+use crate::sql::with_keys;
 
 pub use crate::operate::ChunkSizer;
 
@@ -131,8 +132,8 @@ async fn copy_range(
     let started = Instant::now();
     let tx = client.transaction().await?;
     let copied = match &range.lower {
-        None => tx.execute(&s.copy_from_start, &params(vec![], &[&range.upper])).await?,
-        Some(lo) => tx.execute(&s.copy_after, &params(vec![], &[&range.upper, lo])).await?,
+        None => tx.execute(&s.copy_from_start, &with_keys(vec![], &[&range.upper])).await?,
+        Some(lo) => tx.execute(&s.copy_after, &with_keys(vec![], &[&range.upper, lo])).await?,
     };
     let rows = copied as i64;
     crate::failpoint::hit("copy.in_chunk");
@@ -159,14 +160,6 @@ pub async fn last_key(client: &Client, spec: &Spec) -> Result<Option<Vec<String>
         desc.join(", ")
     );
     Ok(client.query_opt(&sql, &[]).await?.map(|r| r.get(0)))
-}
-
-fn params<'a>(head: Vec<&'a (dyn ToSql + Sync)>, keys: &[&'a Vec<String>]) -> Vec<&'a (dyn ToSql + Sync)> {
-    let mut out = head;
-    for k in keys {
-        out.extend(k.iter().map(|v| v as &(dyn ToSql + Sync)));
-    }
-    out
 }
 
 /// What one chunk did.
@@ -334,8 +327,8 @@ impl Copier {
         let skip = self.sizer.rows - 1;
         let s = &self.statements;
         let upper = match lower {
-            None => client.query_opt(&s.upper_from_start, &params(vec![&skip], &[&self.end])).await?,
-            Some(lo) => client.query_opt(&s.upper_after, &params(vec![&skip], &[&self.end, lo])).await?,
+            None => client.query_opt(&s.upper_from_start, &with_keys(vec![&skip], &[&self.end])).await?,
+            Some(lo) => client.query_opt(&s.upper_after, &with_keys(vec![&skip], &[&self.end, lo])).await?,
         };
         Ok(Some(match upper {
             Some(row) => (row.get(0), false),

@@ -584,19 +584,12 @@ impl<'a> Run<'a> {
     async fn validate(&self, spec: &Spec) -> Vec<String> {
         let list = super::swap::script(spec).validations;
         let done = super::validate::all(&self.session(), &self.control, &self.retry, self.opts.parallel, list).await;
-        let mut failed = Vec::new();
-        for v in done {
-            let what = v.validation.what;
-            match v.error {
-                None => self.event("validate", &format!("validated {what}"), Some(v.took), None).await,
-                Some(e) => {
-                    let msg = format!("could not validate {what} ({e}); it stays NOT VALID");
-                    self.reporter.note(&msg);
-                    self.event("validate", &msg, Some(v.took), None).await;
-                    failed.push(what);
-                }
+        for v in &done {
+            if v.error.is_some() {
+                self.reporter.note(&v.message());
             }
+            self.event("validate", &v.message(), Some(v.took), None).await;
         }
-        failed
+        done.into_iter().filter(|v| v.error.is_some()).map(|v| v.validation.what).collect()
     }
 }

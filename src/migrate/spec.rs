@@ -146,19 +146,15 @@ impl Spec {
 
     /// Typed parameters for a key tuple passed as text: `($1::text::integer, $2::text::text)`.
     pub fn key_params(&self, first: usize, shadow: bool) -> String {
-        let parts: Vec<String> = self
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("${}::text::{}", first + i, if shadow { &k.shadow_type_sql } else { &k.type_sql }))
-            .collect();
-        format!("({})", parts.join(", "))
+        let types: Vec<&str> =
+            self.key.iter().map(|k| if shadow { k.shadow_type_sql.as_str() } else { k.type_sql.as_str() }).collect();
+        crate::sql::text_params(first, &types)
     }
 
     /// The original key columns rendered as text, in key order: `ARRAY["a"::text, "b"::text]`.
     pub fn key_as_text(&self, prefix: &str) -> String {
-        let parts: Vec<String> = self.key.iter().map(|k| format!("{prefix}{}::text", ident(&k.name))).collect();
-        format!("ARRAY[{}]", parts.join(", "))
+        let names: Vec<&str> = self.key.iter().map(|k| k.name.as_str()).collect();
+        crate::sql::text_array(prefix, &names)
     }
 
     /// A single integer key column: ranges can be stepped by value instead of walked.

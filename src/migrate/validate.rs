@@ -42,6 +42,17 @@ pub struct Validated {
     pub error: Option<String>,
 }
 
+impl Validated {
+    /// What happened, for the events and the operator.
+    pub fn message(&self) -> String {
+        let what = &self.validation.what;
+        match &self.error {
+            None => format!("validated {what}"),
+            Some(e) => format!("could not validate {what} ({e}); it stays NOT VALID"),
+        }
+    }
+}
+
 /// The validations grouped by the table they alter, in their order.
 fn by_table(list: Vec<Validation>) -> Vec<Vec<Validation>> {
     let mut order: Vec<String> = Vec::new();
