@@ -404,3 +404,82 @@ fn the_trigger_oracle_suites_pass_in_logical_mode() {
         assert!(stdout.contains("test result: ok."), "{suite}: {stdout}");
     }
 }
+
+/// A commit is in the WAL, and can be decoded and streamed, a moment before other sessions
+/// see it: its backend leaves the process array after the flush (and after a synchronous
+/// standby answers). A log entry written in that moment and applied by reading the row as
+/// it is then would copy the old row and lose the change. A synchronous standby that never
+/// answers holds one writer exactly there, for as long as the test needs.
+#[tokio::test]
+async fn a_change_streamed_before_other_sessions_see_it_is_not_lost() {
+    const KEY: i64 = 4321;
+    let cluster =
+        Arc::new(tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await.unwrap().unwrap());
+    let url = cluster.url("postgres");
+    let client = common::connect(&url).await;
+    common::items::create(&client, common::items::ROWS).await;
+    // Only the held writer waits for the standby: ghostwire keeps a setting stronger than off.
+    client.batch_execute("ALTER DATABASE postgres SET synchronous_commit = local").await.unwrap();
+    let held: Arc<tokio::sync::Mutex<Option<HeldWriter>>> = Arc::default();
+    let (u, h) = (url.clone(), Arc::clone(&held));
+    let hook: PhaseHook = Arc::new(move |phase| {
+        let (url, held) = (u.clone(), Arc::clone(&h));
+        Box::pin(async move {
+            match phase {
+                Phase::Copy => *held.lock().await = Some(hold_a_committed_update(&url, KEY).await),
+                Phase::Cutover => {
+                    let (pid, writer) = held.lock().await.take().expect("the writer was held at the copy");
+                    let c = common::connect(&url).await;
+                    c.execute("SELECT pg_cancel_backend($1)", &[&pid]).await.unwrap();
+                    writer.await.unwrap();
+                    c.batch_execute("ALTER SYSTEM RESET synchronous_standby_names").await.unwrap();
+                    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+                }
+                _ => {}
+            }
+        })
+    });
+    let outcome =
+        run_migration(&url, common::items::RETYPE, &logical(), Some(hook)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(outcome.swap.is_some());
+    assert_eq!(strings(&client, &format!("SELECT qty::text FROM items WHERE id = {KEY}")).await, ["-1"]);
+    common::items::assert_matches_oracle(&client).await;
+}
+
+/// A writer's pid and task, its commit waiting for a standby.
+type HeldWriter = (i32, tokio::task::JoinHandle<()>);
+
+/// Commits `UPDATE … SET qty = -1` of row `key` (and the oracle's) on a session that then
+/// waits for a synchronous standby that never answers; returns once the walsender has sent
+/// the commit on. The session's pid and task are returned: cancelling the wait lets it go.
+async fn hold_a_committed_update(url: &str, key: i64) -> HeldWriter {
+    let c = common::connect(url).await;
+    c.batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ghostwire_test_nobody'").await.unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    loop {
+        let writer = common::connect(url).await;
+        let pid: i32 = writer.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let sql = format!(
+            "SET synchronous_commit = on; BEGIN; UPDATE items SET qty = -1 WHERE id = {key};
+             UPDATE oracle SET qty = -1 WHERE id = {key}; COMMIT"
+        );
+        let mut task = tokio::spawn(async move { writer.batch_execute(&sql).await.unwrap() });
+        // The server may not have taken the new setting in yet: then the commit returns.
+        let waiting =
+            format!("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep')");
+        loop {
+            if task.is_finished() {
+                break;
+            }
+            if c.query_one(&waiting, &[]).await.unwrap().get::<_, bool>(0) {
+                let flushed: String = c.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await.unwrap().get(0);
+                let sent =
+                    format!("SELECT coalesce(bool_and(sent_lsn >= '{flushed}'), false) FROM pg_stat_replication");
+                common::wait_for(&c, &sent).await;
+                return (pid, task);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (&mut task).await.unwrap();
+    }
+}

@@ -25,8 +25,13 @@ pub(super) struct Decoder {
     /// Where the key columns are in the stream's tuples (from the Relation message).
     positions: Option<Vec<usize>>,
     pub(super) in_transaction: bool,
+    /// The transaction being decoded (from its Begin).
+    xid: u32,
     pub(super) last_commit_end: u64,
     pub(super) pending: Vec<Entry>,
+    /// The transactions `pending` has entries of: they must be visible to other sessions
+    /// before the entries are logged (see `stream::Task::flush`).
+    pub(super) pending_xids: Vec<u32>,
 }
 
 impl Decoder {
@@ -47,8 +52,10 @@ impl Decoder {
             key,
             positions: None,
             in_transaction: false,
+            xid: 0,
             last_commit_end: 0,
             pending: Vec::new(),
+            pending_xids: Vec::new(),
         }
     }
 
@@ -73,10 +80,25 @@ impl Decoder {
             .collect()
     }
 
+    /// The entries waiting and the transactions they come from, taken out.
+    pub(super) fn take_pending(&mut self) -> (Vec<Entry>, Vec<u32>) {
+        (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_xids))
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.pending.push(entry);
+        if self.pending_xids.last() != Some(&self.xid) {
+            self.pending_xids.push(self.xid);
+        }
+    }
+
     /// Takes one message. Returns a fence token's content when a ghostwire message came.
     pub(super) fn take(&mut self, m: Logical<'_>) -> Result<Option<Vec<u8>>, LogicalError> {
         match m {
-            Logical::Begin { .. } => self.in_transaction = true,
+            Logical::Begin { xid, .. } => {
+                self.in_transaction = true;
+                self.xid = xid;
+            }
             Logical::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 self.last_commit_end = end_lsn;
@@ -100,24 +122,24 @@ impl Decoder {
             }
             Logical::Insert { relation, new } if relation == self.oid => {
                 let k = self.key_of(&new)?;
-                self.pending.push(Entry::Key(k));
+                self.push(Entry::Key(k));
             }
             Logical::Update { relation, key, old, new } if relation == self.oid => {
                 let now = self.key_of(&new)?;
                 if let Some(before) = key.as_deref().or(old.as_deref()) {
                     let before = self.key_of(before)?;
                     if before != now {
-                        self.pending.push(Entry::Key(before));
+                        self.push(Entry::Key(before));
                     }
                 }
-                self.pending.push(Entry::Key(now));
+                self.push(Entry::Key(now));
             }
             Logical::Delete { relation, key, old } if relation == self.oid => {
                 let tuple = key.or(old).unwrap_or_default();
                 let k = self.key_of(&tuple)?;
-                self.pending.push(Entry::Key(k));
+                self.push(Entry::Key(k));
             }
-            Logical::Truncate { relations, .. } if relations.contains(&self.oid) => self.pending.push(Entry::Truncate),
+            Logical::Truncate { relations, .. } if relations.contains(&self.oid) => self.push(Entry::Truncate),
             Logical::Message { prefix: "ghostwire", content, .. } => return Ok(Some(content.to_vec())),
             _ => {}
         }
@@ -151,6 +173,7 @@ mod tests {
     fn keys_come_from_the_relation_s_columns_old_and_new_on_a_key_update() {
         let mut d = decoder();
         d.take(relation("Order Items", &[("seq", 20), ("note", 25), ("tenant", 23)])).unwrap();
+        d.take(Logical::Begin { final_lsn: 1, timestamp: 0, xid: 41 }).unwrap();
         let t = |s: &'static str| Datum::Text(s.as_bytes());
         d.take(Logical::Insert { relation: 7, new: vec![t("1"), Datum::Null, t("3")] }).unwrap();
         d.take(Logical::Update {
@@ -165,6 +188,12 @@ mod tests {
         d.take(Logical::Truncate { options: 0, relations: vec![8, 7] }).unwrap();
         let key = |a: &str, b: &str| Entry::Key(vec![Some(a.into()), Some(b.into())]);
         assert_eq!(d.pending, [key("3", "1"), key("3", "1"), key("3", "2"), Entry::Truncate]);
+        // Each entry's transaction is kept, once.
+        assert_eq!(d.pending_xids, [41]);
+        d.take(Logical::Begin { final_lsn: 2, timestamp: 0, xid: 42 }).unwrap();
+        d.take(Logical::Delete { relation: 7, key: Some(vec![t("5"), Datum::Null, t("4")]), old: None }).unwrap();
+        assert_eq!(d.take_pending().1, [41, 42]);
+        assert!(d.pending.is_empty() && d.pending_xids.is_empty());
         // A fence comes back as its token.
         let fence = Logical::Message { transactional: true, lsn: 1, prefix: "ghostwire", content: b"f1" };
         assert_eq!(d.take(fence).unwrap(), Some(b"f1".to_vec()));

@@ -12,7 +12,9 @@
 //! for the lockers of that moment closes the gap (DESIGN.md §4).
 //!
 //! The stream task: every committed transaction's changes of the table become log rows
-//! (old and new key on a key update, a marker on TRUNCATE), written in batches; an LSN is
+//! (old and new key on a key update, a marker on TRUNCATE), written in batches once the
+//! transactions are visible to other sessions (a commit is streamed a moment before it is:
+//! `visible`, the same gap as at the install, met at every change); an LSN is
 //! confirmed to the server only after the log rows up to it are committed; keepalives that
 //! ask for it are answered; while no transaction is pending the server's WAL end is
 //! confirmed, so an idle table pins no WAL. A Relation message showing the table's name or
@@ -49,6 +51,7 @@
 
 mod decode;
 mod stream;
+mod visible;
 
 use std::time::{Duration, Instant};
 

@@ -75,6 +75,7 @@ impl Stream {
             fences: Vec::new(),
             fence_seq: 0,
             progress: Arc::clone(&progress),
+            cancel: cancel.clone(),
         };
         let log_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (f, lost, c) = (Arc::clone(&failure), Arc::clone(&log_lost), cancel.clone());
@@ -133,10 +134,11 @@ impl Drop for Stream {
 
 async fn open(session: &Params, spec: &Spec) -> Result<(Client, ReplicationClient, slot::Names), LogicalError> {
     let log = connect::connect(session).await?;
-    // Rows are confirmed to the server once committed: the commit must be durable, and
-    // nothing confirmed may have been lost to a crash since (checked on every connection:
-    // a crash ends them all).
-    log.batch_execute("SET synchronous_commit = on").await?;
+    // Rows are confirmed to the server once committed: the commit must be durable here,
+    // and nothing confirmed may have been lost to a crash since (checked on every
+    // connection: a crash ends them all). Durable here is enough: the log is UNLOGGED, so a
+    // standby has none of it, and waiting for one at every flush would only slow the stream.
+    log.batch_execute("SET synchronous_commit = local").await?;
     if !super::log_intact(&log, spec.migration_id).await? {
         return Err(LogicalError::LogLost);
     }
@@ -171,6 +173,8 @@ struct Task {
     fences: Vec<(String, oneshot::Sender<()>)>,
     fence_seq: u64,
     progress: Arc<Progress>,
+    /// Cancelled when the stream is stopped.
+    cancel: CancellationToken,
 }
 
 /// Most entries held before they are written.
@@ -193,6 +197,7 @@ impl Task {
         loop {
             match self.stream(&mut requests, &cancel).await {
                 Ok(()) => return Ok(()),
+                Err(_) if cancel.is_cancelled() => return Ok(()),
                 Err(e) if is_lost(&e) => {
                     let since = *lost_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > RECONNECT_FOR {
@@ -330,7 +335,9 @@ impl Task {
     /// Writes the pending entries in one transaction, in order.
     async fn flush(&mut self) -> Result<(), LogicalError> {
         if !self.decoder.pending.is_empty() {
-            let entries = std::mem::take(&mut self.decoder.pending);
+            let (entries, xids) = self.decoder.take_pending();
+            let confirmed = self.progress.confirmed.load(Ordering::Relaxed);
+            super::visible::wait(&self.cancel, &self.log, &mut self.repl, confirmed, &xids, STATUS_EVERY).await?;
             let insert = match &self.insert {
                 Some(statement) => statement.clone(),
                 None => {
