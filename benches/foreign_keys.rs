@@ -9,7 +9,9 @@
 //!      a rewrite costs there), when pg_repack is installed (`apt-get install
 //!      postgresql-15-repack`);
 //!   3. `ghostwire migrate` of the change: the whole run, and the run up to the swap's
-//!      commit (after it, only the foreign keys' validation, which blocks no one).
+//!      commit (after it, only the foreign keys' validation, which blocks no one);
+//!   4. the same with `--verify none`: what the comparison of the shadow with the original
+//!      costs (the offline ALTER and pg_repack check nothing of the kind).
 //!
 //! Medians of `GHOSTWIRE_BENCH_RUNS` interleaved runs (default 3), with each time's ratio to
 //! the offline ALTER.
@@ -67,6 +69,18 @@ async fn after_swap(client: &Client) -> Duration {
     for r in rows {
         println!("    {}: {:.2} s", r.get::<_, String>(0), r.get::<_, Option<f64>>(1).unwrap_or(0.0) / 1e3);
     }
+    // Where the time before the swap went: each phase's start, from the run's first event.
+    let phases = client
+        .query(
+            "SELECT phase, extract(epoch FROM min(at) - (SELECT min(at) FROM ghostwire.events))::float8
+               FROM ghostwire.events WHERE kind = 'phase' GROUP BY phase ORDER BY 2",
+            &[],
+        )
+        .await
+        .expect("the phases");
+    let starts: Vec<String> =
+        phases.iter().map(|r| format!("{} {:.2}", r.get::<_, String>(0), r.get::<_, f64>(1))).collect();
+    println!("    phases began at (s): {}", starts.join(", "));
     Duration::from_secs_f64(secs.unwrap_or(0.0))
 }
 
@@ -95,7 +109,8 @@ async fn main() {
     };
     let config = ghostwire::connect::Params::from_conninfo(Some(&url)).expect("URL");
     let opts = Options { yes: true, finish: true, ..Options::default() };
-    let (mut offline, mut repacked, mut whole, mut to_swap) = (vec![], vec![], vec![], vec![]);
+    let unverified = Options { verify: false, ..opts.clone() };
+    let (mut offline, mut repacked, mut whole, mut to_swap, mut quick) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         load_with_keys(&client, rows).await;
         offline.push(timed(&client, CHANGE).await);
@@ -118,6 +133,12 @@ async fn main() {
         let took = t.elapsed();
         whole.push(took);
         to_swap.push(took.saturating_sub(after_swap(&client).await));
+
+        load_with_keys(&client, rows).await;
+        let t = Instant::now();
+        let ctx = migrate::Context::new(&Silent, &unverified);
+        migrate::migrate(&config, CHANGE, &unverified, &ctx).await.expect("migrate");
+        quick.push(t.elapsed());
     }
     let base = median(offline);
     println!("\n{:<52} {:>10} {:>8}", "", "time", "ratio");
@@ -127,4 +148,5 @@ async fn main() {
     }
     line("ghostwire migrate, whole run", median(whole), base);
     line("ghostwire migrate, up to the swap's commit", median(to_swap), base);
+    line("ghostwire migrate --verify none, whole run", median(quick), base);
 }

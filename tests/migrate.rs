@@ -117,6 +117,9 @@ async fn drop_column_through_the_shadow() {
     assert_eq!(column_type(&db, "items", "qty").await, "bigint");
     assert_same_rows(&db.client, "SELECT id, qty, payload FROM items", "SELECT id, qty::bigint, payload FROM oracle")
         .await;
+    // The pool after the copy vacuumed the new table: it has a visibility map (index-only scans).
+    let visible = "SELECT (relallvisible > 0)::text FROM pg_class WHERE oid = 'items'::regclass";
+    assert_eq!(strings(&db.client, visible).await, ["true"]);
 }
 
 #[tokio::test]

@@ -429,7 +429,9 @@ impl<'a> Run<'a> {
                 database(Phase::Index, format!("building index {index}"), source)
             }
             post_copy::PostCopyError::Verify(source) => database(Phase::Verify, "verifying".into(), source),
-            post_copy::PostCopyError::Analyze(source) => database(self.phase, "analyzing the shadow".into(), source),
+            post_copy::PostCopyError::Analyze(source) => {
+                database(self.phase, "vacuuming and analyzing the shadow".into(), source)
+            }
             post_copy::PostCopyError::Worker(w) => MigrateError::Refused(w),
         }
     }
