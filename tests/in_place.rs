@@ -239,3 +239,24 @@ async fn a_run_killed_between_not_valid_and_validate_resumes_or_aborts() {
     let phases = "SELECT string_agg(phase, ',' ORDER BY id) FROM ghostwire.migrations";
     assert_eq!(strings(&db.client, phases).await, ["finished,aborted"]);
 }
+
+/// A statement with a catalog-only subcommand and a recipe, killed after the first ran: the
+/// resumed run plans only what is left (planning the whole statement again would find the
+/// new column there already) and keeps what each step recorded.
+#[tokio::test]
+async fn a_run_killed_after_its_catalog_only_part_resumes_with_the_rest() {
+    let db = TestDb::new().await;
+    items::create(&db.client, 1000).await;
+    let change = "ALTER TABLE items ADD COLUMN tag int, ADD CONSTRAINT tag_ok CHECK (tag IS NULL OR tag > 0)";
+    let out = ghostwire(&db.url, &["migrate", change], Some("in_place.added")).await;
+    assert!(out.status.code().is_none(), "killed at the failpoint: {}", stderr(&out));
+    let checks = "SELECT string_agg(conname || ':' || convalidated, ',' ORDER BY conname) FROM pg_constraint
+                   WHERE conrelid = 'items'::regclass AND contype = 'c'";
+    assert_eq!(strings(&db.client, checks).await, ["tag_ok:false"]);
+    let out = ghostwire(&db.url, &["resume", "items"], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(strings(&db.client, checks).await, ["tag_ok:true"], "validated, not added twice");
+    let added = "SELECT count(*)::text FROM ghostwire.events WHERE kind IN ('statement', 'constraint_added')";
+    assert_eq!(strings(&db.client, added).await, ["2"], "each step ran once");
+    assert_eq!(strings(&db.client, "SELECT phase FROM ghostwire.migrations").await, ["finished"]);
+}

@@ -393,6 +393,7 @@ pub(super) async fn continue_migration(
         _ => Strategy::Copy,
     };
     // Where to pick up, and whether what that needs is still there.
+    let mut step_positions = None;
     let (from, plan) = match (&spec, m.phase) {
         (None, _)
             if strategy == Strategy::Online
@@ -405,7 +406,18 @@ pub(super) async fn continue_migration(
         (None, _) => {
             // Nothing built yet, a shadow that never got its spec, or a change in place (whose
             // events say what is done): start over from the plan.
-            let plan = plan::replan(&mut control, &m.statement).await?;
+            let remaining = if strategy == Strategy::Online {
+                super::in_place::remaining_statement(&control, &m).await.map_err(state_err)?
+            } else {
+                None
+            };
+            let plan = match remaining {
+                Some((statement, positions)) => {
+                    step_positions = Some(positions);
+                    plan::replan(&mut control, &statement).await?
+                }
+                None => plan::replan(&mut control, &m.statement).await?,
+            };
             control
                 .batch_execute(&format!(
                     "DROP SCHEMA IF EXISTS {} CASCADE",
@@ -434,6 +446,7 @@ pub(super) async fn continue_migration(
     let (rehearsal, sample) = (m.settings["rehearsal"].as_bool(), m.settings["sample"].as_f64());
     let mut run = Run::new(config, control, opts, ctx, m.id, m.table.clone(), strategy);
     run.rows_before = m.rows_copied;
+    run.step_positions = step_positions;
     // The capture resumes as it was started, whatever `--capture` says now.
     run.capture = super::capture::Mode::of(&m);
     // A rehearsal resumes as one, and a real run as a real one, whatever the flags say now.

@@ -43,6 +43,9 @@ pub(super) struct Run<'a> {
     strategy: Strategy,
     /// Rows a previous run copied (resume).
     pub(super) rows_before: i64,
+    /// In place, resumed: the statement's position of each step of the plan (which holds only
+    /// the subcommands left).
+    pub(super) step_positions: Option<Vec<usize>>,
     /// The current throttle, if any.
     pub(super) throttled: Option<Throttled>,
     /// The shadow's key index is known to exist (applying changes during the copy needs it).
@@ -95,6 +98,7 @@ impl<'a> Run<'a> {
             table,
             strategy,
             rows_before: 0,
+            step_positions: None,
             throttled: None,
             key_index_ready: false,
             rehearse: opts.rehearse,

@@ -142,7 +142,7 @@ async fn plan_statement(client: &mut Client, sql: &str, resuming: bool) -> Resul
     if let Some(why) = privileges::can_probe(client).await? {
         return Err(PlanError::Refused(why));
     }
-    let outcomes = probe::probe(client, &def, &parsed).await?;
+    let outcomes = probe::probe(client, &def, &parsed, resuming).await?;
     for (i, outcome) in outcomes.iter().enumerate() {
         if let ProbeOutcome::Rejected { message, reliable } = outcome {
             if *reliable {

@@ -65,6 +65,7 @@ pub async fn probe(
     client: &mut Client,
     table: &TableDef,
     stmt: &ParsedStatement,
+    resuming: bool,
 ) -> Result<Vec<ProbeOutcome>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '30s'").await?;
@@ -96,6 +97,12 @@ pub async fn probe(
         }
         let before: u32 = tx.query_one(&relfilenode, &[]).await?.get(0);
         tx.batch_execute("SAVEPOINT ghostwire_probe").await?;
+        // A resumed migration may have added its named constraint already (NOT VALID, its
+        // validation cut short): the probe's copy of the table goes without it, as the
+        // table was when the migration was planned.
+        if let (true, Action::AddConstraint { name: Some(name), .. }) = (resuming, &sub.action) {
+            tx.batch_execute(&format!("ALTER TABLE {probe} DROP CONSTRAINT IF EXISTS {}", ident(name))).await?;
+        }
         match tx.batch_execute(&stmt.single(i, &probe)).await {
             Ok(()) => {
                 let after: u32 = tx.query_one(&relfilenode, &[]).await?.get(0);

@@ -169,17 +169,27 @@ impl Run<'_> {
     pub(super) async fn in_place(&mut self, plan: &Plan) -> Result<(), MigrateError> {
         let done = Done::load(&self.control, self.id).await.during(self.id, self.phase, "reading the events")?;
         let table = plan.table.clone();
-        let instant: Vec<&str> =
-            plan.steps.iter().filter(|s| s.strategy == Strategy::Instant).map(|s| s.subcommand.as_str()).collect();
+        let instant: Vec<(usize, &str)> = plan
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.strategy == Strategy::Instant)
+            .map(|(i, s)| (i, s.subcommand.as_str()))
+            .collect();
         if !instant.is_empty() && done.find("statement", "instant").is_none() {
             self.enter(Phase::Cutover, "running the catalog-only subcommands").await?;
-            let sql = format!("ALTER TABLE {} {}", table.sql(), instant.join(", "));
-            let message = format!("ran {}", instant.join(", "));
-            let details = json!({"step": "instant", "ran": instant.join(", ")});
+            let texts: Vec<&str> = instant.iter().map(|(_, t)| *t).collect();
+            let sql = format!("ALTER TABLE {} {}", table.sql(), texts.join(", "));
+            let message = format!("ran {}", texts.join(", "));
+            // Which subcommands they were: a resumed run plans only the others.
+            let positions: Vec<usize> = instant.iter().map(|(i, _)| *i).collect();
+            let details = json!({"step": "instant", "ran": texts.join(", "), "subcommands": positions});
             self.recorded("running the catalog-only subcommands", &sql, "statement", &message, details).await?;
         }
         for (i, step) in plan.steps.iter().enumerate().filter(|(_, s)| s.strategy != Strategy::Instant) {
-            let key = i.to_string();
+            // A resumed run's plan may hold only the statement's remaining subcommands: each
+            // step keeps the position it had in the statement, under which its events are.
+            let key = self.step_positions.as_ref().and_then(|p| p.get(i)).copied().unwrap_or(i).to_string();
             match &step.action {
                 Action::AddConstraint {
                     constraint: NewConstraint::Check | NewConstraint::ForeignKey,
@@ -304,6 +314,29 @@ async fn undo(
         }
     }
     Ok(removed)
+}
+
+/// The statement a resumed in-place migration plans again, when its catalog-only
+/// subcommands ran already (they cannot be planned twice: the column they added is there):
+/// the statement without them, and the position in the statement of each subcommand left.
+/// None: plan the whole statement.
+pub async fn remaining_statement(
+    client: &Client,
+    m: &Migration,
+) -> Result<Option<(String, Vec<usize>)>, tokio_postgres::Error> {
+    let done = Done::load(client, m.id).await?;
+    let Some(ran) = done.find("statement", "instant").and_then(|d| d["subcommands"].as_array()) else {
+        return Ok(None);
+    };
+    let ran: Vec<usize> = ran.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect();
+    let Ok(parsed) = crate::plan::parse::parse(&m.statement) else { return Ok(None) };
+    let Some(first) = parsed.subcommands.first() else { return Ok(None) };
+    let left: Vec<usize> = (0..parsed.subcommands.len()).filter(|i| !ran.contains(i)).collect();
+    if left.is_empty() {
+        return Ok(None);
+    }
+    let texts: Vec<&str> = left.iter().map(|&i| parsed.subcommand_text(i)).collect();
+    Ok(Some((format!("{}{}", &parsed.text[..first.span.start], texts.join(", ")), left)))
 }
 
 /// A resumed in-place `DROP INDEX` whose index is gone: the run that stopped dropped it.
