@@ -12,7 +12,8 @@ use super::statement::{self, Kind};
 use super::target::Target;
 use super::{BackfillError, Options, STRATEGY};
 use crate::connect::{self, Params as Config};
-use crate::operate::throttle::{self, Throttled, Verdict};
+use crate::operate::holdback::{Holdback, Turn};
+use crate::operate::throttle::{self, Verdict};
 use crate::operate::{ChunkSizer, Live, Reporter, retry};
 use crate::sql::{QualifiedName, with_keys};
 use crate::state::{self, Migration, Phase};
@@ -173,8 +174,7 @@ struct Runner<'a> {
     checkpoint: Option<Vec<String>>,
     rows: i64,
     resumed: bool,
-    throttled: Option<Throttled>,
-    throttled_total: Duration,
+    holdback: Holdback,
 }
 
 /// Worth another, smaller attempt: a lock or statement timeout, a deadlock, a conflict.
@@ -194,8 +194,7 @@ impl<'a> Runner<'a> {
             checkpoint: None,
             rows: 0,
             resumed: false,
-            throttled: None,
-            throttled_total: Duration::ZERO,
+            holdback: Holdback::default(),
         }
     }
 
@@ -255,15 +254,8 @@ impl<'a> Runner<'a> {
             let signals = throttle::read(&self.control, &settings, Ok(0), self.ctx.live.paused(), None).await;
             match throttle::judge(&settings, &signals) {
                 Verdict::Go => {
-                    if let Some(mut t) = self.throttled.take() {
-                        t.account();
-                        let took = t.since();
-                        self.throttled_total += took;
-                        self.event("throttle_end", &format!("no longer throttled ({})", t.reason()), Some(took), None)
-                            .await;
-                        let _ = state::set_throttled(&self.control, self.id, None).await;
-                        self.ctx.live.update(|p| p.throttled = None);
-                        self.ctx.reporter.note(&format!("no longer throttled after {:.1} s", took.as_secs_f64()));
+                    if let Some(turn) = self.holdback.release() {
+                        self.show_turn(turn).await;
                     }
                     return Ok(());
                 }
@@ -272,24 +264,19 @@ impl<'a> Runner<'a> {
                     return Err(self.stop(reason).await);
                 }
                 Verdict::Throttle(reason) => {
-                    if self.throttled.as_ref().map(|t| t.reason()) != Some(reason.as_str()) {
-                        if let Some(mut old) = self.throttled.take() {
-                            old.account();
-                            self.throttled_total += old.since();
-                        }
-                        let message = format!("throttled: {reason}");
-                        self.event("throttle_start", &message, None, Some(json!({ "reason": reason }))).await;
-                        let _ = state::set_throttled(&self.control, self.id, Some(&reason)).await;
-                        self.ctx.live.update(|p| p.throttled = Some(reason.clone()));
-                        self.ctx.reporter.note(&message);
-                        self.throttled = Some(Throttled::new(reason));
-                    } else if let Some(t) = self.throttled.as_mut() {
-                        t.account();
+                    if let Some(turn) = self.holdback.hold(&reason) {
+                        self.show_turn(turn).await;
                     }
                     self.ctx.live.wait_for_change(Duration::from_millis(250)).await;
                 }
             }
         }
+    }
+
+    async fn show_turn(&self, turn: Turn) {
+        let (kind, message, took, details) = turn.event();
+        self.event(kind, &message, took, details).await;
+        turn.show(&self.control, self.id, &self.ctx.live, self.ctx.reporter).await;
     }
 
     /// Err when Ctrl-C, the control API or `ghostwire abort` asked the run to stop.
@@ -400,7 +387,7 @@ impl<'a> Runner<'a> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let details = json!({"batches": batches, "rows": self.rows, "retries": retries,
-                             "longest_batch_ms": longest.as_secs_f64() * 1e3, "throttled_s": self.throttled_total.as_secs_f64()});
+                             "longest_batch_ms": longest.as_secs_f64() * 1e3, "throttled_s": self.holdback.total().as_secs_f64()});
         let message = format!("backfill done: {} row(s) changed, {batches} batch(es) in this run", self.rows);
         self.event("backfill_done", &message, Some(started.elapsed()), Some(details)).await;
         let _ = self
@@ -423,7 +410,7 @@ impl<'a> Runner<'a> {
             seconds,
             longest_batch_ms: longest.as_secs_f64() * 1e3,
             retries,
-            throttled_seconds: self.throttled_total.as_secs_f64(),
+            throttled_seconds: self.holdback.total().as_secs_f64(),
             resumed: self.resumed,
         })
     }

@@ -4,15 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio_postgres::Client;
 
 use super::error::{Context as _, MigrateError};
 use super::run::Run;
 use super::spec::Spec;
-use super::throttle::{self, Throttled, Verdict};
+use super::throttle::{self, Verdict};
 use super::{capture, catchup, copy, index};
-use crate::state::{self, Phase};
+use crate::operate::holdback::Turn;
+use crate::state::Phase;
 
 impl Run<'_> {
     /// Waits while a throttle signal is over its limit. During the copy, a growing change
@@ -65,13 +65,8 @@ impl Run<'_> {
             }
             match verdict {
                 Verdict::Go => {
-                    if let Some(mut t) = self.throttled.take() {
-                        t.account();
-                        let (reason, d) = (t.reason().to_owned(), t.since());
-                        self.event("throttle_end", &format!("no longer throttled ({reason})"), Some(d), None).await;
-                        let _ = state::set_throttled(&self.control, self.id, None).await;
-                        self.live.update(|p| p.throttled = None);
-                        self.reporter.note(&format!("no longer throttled after {:.1} s", d.as_secs_f64()));
+                    if let Some(turn) = self.holdback.release() {
+                        self.show_turn(turn).await;
                     }
                     return Ok(());
                 }
@@ -87,9 +82,6 @@ impl Run<'_> {
                 }
                 Verdict::Throttle(reason) => {
                     self.note_throttle(&Verdict::Throttle(reason.clone())).await;
-                    if let Some(t) = self.throttled.as_mut() {
-                        t.account();
-                    }
                     if throttle::is_backlog(&reason) && copier.is_none() {
                         return Ok(()); // catch-up itself is what brings the backlog down
                     }
@@ -124,17 +116,15 @@ impl Run<'_> {
     /// Records that the run is throttled (once per reason: an event, the state, the status).
     async fn note_throttle(&mut self, verdict: &Verdict) {
         let Verdict::Throttle(reason) = verdict else { return };
-        if self.throttled.as_ref().map(|t| t.reason()) == Some(reason.as_str()) {
-            return;
+        if let Some(turn) = self.holdback.hold(reason) {
+            self.show_turn(turn).await;
         }
-        if let Some(mut old) = self.throttled.take() {
-            old.account();
-        }
-        self.event("throttle_start", &format!("throttled: {reason}"), None, Some(json!({ "reason": reason }))).await;
-        let _ = state::set_throttled(&self.control, self.id, Some(reason)).await;
-        self.live.update(|p| p.throttled = Some(reason.clone()));
-        self.reporter.note(&format!("throttled: {reason}"));
-        self.throttled = Some(Throttled::new(reason.clone()));
+    }
+
+    async fn show_turn(&self, turn: Turn) {
+        let (kind, message, took, details) = turn.event();
+        self.event(kind, &message, took, details).await;
+        turn.show(&self.control, self.id, &self.live, self.reporter).await;
     }
 
     /// Catch-up between copy chunks, until the backlog is down to half of `at`.

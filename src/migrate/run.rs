@@ -21,9 +21,9 @@ use super::live::Live;
 use super::rehearsal::Meter;
 use super::retry::RetryPolicy;
 use super::spec::{DeferredIndex, Spec};
-use super::throttle::Throttled;
 use super::{capture, catchup, cleanup, copy, index, post_copy, shadow, verify};
 use crate::connect;
+use crate::operate::holdback::Holdback;
 use crate::plan::{Plan, Strategy};
 use crate::sql::QualifiedName;
 use crate::state::{self, Migration, Phase};
@@ -47,7 +47,7 @@ pub(super) struct Run<'a> {
     /// the subcommands left).
     pub(super) step_positions: Option<Vec<usize>>,
     /// The current throttle, if any.
-    pub(super) throttled: Option<Throttled>,
+    pub(super) holdback: Holdback,
     /// The shadow's key index is known to exist (applying changes during the copy needs it).
     pub(super) key_index_ready: bool,
     /// A rehearsal (`--rehearse`, or a resumed one): no swap, and no trace.
@@ -99,7 +99,7 @@ impl<'a> Run<'a> {
             strategy,
             rows_before: 0,
             step_positions: None,
-            throttled: None,
+            holdback: Holdback::default(),
             key_index_ready: false,
             rehearse: opts.rehearse,
             sample_every: opts.sample_every(),
