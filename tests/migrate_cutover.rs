@@ -347,8 +347,18 @@ async fn verification_runs_beside_the_index_builds() {
         Box::pin(async move {
             if p == Phase::Verify {
                 let c = common::connect(&url).await;
+                // The slow build is running, or about to start on the session the key index
+                // freed: wait for it to show, unless it is done already (that fails below).
                 let sql = "SELECT query FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CREATE INDEX%'";
+                let built = "SELECT EXISTS (SELECT FROM pg_indexes WHERE schemaname = 'ghostwire_1' AND indexname LIKE '%slow%')";
                 let mut found = strings(&c, sql).await;
+                while !found.iter().any(|q| q.contains("items_slow")) {
+                    if c.query_one(built, &[]).await.unwrap().get::<_, bool>(0) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    found = strings(&c, sql).await;
+                }
                 // Autovacuum stays off the shadow while it is built.
                 let sql = "SELECT 'shadow: ' || array_to_string(reloptions, ',') FROM pg_class WHERE oid = 'ghostwire_1.items'::regclass";
                 found.extend(strings(&c, sql).await);
