@@ -80,7 +80,9 @@ fn by_table(list: Vec<Validation>) -> Vec<Vec<Validation>> {
 const PLAN_FOR_FRESH_INDEXES: &str = "SELECT pg_catalog.set_config('random_page_cost', '1.1', true) \
      WHERE pg_catalog.current_setting('random_page_cost')::float8 > 1.1";
 
-async fn run_group(client: &Client, policy: &RetryPolicy, group: Vec<Validation>) -> Vec<Validated> {
+/// Runs `group` one after the other on `client`, each in its own transaction under the
+/// policy's lock_timeout, retried.
+pub async fn in_order(client: &Client, policy: &RetryPolicy, group: Vec<Validation>) -> Vec<Validated> {
     let mut out = Vec::with_capacity(group.len());
     for v in group {
         let t = Instant::now();
@@ -106,7 +108,7 @@ pub async fn all(
     let others = futures_util::stream::iter(rest)
         .map(|group| async move {
             match connect::connect(config).await {
-                Ok(client) => Ok(run_group(&client, policy, group).await),
+                Ok(client) => Ok(in_order(&client, policy, group).await),
                 Err(e) => {
                     tracing::info!("validating on the control session: no other session ({e})");
                     Err(group)
@@ -114,11 +116,11 @@ pub async fn all(
             }
         })
         .buffer_unordered(jobs.saturating_sub(1).max(1));
-    let (mut done, others) = tokio::join!(run_group(first, policy, head), others.collect::<Vec<_>>());
+    let (mut done, others) = tokio::join!(in_order(first, policy, head), others.collect::<Vec<_>>());
     for result in others {
         match result {
             Ok(validated) => done.extend(validated),
-            Err(group) => done.extend(run_group(first, policy, group).await),
+            Err(group) => done.extend(in_order(first, policy, group).await),
         }
     }
     done

@@ -62,6 +62,10 @@ pub struct Options {
 }
 
 impl Options {
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy { lock_timeout: self.lock_timeout, attempts: self.attempts.max(1), ..RetryPolicy::default() }
+    }
+
     fn show(&self, f: impl FnOnce(&mut crate::migrate::live::Progress)) {
         if let Some(live) = &self.live {
             live.update(f);
@@ -107,7 +111,7 @@ pub async fn revert(
         m.spec.clone().and_then(|v| serde_json::from_value(v).ok()).ok_or_else(|| refused(m, "its spec is missing"))?;
     if m.phase == Phase::Reverted {
         // Swapped back already (a run that stopped after the commit): the validations left.
-        let unvalidated = validate(work, &swap_back::script(&spec)).await;
+        let unvalidated = validate(work, &swap_back::script(&spec), &opts.retry_policy()).await;
         let none = Duration::ZERO;
         return Ok(Outcome { id: m.id, applied: 0, attempts: 0, lock_wait: none, lock_hold: none, unvalidated });
     }
@@ -160,8 +164,7 @@ pub async fn revert(
         control.query_one("SELECT pg_backend_pid()", &[]).await?.get(0),
         work.query_one("SELECT pg_backend_pid()", &[]).await?.get(0),
     ];
-    let retry =
-        RetryPolicy { lock_timeout: opts.lock_timeout, attempts: opts.attempts.max(1), ..RetryPolicy::default() };
+    let retry = opts.retry_policy();
     let mut reason = String::from("no attempt made");
     for attempt in 1..=opts.attempts.max(1) {
         loop {
@@ -215,7 +218,7 @@ pub async fn revert(
                     p.phase = Phase::Reverted.as_str().into();
                     p.backlog = 0;
                 });
-                let unvalidated = validate(work, &script).await;
+                let unvalidated = validate(work, &script, &retry).await;
                 return Ok(Outcome { id: m.id, applied, attempts: attempt, lock_wait, lock_hold, unvalidated });
             }
             Attempt::NotGranted(r) => {
@@ -379,16 +382,11 @@ async fn under_lock(
     Ok(None)
 }
 
-/// Validates the foreign keys added NOT VALID (writes go on meanwhile); returns those that
-/// could not be.
-async fn validate(work: &Client, script: &crate::migrate::swap::Script) -> Vec<String> {
-    let mut failed = Vec::new();
-    for v in &script.validations {
-        if let Err(e) = work.batch_execute(&v.sql).await {
-            failed.push(format!("{}: {}", v.what, crate::connect::describe(&e)));
-        }
-    }
-    failed
+/// Validates the foreign keys added NOT VALID (writes go on meanwhile), one after the other
+/// under the lock timeout, retried; returns those that could not be.
+async fn validate(work: &Client, script: &crate::migrate::swap::Script, retry: &RetryPolicy) -> Vec<String> {
+    let done = crate::migrate::validate::in_order(work, retry, script.validations.clone()).await;
+    done.into_iter().filter_map(|v| v.error.map(|e| format!("{}: {e}", v.validation.what))).collect()
 }
 
 async fn attempt_event(control: &Client, m: &Migration, attempt: u32, reason: &str, took: Option<Duration>) {
