@@ -124,6 +124,19 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), ProtoError> {
     Ok((r.cstr()?, r.cstr()?))
 }
 
+/// The names at the start of a Bind body and whether every parameter is sent as text (the
+/// format codes come before the values: read without walking them).
+pub fn bind_header(body: &[u8]) -> Result<(&str, &str, bool), ProtoError> {
+    let mut r = Reader { b: body, what: "Bind" };
+    let (portal, statement) = (r.cstr()?, r.cstr()?);
+    let n = r.count()?;
+    let mut all_text = true;
+    for _ in 0..n {
+        all_text &= r.i16()? == 0;
+    }
+    Ok((portal, statement, all_text))
+}
+
 /// A Describe ('D') or Close ('C') message: `S` a statement, `P` a portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target<'a> {

@@ -199,11 +199,25 @@ impl Run<'_> {
         }
     }
 
-    async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
+    pub(super) async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
         self.proxies().drain().await
     }
 
-    async fn open_proxies(&self) {
+    /// Drains the proxies for a catalog change on the live table (an instant ALTER): no
+    /// client queues behind its lock, and each checks its prepared statements after it.
+    /// A proxy that does not drain in time is no reason to wait: the change goes on as it
+    /// would without one. True when they must be opened again.
+    pub(super) async fn drain_for_catalog_change(&self) -> bool {
+        match self.drain_proxies().await {
+            Ok(drained) => drained.is_some(),
+            Err(failures) => {
+                tracing::warn!("a proxy did not drain in time ({failures}); changing the table without it");
+                false
+            }
+        }
+    }
+
+    pub(super) async fn open_proxies(&self) {
         self.proxies().open().await
     }
 }

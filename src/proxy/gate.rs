@@ -37,6 +37,9 @@ struct Inner {
     deadline: Option<Instant>,
     /// Tells one drain from the next, so a stale deadline timer does nothing.
     generation: u64,
+    /// Drains begun: a session that passes the gate after a new one checks its prepared
+    /// statements first (the table may have changed while it waited).
+    drains: u64,
 }
 
 /// What `/status` shows of the gate.
@@ -74,6 +77,7 @@ impl Default for Gate {
                 closed_at: None,
                 deadline: None,
                 generation: 0,
+                drains: 0,
             }),
             opened: Notify::new(),
             went_idle: Notify::new(),
@@ -87,20 +91,22 @@ impl Gate {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The fast path of [`Gate::enter`]: true (and the session counts as busy) when the gate
-    /// is open now; false when it is not (nothing changed: call `enter` to wait).
-    pub fn try_enter(&self) -> bool {
+    /// The fast path of [`Gate::enter`]: the drains begun so far (and the session counts as
+    /// busy) when the gate is open now; None when it is not (nothing changed: call `enter`
+    /// to wait).
+    pub fn try_enter(&self) -> Option<u64> {
         let mut g = self.lock();
         if g.state == GateState::Open {
             g.busy += 1;
-            return true;
+            return Some(g.drains);
         }
-        false
+        None
     }
 
     /// An idle session wants to start something: returns once the gate lets it, with how
-    /// long it was held (zero when the gate was open). The session counts as busy from then on.
-    pub async fn enter(&self) -> Duration {
+    /// long it was held (zero when the gate was open) and the drains begun so far. The
+    /// session counts as busy from then on.
+    pub async fn enter(&self) -> (Duration, u64) {
         // Counts the session as held from when it first finds the gate closed until it gets
         // through or gives up (the future dropped: its session ended).
         struct Held<'a> {
@@ -121,8 +127,9 @@ impl Gate {
                 let mut g = self.lock();
                 if g.state == GateState::Open {
                     g.busy += 1;
+                    let drains = g.drains;
                     drop(g);
-                    return held.since.map(|s| s.elapsed()).unwrap_or(Duration::ZERO);
+                    return (held.since.map(|s| s.elapsed()).unwrap_or(Duration::ZERO), drains);
                 }
                 if held.since.is_none() {
                     g.held += 1;
@@ -157,6 +164,7 @@ impl Gate {
             g.closed_at = Some(started);
             g.deadline = Some(until);
             g.generation += 1;
+            g.drains += 1;
             g.generation
         };
         loop {
@@ -266,8 +274,8 @@ mod tests {
         assert_eq!(gate.status().busy_sessions, 0);
         // Straight through an open gate: busy, never held.
         assert!(gate.open().is_some());
-        assert_eq!(gate.enter().await, Duration::ZERO);
-        assert!(gate.try_enter());
+        assert_eq!(gate.enter().await, (Duration::ZERO, 1));
+        assert_eq!(gate.try_enter(), Some(1));
         assert_eq!(gate.status().busy_sessions, 2);
     }
 
@@ -290,7 +298,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(499)).await;
         assert!(!held.is_finished());
         assert_eq!(gate.status().state, GateState::Drained);
-        let waited = held.await.unwrap();
+        let (waited, drains) = held.await.unwrap();
+        assert_eq!(drains, 1);
         assert!(waited >= Duration::from_millis(499), "{waited:?}");
         assert_eq!(gate.status().state, GateState::Open);
         // A second drain is independent of the first one's timer.

@@ -125,6 +125,8 @@ pub struct Shared {
     next_id: AtomicU64,
     connections: AtomicU64,
     cancels: AtomicU64,
+    /// Client requests relayed (Sync, Query, FunctionCall).
+    requests: AtomicU64,
     prepared: PreparedCounts,
 }
 
@@ -242,6 +244,8 @@ pub struct Status {
     pub gate: GateStatus,
     pub connections_total: u64,
     pub cancels_total: u64,
+    /// Client requests relayed (Sync, Query, FunctionCall) since the proxy started.
+    pub requests_total: u64,
     pub prepared: PreparedStatus,
     /// Each `--route`: its rule, its search_path, the sessions it serves now and those it
     /// routed since the proxy started.
@@ -283,6 +287,7 @@ impl Proxy {
                 next_id: AtomicU64::new(0),
                 connections: AtomicU64::new(0),
                 cancels: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
                 prepared: PreparedCounts::default(),
             }),
         })
@@ -355,6 +360,7 @@ impl Proxy {
             gate: self.shared.gate.status(),
             connections_total: self.shared.connections.load(Ordering::Relaxed),
             cancels_total: self.shared.cancels.load(Ordering::Relaxed),
+            requests_total: self.shared.requests.load(Ordering::Relaxed),
             prepared: {
                 let p = &self.shared.prepared;
                 PreparedStatus {

@@ -107,13 +107,18 @@ pub async fn client_to_server(
                 if must_enter {
                     forward(&mut to, &mut buf, ready, &bytes, flush).await?;
                     ready = 0;
-                    if !shared.gate.try_enter() {
-                        let held = shared.gate.enter().await;
-                        if !held.is_zero() {
-                            metrics::histogram!("ghostwire_proxy_held_seconds").record(held.as_secs_f64());
+                    let drains = match shared.gate.try_enter() {
+                        Some(drains) => drains,
+                        None => {
+                            let (held, drains) = shared.gate.enter().await;
+                            if !held.is_zero() {
+                                metrics::histogram!("ghostwire_proxy_held_seconds").record(held.as_secs_f64());
+                            }
+                            drains
                         }
-                    }
+                    };
                     session.flags().busy = true;
+                    session.tracker().passed_gate(drains);
                 }
             }
             // A message too long to hold is shown to the tracker before the framer starts
@@ -140,6 +145,14 @@ pub async fn client_to_server(
                     waiting = true;
                     break;
                 }
+                ClientStep::Hold(probes) => {
+                    // The statements are checked first; the message waits for the end of it.
+                    forward(&mut to, &mut buf, ready, &bytes, flush).await?;
+                    ready = 0;
+                    write(&mut to, &probes, flush).await?;
+                    waiting = true;
+                    break;
+                }
                 ClientStep::Prefix(prefix) => {
                     forward(&mut to, &mut buf, ready, &bytes, flush).await?;
                     ready = 0;
@@ -153,6 +166,7 @@ pub async fn client_to_server(
                     f.outstanding += 1;
                     f.unsynced = false;
                     requests.increment(1);
+                    shared.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 t if needs_sync(t) => f.unsynced = true,
                 _ => {}

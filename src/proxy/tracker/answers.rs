@@ -169,6 +169,10 @@ impl Tracker {
                         r.probe_params = params;
                         r.probe_shape = Some(shape.to_vec());
                     }
+                } else if origin == Origin::RefreshProbe {
+                    if let Some(r) = self.refresh.as_mut() {
+                        r.results.push((params, shape.to_vec()));
+                    }
                 } else if !internal && let Some(s) = self.statements.get_mut(&name) {
                     s.params = params.or(s.params.take());
                     if s.shape.as_deref() != Some(shape) {
@@ -179,6 +183,7 @@ impl Tracker {
             }
             Pending::DescribePortal { portal } => {
                 if let Some(s) = self.portals.get(&portal).and_then(|n| self.statements.get_mut(n)) {
+                    s.describes_portal = true;
                     if !s.rewritten && s.shape.as_deref() != Some(shape) {
                         s.shape = Some(shape.to_vec());
                     }
@@ -236,6 +241,8 @@ impl Tracker {
         let out = match b.origin {
             Origin::Probe => self.after_probe(),
             Origin::Reprepare => self.after_reprepare(),
+            Origin::RefreshProbe => self.after_refresh_probe(),
+            Origin::RefreshReprepare => self.after_refresh_reprepare(),
             _ if b.recovering => {
                 if let Some(r) = self.recovery.as_mut() {
                     r.given.extend(msg);

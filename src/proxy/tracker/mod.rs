@@ -29,6 +29,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use ghostwire_proto::{self as proto, Field, TransactionStatus};
 
 use recovery::Recovery;
+use refresh::Refresh;
 
 /// The longest client batch kept for a replay.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -74,6 +75,11 @@ struct Statement {
     shape: Option<Vec<u8>>,
     /// Prepared as a rewrite that returns `shape` from a table that changed.
     rewritten: bool,
+    /// Its last Bind sent every parameter as text (their inferred types may change).
+    text_binds: bool,
+    /// The client describes the portals bound to it (as libpq does on every execution): it
+    /// learns a new result shape by itself.
+    describes_portal: bool,
     /// The batch it was prepared in.
     batch: u64,
 }
@@ -120,6 +126,9 @@ enum Origin {
     Replay,
     Probe,
     Reprepare,
+    /// A check of the statements after a drain ([`refresh`]).
+    RefreshProbe,
+    RefreshReprepare,
 }
 
 /// What a batch waits for, in order; `true`: the proxy's own message.
@@ -166,7 +175,7 @@ impl Batch {
     }
 
     fn internal(&self) -> bool {
-        matches!(self.origin, Origin::Probe | Origin::Reprepare)
+        matches!(self.origin, Origin::Probe | Origin::Reprepare | Origin::RefreshProbe | Origin::RefreshReprepare)
     }
 }
 
@@ -198,6 +207,9 @@ pub enum ClientStep {
     Prefix(Vec<u8>),
     /// Hold the message: a recovery is under way.
     Wait,
+    /// Send these bytes to the server and hold the message: the statements are checked
+    /// after a drain first.
+    Hold(Vec<u8>),
 }
 
 /// Counters for `/status` and `/metrics`.
@@ -220,6 +232,11 @@ pub struct Tracker {
     /// The transaction status of the last ReadyForQuery.
     status: Option<TransactionStatus>,
     recovery: Option<Recovery>,
+    refresh: Option<Refresh>,
+    /// The gate's drains when the session last passed it.
+    drains: u64,
+    /// The gate has closed since: the statements are checked before the next batch.
+    suspect: bool,
     /// The buffers of the last batch answered, for the next (a batch per execution).
     spare: Option<(Entries, Vec<u8>)>,
     disabled: bool,
@@ -242,7 +259,7 @@ impl Tracker {
 
     /// A recovery is under way: the client's messages wait.
     pub fn recovering(&self) -> bool {
-        self.recovery.is_some()
+        self.recovery.is_some() || self.refresh.is_some()
     }
 
     /// Something did not add up: from now on, relay only.
@@ -257,6 +274,9 @@ impl Tracker {
         }
         if let Some(r) = self.recovery.take() {
             out.deliver.splice(0..0, r.given);
+            out.resume = true;
+        }
+        if self.refresh.take().is_some() {
             out.resume = true;
         }
         out
@@ -295,8 +315,11 @@ impl Tracker {
         if self.disabled || msg.len() < 5 {
             return ClientStep::Forward;
         }
-        if self.recovery.is_some() {
+        if self.recovering() {
             return ClientStep::Wait;
+        }
+        if let Some(probes) = self.start_refresh() {
+            return ClientStep::Hold(probes);
         }
         let mut prefix = Vec::new();
         let entry = match self.client_entry(msg[0], &msg[5..], &mut prefix) {
@@ -361,7 +384,10 @@ impl Tracker {
                 Pending::Parse { name: p.name.to_owned(), query: Some(p.query.to_owned()), types: p.param_types }
             }
             b'B' => {
-                let (portal, statement) = proto::bind_names(body).map_err(bad)?;
+                let (portal, statement, text) = proto::bind_header(body).map_err(bad)?;
+                if let Some(s) = self.statements.get_mut(statement) {
+                    s.text_binds = text;
+                }
                 Pending::Bind { portal: portal.to_owned(), statement: statement.to_owned(), risky: false }
             }
             b'D' => {
@@ -407,7 +433,7 @@ impl Tracker {
         if self.disabled {
             return ClientStep::Forward;
         }
-        if self.recovery.is_some() {
+        if self.recovering() {
             return ClientStep::Wait;
         }
         let name_at_start = |b: &[u8]| -> Option<String> {
@@ -444,13 +470,23 @@ impl Tracker {
             return; // not followed: its failures go to the client as they are
         }
         self.text_bytes += query.len();
-        let s = Statement { query, client_types: types, params: None, shape: None, rewritten: false, batch };
+        let s = Statement {
+            query,
+            client_types: types,
+            params: None,
+            shape: None,
+            rewritten: false,
+            text_binds: false,
+            describes_portal: false,
+            batch,
+        };
         self.statements.insert(name, s);
     }
 }
 
 mod answers;
 mod recovery;
+mod refresh;
 
 #[cfg(test)]
 mod tests;

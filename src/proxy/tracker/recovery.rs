@@ -56,6 +56,9 @@ impl Tracker {
             if let Some(r) = self.recovery.as_mut() {
                 r.failed = true;
             }
+            if let Some(r) = self.refresh.as_mut() {
+                r.failed = true;
+            }
             return Outcome::default();
         }
         if !stale {
@@ -115,7 +118,7 @@ impl Tracker {
         Outcome { inject: probe, ..Outcome::default() }
     }
 
-    fn push_internal(&mut self, origin: Origin, entries: Vec<Pending>) {
+    pub(super) fn push_internal(&mut self, origin: Origin, entries: Vec<Pending>) {
         self.next_seq += 1;
         let mut b = Batch::new(origin, self.next_seq);
         b.bytes = None;

@@ -264,3 +264,124 @@ fn nonsense_turns_the_bookkeeping_off_and_everything_flows() {
     client(&mut t, &execute_batch());
     assert!(server(&mut t, &stale()).forward);
 }
+
+/// The server's answers to a probe of one statement now returning `cols`.
+fn probed(cols: &[(&str, u32)]) -> Vec<Vec<u8>> {
+    vec![whole(b'1', &[]), params(&[23]), fields(cols), whole(b'3', &[])]
+}
+
+fn begin() -> Vec<u8> {
+    whole(b'Q', b"BEGIN\0")
+}
+
+#[test]
+fn after_a_drain_a_changed_statement_is_prepared_again_before_the_session_starts_anything() {
+    let mut t = prepared();
+    t.passed_gate(1);
+    let ClientStep::Hold(probes) = t.on_client(&begin()) else { panic!("the statements are checked first") };
+    let text = String::from_utf8_lossy(&probes).into_owned();
+    assert!(text.contains("ghostwire_probe_0") && text.contains("SELECT * FROM t WHERE id = $1"), "{text}");
+    assert_eq!(t.on_client(&begin()), ClientStep::Wait, "the client's message waits");
+    for m in probed(&[("id", 20)]) {
+        assert_eq!(server(&mut t, &m), Outcome::default());
+    }
+    let o = server(&mut t, &ready(b'I'));
+    let reprepare = String::from_utf8_lossy(&o.inject).into_owned();
+    assert!(reprepare.contains("c1::pg_catalog.int4 AS \"id\"") && !o.resume, "{reprepare}");
+    for m in [whole(b'1', &[]), whole(b'3', &[]), whole(b'1', &[]), whole(b'3', &[])] {
+        assert_eq!(server(&mut t, &m), Outcome::default());
+    }
+    let o = server(&mut t, &ready(b'I'));
+    assert!(o.resume && o.inject.is_empty(), "{o:?}");
+    // The client's transaction runs the rewrite: no error to recover from inside it.
+    client(&mut t, &[begin()]);
+    assert!(server(&mut t, &whole(b'C', b"BEGIN\0")).forward);
+    assert_eq!(server(&mut t, &ready(b'T')).ready, Some(TransactionStatus::InTransaction));
+    client(&mut t, &execute_batch());
+    for m in [whole(b'2', &[]), whole(b'D', &[0, 1, 0, 0, 0, 4, 0, 0, 0, 7]), whole(b'C', b"SELECT 1\0")] {
+        assert!(server(&mut t, &m).forward);
+    }
+    server(&mut t, &ready(b'T'));
+    assert_eq!(t.counts, Counts { reprepared: 1, replayed: 0, reshaped_rows: 1, passed_on: 0 });
+    // No new drain, no new check.
+    t.passed_gate(1);
+    client(&mut t, &[whole(b'Q', b"COMMIT\0")]);
+}
+
+#[test]
+fn a_statement_that_returns_the_same_is_left_and_one_that_no_longer_prepares_does_not_stop_the_rest() {
+    let mut t = prepared();
+    client(
+        &mut t,
+        &[
+            proto::parse_message("s0", "SELECT gone FROM t", &[]),
+            proto::describe_message(true, "s0"),
+            proto::sync_message(),
+        ],
+    );
+    for m in [whole(b'1', &[]), params(&[]), fields(&[("gone", 23)]), ready(b'I')] {
+        assert!(server(&mut t, &m).forward);
+    }
+    t.passed_gate(3);
+    let ClientStep::Hold(probes) = t.on_client(&begin()) else { panic!("checked first") };
+    assert!(String::from_utf8_lossy(&probes).contains("ghostwire_probe_1"));
+    // s0 (first by name) no longer prepares: the server skips s1's probe.
+    assert_eq!(server(&mut t, &error("42703", "errorMissingColumn")), Outcome::default());
+    let o = server(&mut t, &ready(b'I'));
+    let again = String::from_utf8_lossy(&o.inject).into_owned();
+    assert!(again.contains("ghostwire_probe_0") && again.contains("SELECT * FROM t"), "s1 probed again: {again}");
+    assert!(!again.contains("SELECT gone"), "{again}");
+    for m in probed(&[("id", 23)]) {
+        assert_eq!(server(&mut t, &m), Outcome::default());
+    }
+    let o = server(&mut t, &ready(b'I'));
+    assert!(o.resume && o.inject.is_empty(), "the same shape: nothing to prepare again ({o:?})");
+    client(&mut t, &[begin()]);
+    assert_eq!(t.counts, Counts::default());
+    assert!(!t.disabled());
+}
+
+#[test]
+fn without_a_drain_or_inside_a_transaction_nothing_is_checked() {
+    let mut t = prepared();
+    t.passed_gate(0);
+    client(&mut t, &[begin()]);
+    server(&mut t, &whole(b'C', b"BEGIN\0"));
+    server(&mut t, &ready(b'T'));
+    // A drain while the session is inside a transaction block: checked once it is idle.
+    t.passed_gate(1);
+    client(&mut t, &[whole(b'Q', b"COMMIT\0")]);
+    server(&mut t, &whole(b'C', b"COMMIT\0"));
+    server(&mut t, &ready(b'I'));
+    assert!(matches!(t.on_client(&begin()), ClientStep::Hold(_)));
+}
+
+#[test]
+fn a_statement_never_described_whose_portals_are_is_prepared_again_as_written() {
+    // As libpq does: Parse without types, then Bind with text values, Describe the portal.
+    let mut t = Tracker::new();
+    client(&mut t, &[proto::parse_message("p1", "SELECT * FROM t WHERE id = $1", &[]), proto::sync_message()]);
+    for m in [whole(b'1', &[]), ready(b'I')] {
+        server(&mut t, &m);
+    }
+    let mut text_bind = b"\0p1\0".to_vec();
+    text_bind.extend([0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]); // no formats (text), one value, text results
+    let describe_portal = proto::describe_message(false, "");
+    client(&mut t, &[whole(b'B', &text_bind), describe_portal, execute(""), proto::sync_message()]);
+    for m in
+        [whole(b'2', &[]), fields(&[("id", 23)]), whole(b'D', &[0, 1, 0, 0, 0, 1, b'7']), whole(b'C', b"SELECT 1\0")]
+    {
+        server(&mut t, &m);
+    }
+    server(&mut t, &ready(b'I'));
+    t.passed_gate(1);
+    let ClientStep::Hold(_) = t.on_client(&begin()) else { panic!("checked first") };
+    for m in probed(&[("id", 20)]) {
+        server(&mut t, &m);
+    }
+    let o = server(&mut t, &ready(b'I'));
+    let again = String::from_utf8_lossy(&o.inject).into_owned();
+    assert!(again.contains("SELECT * FROM t WHERE id = $1") && !again.contains("ghostwire_reshaped"), "{again}");
+    // The probe's parameter type (int4), for values the client sends as text.
+    assert!(o.inject.windows(6).any(|w| w == [0, 1, 0, 0, 0, 23]), "{:?}", o.inject);
+}
