@@ -84,6 +84,15 @@ struct Statement {
     batch: u64,
 }
 
+impl Statement {
+    /// Whether the client gave every parameter's type in its Parse (`now`: the parameters
+    /// the server describes): then its values are encoded for those, whatever the server
+    /// would infer. An empty list is no answer unless there are no parameters.
+    fn types_given(&self, now: Option<&[u32]>) -> bool {
+        now.is_some_and(|p| p.len() == self.client_types.len()) && self.client_types.iter().all(|&t| t != 0)
+    }
+}
+
 /// What a message sent to the server waits for.
 #[derive(Debug, Clone)]
 enum Pending {

@@ -161,7 +161,7 @@ impl Tracker {
             return self.give_up("the client never described its result");
         };
         // Parameters keep the types the client's values were encoded for.
-        let types = match (&s.params, s.client_types.iter().all(|&t| t != 0), r.params_all_text) {
+        let types = match (&s.params, s.types_given(r.probe_params.as_deref()), r.params_all_text) {
             (Some(p), _, _) => p.clone(),
             (None, true, _) => s.client_types.clone(),
             (None, false, true) => r.probe_params.clone().unwrap_or_default(),

@@ -154,8 +154,7 @@ impl Tracker {
         };
         // The client's values stay encoded for the types it was told; values sent as text
         // are read as whatever type the server infers now.
-        let given =
-            probed.as_ref().is_some_and(|p| p.len() == s.client_types.len()) && s.client_types.iter().all(|&t| t != 0);
+        let given = s.types_given(probed.as_deref());
         let types = match (&s.params, given) {
             (Some(p), _) => p.clone(),
             (None, true) => s.client_types.clone(),

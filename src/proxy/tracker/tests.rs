@@ -385,3 +385,26 @@ fn a_statement_never_described_whose_portals_are_is_prepared_again_as_written() 
     // The probe's parameter type (int4), for values the client sends as text.
     assert!(o.inject.windows(6).any(|w| w == [0, 1, 0, 0, 0, 23]), "{:?}", o.inject);
 }
+
+#[test]
+fn values_sent_in_binary_for_types_never_described_are_not_prepared_for_new_ones() {
+    // Parsed without types and never described; its values go in binary (4 bytes: int4).
+    let mut t = Tracker::new();
+    client(&mut t, &[proto::parse_message("b1", "SELECT * FROM t WHERE id = $1", &[]), proto::sync_message()]);
+    for m in [whole(b'1', &[]), ready(b'I')] {
+        server(&mut t, &m);
+    }
+    let batch = [bind("", "b1"), proto::describe_message(false, ""), execute(""), proto::sync_message()];
+    client(&mut t, &batch);
+    let o = server(&mut t, &stale());
+    assert!(!o.inject.is_empty(), "probed");
+    server(&mut t, &ready(b'I'));
+    // The server would infer int8 for the parameter now: the client's int4 value would not fit.
+    for m in [whole(b'1', &[]), params(&[20]), fields(&[("id", 20)]), whole(b'3', &[])] {
+        server(&mut t, &m);
+    }
+    let o = server(&mut t, &ready(b'I'));
+    assert!(o.resume && o.inject.is_empty(), "given up: {o:?}");
+    assert!(o.deliver.starts_with(&stale()), "the server's error, as it came");
+    assert_eq!(t.counts.passed_on, 1);
+}
