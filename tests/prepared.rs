@@ -205,50 +205,55 @@ async fn wait_for_requests(proxy: &TestProxy, at_least: f64) {
     }
 }
 
+/// pgbench `-M prepared` through the proxy, 4 clients running `script`, once they have run
+/// a while. At a fixed rate: at full speed, two of these beside the other tests take the two
+/// cores, and the migrations' lock waits and retries outlast pgbench's run.
+struct Pgbench {
+    task: tokio::task::JoinHandle<std::process::Output>,
+    _script: tempfile::NamedTempFile,
+}
+
+impl Pgbench {
+    async fn start(db: &TestDb, proxy: &TestProxy, script: &str) -> Pgbench {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), script).unwrap();
+        let bin = Cluster::shared().unwrap().binaries().path("pgbench");
+        let dbname = db.url.rsplit('/').next().unwrap().to_owned();
+        let port = proxy.addr.port().to_string();
+        let path = file.path().display().to_string();
+        let before = requests(proxy).await;
+        let task = tokio::spawn(async move {
+            Command::new(bin)
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n", "-M", "prepared", "-c", "4"])
+                .args(["-R", "400", "-T", "15", "-f", &path, &dbname])
+                .output()
+                .await
+                .unwrap()
+        });
+        wait_for_requests(proxy, before + 200.0).await;
+        Pgbench { task, _script: file }
+    }
+
+    /// Waits for its end: no client saw an error.
+    async fn finish_without_errors(self) {
+        let out = self.task.await.unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("number of failed transactions: 0") || !text.contains("failed"), "{text}");
+        assert!(!text.to_lowercase().contains("error"), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn pgbench_prepared_sees_no_error_across_a_swap() {
     let db = TestDb::new().await;
     orders(&db).await;
     let proxy = TestProxy::start(&upstream(&db)).await;
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
-        format!("\\set id random(1, {ROWS})\nSELECT * FROM orders WHERE id = :id;\nSELECT amount FROM orders WHERE id = :id;\n"),
-    )
-    .unwrap();
-    let bin = Cluster::shared().unwrap().binaries().path("pgbench");
-    let dbname = db.url.rsplit('/').next().unwrap().to_owned();
-    let port = proxy.addr.port().to_string();
-    let path = script.path().display().to_string();
-    let before = requests(&proxy).await;
-    // At a fixed rate: at full speed, two of these beside the other tests take the two
-    // cores, and the migrations' lock waits and retries outlast pgbench's run.
-    let bench = tokio::spawn(async move {
-        Command::new(bin)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-n",
-                "-M",
-                "prepared",
-                "-c",
-                "4",
-                "-R",
-                "400",
-                "-T",
-                "15",
-            ])
-            .args(["-f", &path, &dbname])
-            .output()
-            .await
-            .unwrap()
-    });
     // pgbench's clients have prepared their statements and run them a while.
-    wait_for_requests(&proxy, before + 200.0).await;
+    let script = format!(
+        "\\set id random(1, {ROWS})\nSELECT * FROM orders WHERE id = :id;\nSELECT amount FROM orders WHERE id = :id;\n"
+    );
+    let bench = Pgbench::start(&db, &proxy, &script).await;
     // The migration does not drain the proxy: each stale statement fails once and its batch
     // (outside a transaction block) is replayed.
     let opts = test_options();
@@ -258,11 +263,7 @@ async fn pgbench_prepared_sees_no_error_across_a_swap() {
     // They run on the new table before the next change.
     wait_for_requests(&proxy, requests(&proxy).await + 200.0).await;
     run_migration(&db.url, "ALTER TABLE orders DROP COLUMN extra", &opts, None).await.unwrap();
-    let out = bench.await.unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("number of failed transactions: 0") || !text.contains("failed"), "{text}");
-    assert!(!text.to_lowercase().contains("error"), "{text}");
+    bench.finish_without_errors().await;
     assert!(proxy.status().prepared.replayed >= 1, "{:?}", proxy.status().prepared);
 }
 
@@ -298,47 +299,11 @@ async fn pgbench_prepared_sees_no_error_across_a_swap_and_its_revert() {
     let db = TestDb::new().await;
     orders(&db).await;
     let proxy = TestProxy::start(&upstream(&db)).await;
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
-        // One transaction block a round: the statements are checked after each drain.
-        format!(
-            "\\set id random(1, {ROWS})\nBEGIN;\nSELECT * FROM orders WHERE id = :id;\nUPDATE orders SET amount = amount + 1 WHERE id = :id;\nEND;\n"
-        ),
-    )
-    .unwrap();
-    let bin = Cluster::shared().unwrap().binaries().path("pgbench");
-    let dbname = db.url.rsplit('/').next().unwrap().to_owned();
-    let port = proxy.addr.port().to_string();
-    let path = script.path().display().to_string();
-    let before = requests(&proxy).await;
-    // At a fixed rate: at full speed, two of these beside the other tests take the two
-    // cores, and the migrations' lock waits and retries outlast pgbench's run.
-    let bench = tokio::spawn(async move {
-        Command::new(bin)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-n",
-                "-M",
-                "prepared",
-                "-c",
-                "4",
-                "-R",
-                "400",
-                "-T",
-                "15",
-            ])
-            .args(["-f", &path, &dbname])
-            .output()
-            .await
-            .unwrap()
-    });
-    wait_for_requests(&proxy, before + 200.0).await;
+    // One transaction block a round: the statements are checked after each drain.
+    let script = format!(
+        "\\set id random(1, {ROWS})\nBEGIN;\nSELECT * FROM orders WHERE id = :id;\nUPDATE orders SET amount = amount + 1 WHERE id = :id;\nEND;\n"
+    );
+    let bench = Pgbench::start(&db, &proxy, &script).await;
     let opts = Options { proxies: vec![proxy.control.clone()], ..test_options() };
     run_migration(&db.url, "ALTER TABLE orders ALTER COLUMN amount TYPE bigint", &opts, None).await.unwrap();
     // Writes to the new table, then back to the old one with the proxy drained.
@@ -346,11 +311,7 @@ async fn pgbench_prepared_sees_no_error_across_a_swap_and_its_revert() {
     let out = common::items::ghostwire(&db.url, &["revert", "orders", "--proxy", &proxy.control], None).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_requests(&proxy, requests(&proxy).await + 200.0).await;
-    let out = bench.await.unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("number of failed transactions: 0") || !text.contains("failed"), "{text}");
-    assert!(!text.to_lowercase().contains("error"), "{text}");
+    bench.finish_without_errors().await;
     // Every client's SELECT was prepared again after each drain, before its next transaction.
     let prepared = proxy.status().prepared;
     assert!(prepared.reprepared >= 8 && prepared.errors_passed_on == 0, "{prepared:?}");

@@ -199,25 +199,30 @@ impl Run<'_> {
         }
     }
 
-    pub(super) async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
+    async fn drain_proxies(&self) -> Result<Option<Duration>, String> {
         self.proxies().drain().await
     }
 
-    /// Drains the proxies for a catalog change on the live table (an instant ALTER): no
-    /// client queues behind its lock, and each checks its prepared statements after it.
-    /// A proxy that does not drain in time is no reason to wait: the change goes on as it
-    /// would without one. True when they must be opened again.
-    pub(super) async fn drain_for_catalog_change(&self) -> bool {
-        match self.drain_proxies().await {
+    /// Runs `change`, a catalog change on the live table (an instant ALTER), with the
+    /// proxies drained: no client queues behind its lock, and each checks its prepared
+    /// statements after it. A proxy that does not drain in time is no reason to wait: the
+    /// change goes on as it would without one.
+    pub(super) async fn with_proxies_drained<T>(&self, change: impl std::future::Future<Output = T>) -> T {
+        let drained = match self.drain_proxies().await {
             Ok(drained) => drained.is_some(),
             Err(failures) => {
                 tracing::warn!("a proxy did not drain in time ({failures}); changing the table without it");
                 false
             }
+        };
+        let out = change.await;
+        if drained {
+            self.open_proxies().await;
         }
+        out
     }
 
-    pub(super) async fn open_proxies(&self) {
+    async fn open_proxies(&self) {
         self.proxies().open().await
     }
 }

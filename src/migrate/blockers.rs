@@ -10,7 +10,12 @@
 //! do, except vacuums that prevent transaction ID wraparound, which are left to finish. The
 //! vacuum runs again later, on the new table.
 
+use serde_json::json;
 use tokio_postgres::Client;
+
+use super::error::{Context as _, MigrateError};
+use super::run::Run;
+use super::spec::Spec;
 
 /// An autovacuum worker found holding a lock on the table.
 #[derive(Debug, Clone)]
@@ -110,4 +115,24 @@ pub async fn long_holders(
         .iter()
         .map(|r| Holder { pid: r.get(0), state: r.get(1), transaction_seconds: r.get(2), query: r.get(3) })
         .collect())
+}
+
+impl Run<'_> {
+    /// Cancels autovacuum workers holding the table or the shadow before `before`, each an
+    /// event and a note.
+    pub(super) async fn clear_autovacuum(&self, spec: &Spec, before: &str) -> Result<(), MigrateError> {
+        let tables = [spec.original.sql(), spec.shadow().sql()];
+        let workers = clear_autovacuum(&self.control, &tables).await.during(
+            self.id,
+            self.phase,
+            "looking for autovacuum workers on the table",
+        )?;
+        for w in workers {
+            let message = format!("{}: {}", before, w.describe());
+            let details = json!({"before": before, "pid": w.pid, "query": w.query, "cancelled": w.cancelled.is_ok()});
+            self.event("autovacuum", &message, None, Some(details)).await;
+            self.reporter.note(&message);
+        }
+        Ok(())
+    }
 }

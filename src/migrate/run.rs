@@ -567,24 +567,6 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Cancels autovacuum workers holding the table or the shadow before `before` (see
-    /// `blockers`), each an event and a note.
-    pub(super) async fn clear_autovacuum(&self, spec: &Spec, before: &str) -> Result<(), MigrateError> {
-        let tables = [spec.original.sql(), spec.shadow().sql()];
-        let workers = super::blockers::clear_autovacuum(&self.control, &tables).await.during(
-            self.id,
-            self.phase,
-            "looking for autovacuum workers on the table",
-        )?;
-        for w in workers {
-            let message = format!("{}: {}", before, w.describe());
-            let details = json!({"before": before, "pid": w.pid, "query": w.query, "cancelled": w.cancelled.is_ok()});
-            self.event("autovacuum", &message, None, Some(details)).await;
-            self.reporter.note(&message);
-        }
-        Ok(())
-    }
-
     /// Validates the foreign keys added NOT VALID during the swap (different tables' at once,
     /// see `validate`); returns those that failed.
     async fn validate(&self, spec: &Spec) -> Vec<String> {

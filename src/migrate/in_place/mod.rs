@@ -133,12 +133,8 @@ impl Run<'_> {
     pub(super) async fn run_directly(&mut self, plan: &Plan) -> Result<(), MigrateError> {
         self.enter(Phase::Cutover, "running the statement directly (catalog-only change)").await?;
         let t = Instant::now();
-        let drained = self.drain_for_catalog_change().await;
-        let result = retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text).await;
-        if drained {
-            self.open_proxies().await;
-        }
-        result.during(self.id, Phase::Cutover, "running the statement")?;
+        let run = retry::ddl(&self.control, &self.retry, "running the statement", &plan.parsed.text);
+        self.with_proxies_drained(run).await.during(self.id, Phase::Cutover, "running the statement")?;
         self.event("statement", "statement run", Some(t.elapsed()), None).await;
         self.enter(Phase::Finished, "finished").await
     }
@@ -185,13 +181,8 @@ impl Run<'_> {
             // Which subcommands they were: a resumed run plans only the others.
             let positions: Vec<usize> = instant.iter().map(|(i, _)| *i).collect();
             let details = json!({"step": "instant", "ran": texts.join(", "), "subcommands": positions});
-            let drained = self.drain_for_catalog_change().await;
-            let result =
-                self.recorded("running the catalog-only subcommands", &sql, "statement", &message, details).await;
-            if drained {
-                self.open_proxies().await;
-            }
-            result?;
+            let run = self.recorded("running the catalog-only subcommands", &sql, "statement", &message, details);
+            self.with_proxies_drained(run).await?;
         }
         for (i, step) in plan.steps.iter().enumerate().filter(|(_, s)| s.strategy != Strategy::Instant) {
             // A resumed run's plan may hold only the statement's remaining subcommands: each

@@ -85,11 +85,20 @@ struct Statement {
 }
 
 impl Statement {
-    /// Whether the client gave every parameter's type in its Parse (`now`: the parameters
-    /// the server describes): then its values are encoded for those, whatever the server
-    /// would infer. An empty list is no answer unless there are no parameters.
-    fn types_given(&self, now: Option<&[u32]>) -> bool {
-        now.is_some_and(|p| p.len() == self.client_types.len()) && self.client_types.iter().all(|&t| t != 0)
+    /// The parameter types to prepare it again with, given the parameters the server
+    /// describes now (`now`) and whether the client's values go as text: the types its
+    /// values were encoded for (those described, or all given in its Parse; an empty list
+    /// is no answer unless there are no parameters), else the server's new inference for
+    /// text values. None: not known.
+    fn types_again(&self, now: Option<&[u32]>, text_values: bool) -> Option<Vec<u32>> {
+        let given =
+            now.is_some_and(|p| p.len() == self.client_types.len()) && self.client_types.iter().all(|&t| t != 0);
+        match (&self.params, given) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(self.client_types.clone()),
+            (None, false) if text_values => Some(now.unwrap_or_default().to_vec()),
+            (None, false) => None,
+        }
     }
 }
 

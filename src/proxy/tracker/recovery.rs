@@ -118,6 +118,34 @@ impl Tracker {
         Outcome { inject: probe, ..Outcome::default() }
     }
 
+    /// The batch that prepares `text` again as `name` (the unnamed statement too), closing
+    /// `also` first: a trial Parse under the proxy's name goes first, so a failure leaves
+    /// the client's statement as it was. Its entries are queued; the bytes to send returned.
+    pub(super) fn prepare_again(
+        &mut self,
+        origin: Origin,
+        name: &str,
+        text: &str,
+        types: &[u32],
+        also: &[String],
+    ) -> Vec<u8> {
+        let mut out = proto::parse_message(TRIAL, text, types);
+        let mut entries = vec![Pending::Parse { name: TRIAL.into(), query: None, types: Vec::new() }];
+        let named = (!name.is_empty()).then_some(name);
+        for n in also.iter().map(String::as_str).chain(named) {
+            out.extend(proto::close_message(true, n));
+            entries.push(Pending::Close { statement: true, name: n.to_owned() });
+        }
+        out.extend(proto::parse_message(name, text, types));
+        entries.push(Pending::Parse { name: name.to_owned(), query: None, types: Vec::new() });
+        out.extend(proto::close_message(true, TRIAL));
+        entries.push(Pending::Close { statement: true, name: TRIAL.into() });
+        out.extend(proto::sync_message());
+        entries.push(Pending::End);
+        self.push_internal(origin, entries);
+        out
+    }
+
     pub(super) fn push_internal(&mut self, origin: Origin, entries: Vec<Pending>) {
         self.next_seq += 1;
         let mut b = Batch::new(origin, self.next_seq);
@@ -161,31 +189,12 @@ impl Tracker {
             return self.give_up("the client never described its result");
         };
         // Parameters keep the types the client's values were encoded for.
-        let types = match (&s.params, s.types_given(r.probe_params.as_deref()), r.params_all_text) {
-            (Some(p), _, _) => p.clone(),
-            (None, true, _) => s.client_types.clone(),
-            (None, false, true) => r.probe_params.clone().unwrap_or_default(),
-            (None, false, false) => return self.give_up("the parameters' types were never described"),
+        let Some(types) = s.types_again(r.probe_params.as_deref(), r.params_all_text) else {
+            return self.give_up("the parameters' types were never described");
         };
         let name = r.statement.clone();
-        let parsed = r.parsed.clone();
-        let mut out = proto::parse_message(TRIAL, &text, &types);
-        let mut entries = vec![Pending::Parse { name: TRIAL.into(), query: None, types: Vec::new() }];
-        for n in parsed.iter().filter(|n| **n != name) {
-            out.extend(proto::close_message(true, n));
-            entries.push(Pending::Close { statement: true, name: n.clone() });
-        }
-        if !name.is_empty() {
-            out.extend(proto::close_message(true, &name));
-            entries.push(Pending::Close { statement: true, name: name.clone() });
-        }
-        out.extend(proto::parse_message(&name, &text, &types));
-        entries.push(Pending::Parse { name: name.clone(), query: None, types: Vec::new() });
-        out.extend(proto::close_message(true, TRIAL));
-        entries.push(Pending::Close { statement: true, name: TRIAL.into() });
-        out.extend(proto::sync_message());
-        entries.push(Pending::End);
-        self.push_internal(Origin::Reprepare, entries);
+        let others: Vec<String> = r.parsed.iter().filter(|n| **n != name).cloned().collect();
+        let out = self.prepare_again(Origin::Reprepare, &name, &text, &types, &others);
         if let Some(r) = self.recovery.as_mut() {
             r.plan = Some((text, types, rewritten));
         }

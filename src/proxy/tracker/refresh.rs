@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use ghostwire_proto as proto;
 
-use super::{Origin, Outcome, PROBE, Pending, TRIAL, Tracker, shape_of};
+use super::{Origin, Outcome, PROBE, Pending, Tracker, shape_of};
 use crate::proxy::reshape::{self, Reshape};
 
 /// A check of the session's statements in progress.
@@ -84,11 +84,13 @@ impl Tracker {
         let r = self.refresh.as_mut()?;
         r.failed = false;
         r.results.clear();
-        r.probing = r.queue.drain(..).collect();
+        // Only statements still followed: the answers line up with `probing`.
+        let statements = &self.statements;
+        r.probing = r.queue.drain(..).filter(|n| statements.contains_key(n)).collect();
         let mut out = Vec::new();
         let mut entries = Vec::new();
         for (i, name) in r.probing.iter().enumerate() {
-            let Some(s) = self.statements.get(name) else { continue };
+            let Some(s) = statements.get(name) else { continue };
             let types = s.params.clone().unwrap_or_else(|| s.client_types.clone());
             let probe = probe_name(i);
             out.extend(proto::parse_message(&probe, &s.query, &types));
@@ -154,15 +156,9 @@ impl Tracker {
         };
         // The client's values stay encoded for the types it was told; values sent as text
         // are read as whatever type the server infers now.
-        let given = s.types_given(probed.as_deref());
-        let types = match (&s.params, given) {
-            (Some(p), _) => p.clone(),
-            (None, true) => s.client_types.clone(),
-            (None, false) if s.text_binds => probed.unwrap_or_default(),
-            (None, false) => {
-                tracing::debug!("prepared statement {name:?}: its parameters' types were never described");
-                return None;
-            }
+        let Some(types) = s.types_again(probed.as_deref(), s.text_binds) else {
+            tracing::debug!("prepared statement {name:?}: its parameters' types were never described");
+            return None;
         };
         Some((name.to_owned(), text, types, rewritten))
     }
@@ -178,21 +174,7 @@ impl Tracker {
             self.refresh = None;
             return Outcome { resume: true, ..Outcome::default() };
         };
-        let mut out = proto::parse_message(TRIAL, &text, &types);
-        out.extend(proto::close_message(true, &name));
-        out.extend(proto::parse_message(&name, &text, &types));
-        out.extend(proto::close_message(true, TRIAL));
-        out.extend(proto::sync_message());
-        self.push_internal(
-            Origin::RefreshReprepare,
-            vec![
-                Pending::Parse { name: TRIAL.into(), query: None, types: Vec::new() },
-                Pending::Close { statement: true, name: name.clone() },
-                Pending::Parse { name: name.clone(), query: None, types: Vec::new() },
-                Pending::Close { statement: true, name: TRIAL.into() },
-                Pending::End,
-            ],
-        );
+        let out = self.prepare_again(Origin::RefreshReprepare, &name, &text, &types, &[]);
         if let Some(r) = self.refresh.as_mut() {
             r.failed = false;
             r.current = Some((name, types, rewritten));
