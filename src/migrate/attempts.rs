@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use super::cutover::{self, Outcome as Attempt, Swapped};
 use super::error::{Context, MigrateError};
 use super::run::Run;
+use super::snapshots::{self, Horizon};
 use super::spec::Spec;
 use super::swap;
 use crate::state::Phase;
@@ -51,6 +52,7 @@ impl Run<'_> {
             // fence under the lock has little left to wait for.
             self.fence(Duration::from_secs(60)).await?;
             let xid = self.catch_up(work, spec).await?;
+            let last = Horizon::after(work, xid).await.during(self.id, Phase::Cutover, "reading the server's clock")?;
             let _ = self
                 .control
                 .execute(
@@ -82,7 +84,7 @@ impl Run<'_> {
                 }
             };
             self.live.update(|p| p.cutover_attempts = attempt);
-            let result = cutover::attempt(work, spec, &script, &self.retry, xid, &own, self.stream.as_ref()).await;
+            let result = cutover::attempt(work, spec, &script, &self.retry, &last, &own, self.stream.as_ref()).await;
             let stall = match drained {
                 Some(_) => {
                     self.open_proxies().await;
@@ -174,7 +176,7 @@ impl Run<'_> {
                     )
                     .await;
                     self.reporter.note(&format!("cut-over attempt {attempt}: {reason}; waiting for them to finish"));
-                    cutover::wait_for_snapshots(&self.control, &pids, xid, Duration::from_secs(5)).await.during(
+                    snapshots::wait_for(&self.control, &pids, &last, Duration::from_secs(5)).await.during(
                         self.id,
                         Phase::Cutover,
                         "waiting for old snapshots",

@@ -6,36 +6,25 @@
 //! could see the new table without the shadow's rows, rolls everything back: the original
 //! stays as it was.
 //!
-//! The snapshot hazard (DESIGN.md §2): a REPEATABLE READ or SERIALIZABLE snapshot taken
-//! before the shadow's last rows were written would see the new table (nearly) empty. A
-//! session whose `backend_xmin` is not newer than the last catch-up transaction may hold
-//! such a snapshot, so the swap waits for it. Read-committed statements queued behind the
-//! lock take their snapshots after it and are let through. What remains is the small
+//! The snapshot hazard (DESIGN.md §2, `snapshots`): a REPEATABLE READ or SERIALIZABLE
+//! snapshot taken before the last catch-up would see the new table without its last rows,
+//! so the swap waits while a session may hold one. Statements queued behind the lock began
+//! their transactions after the catch-up and are let through. What remains is the small
 //! window of a transaction that takes its very first snapshot while the swap holds the lock
 //! and then reads rows the in-lock drain changed; the proxy's drain gate closes it.
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::capture::logical::Stream;
 use super::catchup;
 use super::retry::{RetryPolicy, is_lock_conflict};
+use super::snapshots::{HazardSession, Horizon, hazards};
 use super::spec::Spec;
 use super::swap::Script;
 use crate::catalog::Grant;
 use crate::sql::{ident, literal};
-
-/// A session that may hold a snapshot older than the shadow's last write.
-#[derive(Debug, Clone, Serialize)]
-pub struct HazardSession {
-    pub pid: i32,
-    pub user: String,
-    pub state: String,
-    pub transaction_seconds: f64,
-    pub query: String,
-}
 
 /// How a successful swap went.
 #[derive(Debug, Clone, Copy)]
@@ -69,33 +58,7 @@ pub enum Outcome {
     },
 }
 
-/// Sessions (other than `own`) whose snapshot may predate transaction `xid` (epoch-extended).
-pub async fn hazards(client: &Client, xid: i64, own: &[i32]) -> Result<Vec<HazardSession>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT pid, coalesce(usename::text, ''), coalesce(state, ''),
-                    coalesce(extract(epoch FROM clock_timestamp() - xact_start), 0)::float8, coalesce(left(query, 120), '')
-               FROM pg_catalog.pg_stat_activity
-              WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($2))
-                AND backend_type = 'client backend' AND backend_xmin IS NOT NULL
-                AND age(backend_xmin) >= age((($1::bigint % 4294967296))::text::xid)
-              ORDER BY xact_start",
-            &[&xid, &own],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| HazardSession {
-            pid: r.get(0),
-            user: r.get(1),
-            state: r.get(2),
-            transaction_seconds: r.get(3),
-            query: r.get(4),
-        })
-        .collect())
-}
-
-/// One attempt. `last_xid` is the transaction of the last catch-up before it. With logical
+/// One attempt. `last` is the last catch-up before it. With logical
 /// capture, `stream`'s fence is reached under the lock before the last changes are applied,
 /// so every write committed before the lock is in the log.
 pub async fn attempt(
@@ -103,7 +66,7 @@ pub async fn attempt(
     spec: &Spec,
     script: &Script,
     retry: &RetryPolicy,
-    last_xid: i64,
+    last: &Horizon,
     own: &[i32],
     stream: Option<&Stream>,
 ) -> Result<Outcome, tokio_postgres::Error> {
@@ -132,7 +95,7 @@ pub async fn attempt(
     if stream.is_some() {
         crate::failpoint::hit("cutover.fenced");
     }
-    let result = swap(client, spec, script, last_xid, own).await;
+    let result = swap(client, spec, script, last, own).await;
     match result {
         Ok(Ok(drained)) => {
             client.batch_execute("COMMIT").await?;
@@ -189,7 +152,7 @@ async fn swap(
     client: &Client,
     spec: &Spec,
     script: &Script,
-    last_xid: i64,
+    last: &Horizon,
     own: &[i32],
 ) -> Result<Result<i64, Held>, tokio_postgres::Error> {
     if let Some(what) = definition_change(client, spec).await? {
@@ -197,7 +160,7 @@ async fn swap(
     }
     let drained = catchup::drain_in_transaction(client, spec).await?;
     crate::failpoint::hit("cutover.locked");
-    let sessions = hazards(client, last_xid, own).await?;
+    let sessions = hazards(client, last, own).await?;
     if !sessions.is_empty() {
         return Ok(Err(Held::Hazard(sessions)));
     }
@@ -335,30 +298,4 @@ async fn constraint_comments(client: &Client, spec: &Spec) -> Result<(), tokio_p
             .await?;
     }
     Ok(())
-}
-
-/// Waits until none of `pids` holds a snapshot older than `xid`, up to `limit`.
-pub async fn wait_for_snapshots(
-    client: &Client,
-    pids: &[i32],
-    xid: i64,
-    limit: Duration,
-) -> Result<bool, tokio_postgres::Error> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_catalog.pg_stat_activity
-                  WHERE pid = ANY($1) AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age((($2::bigint % 4294967296))::text::xid)",
-                &[&pids, &xid],
-            )
-            .await?;
-        if row.get::<_, i64>(0) == 0 {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -31,6 +31,7 @@ pub mod revert;
 mod run;
 pub mod shadow;
 mod shadow_constraints;
+pub mod snapshots;
 pub mod spec;
 pub mod swap;
 pub mod validate;

@@ -22,9 +22,9 @@ use serde_json::json;
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use crate::migrate::cutover;
 use crate::migrate::proxies::Proxies;
 use crate::migrate::retry::RetryPolicy;
+use crate::migrate::snapshots::{self, Horizon};
 use crate::migrate::spec::Spec;
 use crate::state::{self, Migration, Phase};
 
@@ -174,7 +174,7 @@ pub async fn revert(
                 Err(rows) => return Err(unmappable(control, m, rows).await),
             }
         }
-        let xid: i64 = work.query_one("SELECT txid_current()", &[]).await?.get(0);
+        let last = Horizon::now(work).await?;
         let gated = Instant::now();
         let drained = match proxies.drain().await {
             Ok(d) => d,
@@ -185,7 +185,7 @@ pub async fn revert(
                 continue;
             }
         };
-        let result = attempt_swap(work, &spec, &mapping, &tables, &script, &retry, xid, &own).await;
+        let result = attempt_swap(work, &spec, &mapping, &tables, &script, &retry, &last, &own).await;
         if drained.is_some() {
             proxies.open().await;
         }
@@ -289,7 +289,7 @@ async fn attempt_swap(
     tables: &apply::Tables,
     script: &crate::migrate::swap::Script,
     retry: &RetryPolicy,
-    xid: i64,
+    last: &Horizon,
     own: &[i32],
 ) -> Result<Attempt, RevertError> {
     work.batch_execute(&format!(
@@ -307,7 +307,7 @@ async fn attempt_swap(
     }
     let lock_wait = asked.elapsed();
     let granted = Instant::now();
-    let result = under_lock(work, spec, mapping, tables, script, xid, own).await;
+    let result = under_lock(work, spec, mapping, tables, script, last, own).await;
     match result {
         Ok(None) => {
             work.batch_execute("COMMIT").await?;
@@ -344,12 +344,12 @@ async fn under_lock(
     mapping: &mapping::Mapping,
     tables: &apply::Tables,
     script: &crate::migrate::swap::Script,
-    xid: i64,
+    last: &Horizon,
     own: &[i32],
 ) -> Result<Option<Attempt>, tokio_postgres::Error> {
     work.batch_execute(&apply::apply_sql(mapping, tables, spec.migration_id, None)).await?;
     crate::failpoint::hit("revert.locked");
-    let sessions = cutover::hazards(work, xid, own).await?;
+    let sessions = snapshots::hazards(work, last, own).await?;
     if !sessions.is_empty() {
         let named: Vec<String> =
             sessions.iter().map(|s| format!("pid {} ({:.0} s)", s.pid, s.transaction_seconds)).collect();
