@@ -19,14 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "a-long-enough-token-42";
 
-fn upstream(db: &TestDb) -> String {
-    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_control_api_beyond_loopback_needs_a_token() {
     let db = TestDb::new().await;
-    let up = upstream(&db);
+    let up = db.upstream();
     let proxy = |extra: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ghostwire"));
         cmd.args(["proxy", "--listen", "127.0.0.1:0", "--upstream", &up, "--control", "0.0.0.0:0"]).args(extra);
@@ -80,7 +76,7 @@ async fn the_engine_drains_a_proxy_that_wants_a_token() {
          INSERT INTO items (id, qty) SELECT g, g FROM generate_series(1, 2000) g; INSERT INTO oracle SELECT * FROM items;",
     )
     .await;
-    let proxy = Proxy::new(&upstream(&db), ghostwire_proto::MAX_MESSAGE_LEN).unwrap();
+    let proxy = Proxy::new(&db.upstream(), ghostwire_proto::MAX_MESSAGE_LEN).unwrap();
     let (listener, ctl) =
         (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
     let (addr, control_url) = (listener.local_addr().unwrap(), format!("http://{}", ctl.local_addr().unwrap()));
@@ -89,7 +85,7 @@ async fn the_engine_drains_a_proxy_that_wants_a_token() {
     let p = proxy.clone();
     let s = shutdown.clone();
     tokio::spawn(async move { p.serve(listener, s, Duration::from_secs(1)).await });
-    let through = db.url.replace(&upstream(&db), &addr.to_string());
+    let through = db.url.replace(&db.upstream(), &addr.to_string());
     let load = Workload::start(&through, Shape::items(), 2, 2000, 51);
     load.wait_for_more(20).await;
     // Without the token every drain is refused, and the swap gives up untouched.

@@ -13,26 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::proxy::TestProxy;
+use common::proxy::{ORDER_ROWS as ROWS, TestProxy, orders};
 use common::{TestDb, connect, run_migration, test_options};
 use ghostwire::ephemeral::Cluster;
 use ghostwire::migrate::Options;
 use tokio::process::Command;
 use tokio_postgres::error::SqlState;
-
-fn upstream(db: &TestDb) -> String {
-    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
-}
-
-const ROWS: i32 = 200;
-
-async fn orders(db: &TestDb) {
-    db.exec(&format!(
-        "CREATE TABLE orders (id int PRIMARY KEY, amount int NOT NULL, note varchar(20), extra int);
-         INSERT INTO orders SELECT g, g * 10, 'n' || g, g FROM generate_series(1, {ROWS}) g;"
-    ))
-    .await;
-}
 
 /// A client through the proxy with its statements prepared before any change, reading and
 /// writing until told to stop (each round one transaction block, with `transactions`);
@@ -132,7 +118,7 @@ impl Client {
 async fn tokio_postgres_statements_survive_a_swap_and_instant_changes() {
     let db = TestDb::new().await;
     orders(&db).await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let through = proxy.url_for(&db.url);
     // Two clients run each round as a transaction block, one outside any.
     let clients: Vec<Client> = (0..3).map(|i| spawn_client(through.clone(), i * 10_000, i > 0)).collect();
@@ -248,7 +234,7 @@ impl Pgbench {
 async fn pgbench_prepared_sees_no_error_across_a_swap() {
     let db = TestDb::new().await;
     orders(&db).await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     // pgbench's clients have prepared their statements and run them a while.
     let script = format!(
         "\\set id random(1, {ROWS})\nSELECT * FROM orders WHERE id = :id;\nSELECT amount FROM orders WHERE id = :id;\n"
@@ -271,7 +257,7 @@ async fn pgbench_prepared_sees_no_error_across_a_swap() {
 async fn inside_a_transaction_the_error_goes_to_the_client_and_a_too_large_value_fails_alone() {
     let db = TestDb::new().await;
     orders(&db).await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let c = connect(&proxy.url_for(&db.url)).await;
     let all = c.prepare("SELECT * FROM orders WHERE id = $1").await.unwrap();
     let col = c.prepare("SELECT amount FROM orders WHERE id = $1").await.unwrap();
@@ -298,7 +284,7 @@ async fn inside_a_transaction_the_error_goes_to_the_client_and_a_too_large_value
 async fn pgbench_prepared_sees_no_error_across_a_swap_and_its_revert() {
     let db = TestDb::new().await;
     orders(&db).await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     // One transaction block a round: the statements are checked after each drain.
     let script = format!(
         "\\set id random(1, {ROWS})\nBEGIN;\nSELECT * FROM orders WHERE id = :id;\nUPDATE orders SET amount = amount + 1 WHERE id = :id;\nEND;\n"

@@ -15,10 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 
-fn upstream(db: &TestDb) -> String {
-    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn trust_md5_and_scram_authentication_pass_through() {
     for (auth, encryption, stored) in [
@@ -54,7 +50,7 @@ async fn trust_md5_and_scram_authentication_pass_through() {
 #[tokio::test]
 async fn psql_and_pgbench_in_every_query_mode() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let bin = Cluster::shared().unwrap().binaries().clone();
     let dbname = db.url.rsplit('/').next().unwrap().to_owned();
     let port = proxy.addr.port().to_string();
@@ -86,7 +82,7 @@ async fn psql_and_pgbench_in_every_query_mode() {
 #[tokio::test]
 async fn pipelined_extended_protocol_queries() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let client = connect(&proxy.url_for(&db.url)).await;
     let statement = client.prepare("SELECT $1::int * 2").await.unwrap();
     let queries = (0..500).map(|i| {
@@ -101,7 +97,7 @@ async fn pipelined_extended_protocol_queries() {
 async fn copy_in_and_out_including_messages_larger_than_the_hold_limit() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE blobs (id int PRIMARY KEY, body text)").await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let client = connect(&proxy.url_for(&db.url)).await;
     let sink = client.copy_in("COPY blobs FROM STDIN").await.unwrap();
     let mut sink = Box::pin(sink);
@@ -131,7 +127,7 @@ async fn copy_in_and_out_including_messages_larger_than_the_hold_limit() {
 #[tokio::test]
 async fn a_cancel_request_reaches_the_right_backend() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let url = proxy.url_for(&db.url);
     let (victim, bystander) = (connect(&url).await, connect(&url).await);
     let token = victim.cancel_token();
@@ -199,7 +195,7 @@ async fn until_ready(stream: &mut TcpStream) {
 #[tokio::test]
 async fn ssl_and_gssenc_requests_are_declined_and_startup_goes_on() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let dbname = db.url.rsplit('/').next().unwrap().to_owned();
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     for code in [ghostwire_proto::GSSENC_REQUEST_CODE, ghostwire_proto::SSL_REQUEST_CODE] {
@@ -217,7 +213,7 @@ async fn ssl_and_gssenc_requests_are_declined_and_startup_goes_on() {
 #[tokio::test]
 async fn clients_and_servers_that_disconnect_mid_stream_are_cleaned_up() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let dbname = db.url.rsplit('/').next().unwrap().to_owned();
     // A client that leaves in the middle of a message.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -245,7 +241,7 @@ async fn clients_and_servers_that_disconnect_mid_stream_are_cleaned_up() {
 #[tokio::test]
 async fn the_control_api_reports_status_and_metrics() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let client = connect(&proxy.url_for(&db.url)).await;
     client.batch_execute("BEGIN; SELECT 1;").await.unwrap();
     let (code, body) =
@@ -286,8 +282,8 @@ async fn proxy_binary(upstream: &str, grace: &str) -> (tokio::process::Child, u1
 #[tokio::test]
 async fn sigterm_stops_accepting_lets_sessions_finish_then_exits() {
     let db = TestDb::new().await;
-    let (mut child, port) = proxy_binary(&upstream(&db), "30s").await;
-    let url = db.url.replace(&upstream(&db), &format!("127.0.0.1:{port}"));
+    let (mut child, port) = proxy_binary(&db.upstream(), "30s").await;
+    let url = db.url.replace(&db.upstream(), &format!("127.0.0.1:{port}"));
     let client = connect(&url).await;
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     // No new clients…
@@ -303,8 +299,8 @@ async fn sigterm_stops_accepting_lets_sessions_finish_then_exits() {
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").unwrap();
     assert!(status.success());
     // With a short grace period, lingering sessions are closed.
-    let (mut child, port) = proxy_binary(&upstream(&db), "300ms").await;
-    let lingering = connect(&db.url.replace(&upstream(&db), &format!("127.0.0.1:{port}"))).await;
+    let (mut child, port) = proxy_binary(&db.upstream(), "300ms").await;
+    let lingering = connect(&db.url.replace(&db.upstream(), &format!("127.0.0.1:{port}"))).await;
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").unwrap();
     assert!(status.success());

@@ -12,15 +12,11 @@ use common::{TestDb, assert_same_rows, connect, run_migration, strings, test_opt
 use ghostwire::migrate::{MigrateError, Options};
 use ghostwire::proxy::gate::GateState;
 
-fn upstream(db: &TestDb) -> String {
-    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn the_gate_holds_idle_sessions_while_transactions_finish() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 0);").await;
-    let proxy = Arc::new(TestProxy::start(&upstream(&db)).await);
+    let proxy = Arc::new(TestProxy::start(&db.upstream()).await);
     let url = proxy.url_for(&db.url);
     let (idle, busy) = (connect(&url).await, connect(&url).await);
     busy.batch_execute("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1;").await.unwrap();
@@ -54,7 +50,7 @@ async fn the_gate_holds_idle_sessions_while_transactions_finish() {
 #[tokio::test]
 async fn a_drain_that_misses_its_deadline_reopens_and_nobody_sees_an_error() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let url = proxy.url_for(&db.url);
     let (idle, busy) = (connect(&url).await, connect(&url).await);
     busy.batch_execute("BEGIN; SELECT 1;").await.unwrap(); // and never finishes in time
@@ -71,7 +67,7 @@ async fn a_drain_that_misses_its_deadline_reopens_and_nobody_sees_an_error() {
 #[tokio::test]
 async fn a_drained_proxy_whose_engine_never_calls_back_reopens_at_the_deadline() {
     let db = TestDb::new().await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let client = connect(&proxy.url_for(&db.url)).await;
     let (code, _) = proxy.post("/drain?deadline_ms=400").await;
     assert_eq!(code, 200);
@@ -96,7 +92,7 @@ async fn items(db: &TestDb) {
 async fn a_migration_through_two_proxies_under_load_has_no_client_errors() {
     let db = TestDb::new().await;
     items(&db).await;
-    let (a, b) = (TestProxy::start(&upstream(&db)).await, TestProxy::start(&upstream(&db)).await);
+    let (a, b) = (TestProxy::start(&db.upstream()).await, TestProxy::start(&db.upstream()).await);
     // Writers through both proxies (two application instances).
     let first = Workload::start(&a.url_for(&db.url), Shape::items(), 2, 3000, 21);
     let second = Workload::start(&b.url_for(&db.url), Shape::items(), 2, 1_000_000, 22);
@@ -137,7 +133,7 @@ async fn a_migration_through_two_proxies_under_load_has_no_client_errors() {
 async fn a_proxy_that_cannot_drain_makes_every_attempt_back_off_and_the_table_stays() {
     let db = TestDb::new().await;
     items(&db).await;
-    let proxy = TestProxy::start(&upstream(&db)).await;
+    let proxy = TestProxy::start(&db.upstream()).await;
     let stuck = connect(&proxy.url_for(&db.url)).await;
     stuck.batch_execute("BEGIN; SELECT count(*) FROM oracle;").await.unwrap(); // idle in transaction
     let opts = Options {

@@ -17,10 +17,6 @@ use common::proxy::TestProxy;
 use common::{TestDb, assert_same_rows, connect, strings};
 use ghostwire::proxy::ClientLeg;
 
-fn upstream(db: &TestDb) -> String {
-    db.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
-}
-
 fn with_param(url: &str, param: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{param}")
@@ -193,7 +189,7 @@ async fn a_rename_runs_old_and_new_code_side_by_side_until_finish() {
     // route for its application_name.
     let new = writer(with_search_path(&db.url, "app_v2,public"), "email", "n", false);
     let proxy =
-        TestProxy::start_with_routes(&upstream(&db), ClientLeg::default(), &["application_name=web-v2*:app_v2,public"])
+        TestProxy::start_with_routes(&db.upstream(), ClientLeg::default(), &["application_name=web-v2*:app_v2,public"])
             .await;
     let routed = writer(with_param(&proxy.url_for(&db.url), "application_name=web-v2-1"), "email", "r", false);
     new.more(40).await;
@@ -388,7 +384,7 @@ async fn a_not_null_column_is_dropped_with_a_default_the_expand_gives_it() {
 async fn the_proxy_routes_sessions_to_a_search_path_by_application_name() {
     let db = TestDb::new().await;
     let routes = ["application_name=web-v2*:app_v2, public", "user=nobody:x"];
-    let proxy = TestProxy::start_with_routes(&upstream(&db), ClientLeg::default(), &routes).await;
+    let proxy = TestProxy::start_with_routes(&db.upstream(), ClientLeg::default(), &routes).await;
     let through = proxy.url_for(&db.url);
     let path = |url: String| async move {
         let c = connect(&url).await;

@@ -91,10 +91,8 @@ pub struct Bind<'a> {
 }
 
 impl Bind<'_> {
-    /// Whether every parameter is sent as text (then a change in its inferred type is
-    /// harmless: the text is parsed as whatever type the parameter has).
-    pub fn params_all_text(&self) -> bool {
-        self.param_formats.iter().all(|&f| f == 0)
+    pub fn param_formats(&self) -> ParamFormats {
+        ParamFormats(self.param_formats.clone())
     }
 }
 
@@ -124,17 +122,44 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), ProtoError> {
     Ok((r.cstr()?, r.cstr()?))
 }
 
-/// The names at the start of a Bind body and whether every parameter is sent as text (the
-/// format codes come before the values: read without walking them).
-pub fn bind_header(body: &[u8]) -> Result<(&str, &str, bool), ProtoError> {
+/// A Bind's parameter format codes: none (all text), one (for all) or one per parameter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamFormats(Vec<i16>);
+
+impl ParamFormats {
+    pub fn new(codes: Vec<i16>) -> ParamFormats {
+        ParamFormats(codes)
+    }
+
+    /// Every parameter in binary (a single code 1).
+    pub fn all_binary() -> ParamFormats {
+        ParamFormats(vec![1])
+    }
+
+    /// Whether parameter `i` (from 0) is sent in binary.
+    pub fn is_binary(&self, i: usize) -> bool {
+        match self.0.as_slice() {
+            [] => false,
+            [all] => *all != 0,
+            each => each.get(i).is_some_and(|&f| f != 0),
+        }
+    }
+
+    /// Whether every parameter is sent as text (then a change in its inferred type is
+    /// harmless: the text is parsed as whatever type the parameter has).
+    pub fn all_text(&self) -> bool {
+        self.0.iter().all(|&f| f == 0)
+    }
+}
+
+/// The names at the start of a Bind body and its parameter formats (they come before the
+/// values: read without walking them).
+pub fn bind_header(body: &[u8]) -> Result<(&str, &str, ParamFormats), ProtoError> {
     let mut r = Reader { b: body, what: "Bind" };
     let (portal, statement) = (r.cstr()?, r.cstr()?);
     let n = r.count()?;
-    let mut all_text = true;
-    for _ in 0..n {
-        all_text &= r.i16()? == 0;
-    }
-    Ok((portal, statement, all_text))
+    let codes = (0..n).map(|_| r.i16()).collect::<Result<Vec<_>, _>>()?;
+    Ok((portal, statement, ParamFormats(codes)))
 }
 
 /// A Describe ('D') or Close ('C') message: `S` a statement, `P` a portal.
@@ -280,7 +305,7 @@ mod tests {
         let bind = bind_body(&b).unwrap();
         assert_eq!((bind.portal, bind.statement), ("portal", "stmt"));
         assert_eq!((bind.param_formats.clone(), bind.result_formats.clone()), (vec![1], vec![1, 0]));
-        assert!(!bind.params_all_text());
+        assert!(!bind.param_formats().all_text());
         assert_eq!(bind_names(&b).unwrap(), ("portal", "stmt"));
         assert!(bind_body(&b[..b.len() - 1]).is_err());
         let mut overlong = b"p\0s\0".to_vec();

@@ -105,7 +105,7 @@ proptest! {
         prop_assert_eq!((bind.portal, bind.statement), (portal.as_str(), statement.as_str()));
         prop_assert_eq!(&bind.param_formats, &formats);
         prop_assert_eq!(&bind.result_formats, &results);
-        prop_assert_eq!(bind.params_all_text(), formats.iter().all(|&f| f == 0));
+        prop_assert_eq!(bind.param_formats().all_text(), formats.iter().all(|&f| f == 0));
         prop_assert_eq!(bind_names(&b).unwrap(), (portal.as_str(), statement.as_str()));
         // Cut anywhere, it is refused, never misread.
         for cut in 0..b.len() {

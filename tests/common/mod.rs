@@ -28,6 +28,11 @@ impl TestDb {
     pub async fn connect(&self) -> Client {
         connect(&self.url).await
     }
+
+    /// The server's `host:port`, for a proxy in front of it.
+    pub fn upstream(&self) -> String {
+        self.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned()
+    }
 }
 
 /// Connects through ghostwire's own connection code (TLS and all, as the URL says).

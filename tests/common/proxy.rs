@@ -83,3 +83,16 @@ impl Drop for TestProxy {
         self.shutdown.cancel();
     }
 }
+
+/// The rows of `orders`.
+pub const ORDER_ROWS: i32 = 200;
+
+/// The table the prepared-statement tests read and change through a proxy: `orders (id int
+/// PRIMARY KEY, amount int, note varchar(20), extra int)`, amount ten times id, note 'n' || id.
+pub async fn orders(db: &super::TestDb) {
+    db.exec(&format!(
+        "CREATE TABLE orders (id int PRIMARY KEY, amount int NOT NULL, note varchar(20), extra int);
+         INSERT INTO orders SELECT g, g * 10, 'n' || g, g FROM generate_series(1, {ORDER_ROWS}) g;"
+    ))
+    .await;
+}

@@ -183,7 +183,6 @@ impl Tracker {
             }
             Pending::DescribePortal { portal } => {
                 if let Some(s) = self.portals.get(&portal).and_then(|n| self.statements.get_mut(n)) {
-                    s.describes_portal = true;
                     if !s.rewritten && s.shape.as_deref() != Some(shape) {
                         s.shape = Some(shape.to_vec());
                     }

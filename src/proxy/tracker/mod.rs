@@ -75,30 +75,46 @@ struct Statement {
     shape: Option<Vec<u8>>,
     /// Prepared as a rewrite that returns `shape` from a table that changed.
     rewritten: bool,
-    /// Its last Bind sent every parameter as text (their inferred types may change).
-    text_binds: bool,
-    /// The client describes the portals bound to it (as libpq does on every execution): it
-    /// learns a new result shape by itself.
-    describes_portal: bool,
+    /// The parameter formats of its last Bind (a value sent as text fits whatever type the
+    /// server infers for it now).
+    bind_formats: proto::ParamFormats,
+    /// Executions whose portal the client described after binding it (as libpq does every
+    /// time), and whether one ran without: a client that describes only its first execution
+    /// (pgjdbc) decodes later rows with the shape it learned then.
+    described_runs: u32,
+    undescribed_run: bool,
     /// The batch it was prepared in.
     batch: u64,
 }
 
 impl Statement {
     /// The parameter types to prepare it again with, given the parameters the server
-    /// describes now (`now`) and whether the client's values go as text: the types its
-    /// values were encoded for (those described, or all given in its Parse; an empty list
-    /// is no answer unless there are no parameters), else the server's new inference for
-    /// text values. None: not known.
-    fn types_again(&self, now: Option<&[u32]>, text_values: bool) -> Option<Vec<u32>> {
-        let given =
-            now.is_some_and(|p| p.len() == self.client_types.len()) && self.client_types.iter().all(|&t| t != 0);
-        match (&self.params, given) {
-            (Some(p), _) => Some(p.clone()),
-            (None, true) => Some(self.client_types.clone()),
-            (None, false) if text_values => Some(now.unwrap_or_default().to_vec()),
-            (None, false) => None,
+    /// describes now (`now`) and the formats the client sends its values in: those its
+    /// values were encoded for (all of them, once described), else for each parameter the
+    /// type given in its Parse, or for a value sent as text the server's new inference.
+    /// None: not known (a value in binary for a type never given nor described).
+    fn types_again(&self, now: Option<&[u32]>, formats: &proto::ParamFormats) -> Option<Vec<u32>> {
+        if let Some(p) = &self.params {
+            return Some(p.clone());
         }
+        let now = now?;
+        if self.client_types.len() > now.len() {
+            return None;
+        }
+        now.iter()
+            .enumerate()
+            .map(|(i, &inferred)| match self.client_types.get(i) {
+                Some(&given) if given != 0 => Some(given),
+                _ if !formats.is_binary(i) => Some(inferred),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the client learns a new result shape by itself: it described the portal of
+    /// every execution (two at least).
+    fn describes_every_portal(&self) -> bool {
+        self.described_runs >= 2 && !self.undescribed_run
     }
 }
 
@@ -245,6 +261,8 @@ pub struct Tracker {
     text_bytes: usize,
     /// Portal → statement.
     portals: Names<String>,
+    /// The last Bind sent (portal, statement) and whether its portal was described since.
+    last_bind: Option<(String, String, bool)>,
     batches: VecDeque<Batch>,
     next_seq: u64,
     /// The transaction status of the last ReadyForQuery.
@@ -402,15 +420,21 @@ impl Tracker {
                 Pending::Parse { name: p.name.to_owned(), query: Some(p.query.to_owned()), types: p.param_types }
             }
             b'B' => {
-                let (portal, statement, text) = proto::bind_header(body).map_err(bad)?;
+                let (portal, statement, formats) = proto::bind_header(body).map_err(bad)?;
                 if let Some(s) = self.statements.get_mut(statement) {
-                    s.text_binds = text;
+                    s.bind_formats = formats;
                 }
+                self.last_bind = Some((portal.to_owned(), statement.to_owned(), false));
                 Pending::Bind { portal: portal.to_owned(), statement: statement.to_owned(), risky: false }
             }
             b'D' => {
                 let t = proto::target_body(body).map_err(bad)?;
                 if !t.statement {
+                    if let Some((portal, _, described)) = self.last_bind.as_mut()
+                        && portal == t.name
+                    {
+                        *described = true;
+                    }
                     Pending::DescribePortal { portal: t.name.to_owned() }
                 } else {
                     // The client asks what the statement is: if it is a rewrite, it is prepared
@@ -423,7 +447,19 @@ impl Tracker {
                     Pending::DescribeStatement { name: t.name.to_owned(), risky: false, params: None }
                 }
             }
-            b'E' => Pending::Execute { portal: proto::execute_portal(body).map_err(bad)?.to_owned(), reshaped: None },
+            b'E' => {
+                let portal = proto::execute_portal(body).map_err(bad)?;
+                if let Some((_, statement, described)) = self.last_bind.take_if(|(p, _, _)| p == portal)
+                    && let Some(s) = self.statements.get_mut(&statement)
+                {
+                    if described {
+                        s.described_runs = s.described_runs.saturating_add(1);
+                    } else {
+                        s.undescribed_run = true;
+                    }
+                }
+                Pending::Execute { portal: portal.to_owned(), reshaped: None }
+            }
             b'C' => {
                 let t = proto::target_body(body).map_err(bad)?;
                 Pending::Close { statement: t.statement, name: t.name.to_owned() }
@@ -494,8 +530,9 @@ impl Tracker {
             params: None,
             shape: None,
             rewritten: false,
-            text_binds: false,
-            describes_portal: false,
+            bind_formats: proto::ParamFormats::default(),
+            described_runs: 0,
+            undescribed_run: false,
             batch,
         };
         self.statements.insert(name, s);

@@ -14,7 +14,8 @@ pub(super) struct Recovery {
     pub(super) batch: Vec<u8>,
     /// What the client would have got without a recovery.
     pub(super) given: Vec<u8>,
-    pub(super) params_all_text: bool,
+    /// The formats of the statement's parameters in the batch's Binds.
+    pub(super) param_formats: proto::ParamFormats,
     /// The batch describes the statement or its portal: the client learns the new shape.
     pub(super) describes: bool,
     pub(super) parsed: Vec<String>,
@@ -81,7 +82,7 @@ impl Tracker {
         };
         let b = self.batches.front_mut().expect("checked above");
         let bytes = b.bytes.clone().unwrap_or_default();
-        let (describes, params_all_text) = scan_batch(&bytes, &name);
+        let (describes, param_formats) = scan_batch(&bytes, &name);
         let mut given = std::mem::take(&mut b.held);
         given.extend(msg);
         b.recovering = true;
@@ -93,7 +94,7 @@ impl Tracker {
             statement: name,
             batch: bytes,
             given,
-            params_all_text,
+            param_formats,
             describes,
             parsed,
             probe_params: None,
@@ -189,7 +190,7 @@ impl Tracker {
             return self.give_up("the client never described its result");
         };
         // Parameters keep the types the client's values were encoded for.
-        let Some(types) = s.types_again(r.probe_params.as_deref(), r.params_all_text) else {
+        let Some(types) = s.types_again(r.probe_params.as_deref(), &r.param_formats) else {
             return self.give_up("the parameters' types were never described");
         };
         let name = r.statement.clone();
@@ -249,10 +250,11 @@ impl Tracker {
     }
 }
 
-/// Whether the batch describes `statement` (or a portal bound to it), and whether all its
-/// Bind messages send their parameters as text.
-fn scan_batch(bytes: &[u8], statement: &str) -> (bool, bool) {
-    let (mut describes, mut all_text) = (false, true);
+/// Whether the batch describes `statement` (or a portal bound to it), and the formats of
+/// its parameters in the batch's Binds (if they differ between them: all taken as binary).
+fn scan_batch(bytes: &[u8], statement: &str) -> (bool, proto::ParamFormats) {
+    let mut describes = false;
+    let mut formats: Option<proto::ParamFormats> = None;
     let mut portals: Vec<String> = Vec::new();
     let mut rest = bytes;
     while rest.len() >= 5 {
@@ -260,11 +262,15 @@ fn scan_batch(bytes: &[u8], statement: &str) -> (bool, bool) {
         let Some(m) = rest.get(..len) else { break };
         match m[0] {
             b'B' => {
-                if let Ok(b) = proto::bind_body(&m[5..]) {
-                    all_text &= b.params_all_text();
-                    if b.statement == statement {
-                        portals.push(b.portal.to_owned());
-                    }
+                if let Ok(b) = proto::bind_body(&m[5..])
+                    && b.statement == statement
+                {
+                    portals.push(b.portal.to_owned());
+                    let these = b.param_formats();
+                    formats = Some(match formats {
+                        Some(f) if f != these => proto::ParamFormats::all_binary(),
+                        _ => these,
+                    });
                 }
             }
             b'D' => {
@@ -276,5 +282,5 @@ fn scan_batch(bytes: &[u8], statement: &str) -> (bool, bool) {
         }
         rest = &rest[len..];
     }
-    (describes, all_text)
+    (describes, formats.unwrap_or_default())
 }

@@ -146,9 +146,9 @@ impl Tracker {
             Ok(Reshape::Same) if s.rewritten => (s.query.clone(), false),
             Ok(Reshape::Same) => return None,
             // The client learns the new shape from the portal's description: as written.
-            Ok(Reshape::Rewrite(_)) if s.describes_portal => (s.query.clone(), false),
+            Ok(Reshape::Rewrite(_)) if s.describes_every_portal() => (s.query.clone(), false),
             Ok(Reshape::Rewrite(q)) => (q, true),
-            Err(_) if s.describes_portal => (s.query.clone(), false),
+            Err(_) if s.describes_every_portal() => (s.query.clone(), false),
             Err(e) => {
                 tracing::debug!("prepared statement {name:?} after the swap: {e}; left as it is");
                 return None;
@@ -156,7 +156,7 @@ impl Tracker {
         };
         // The client's values stay encoded for the types it was told; values sent as text
         // are read as whatever type the server infers now.
-        let Some(types) = s.types_again(probed.as_deref(), s.text_binds) else {
+        let Some(types) = s.types_again(probed.as_deref(), &s.bind_formats) else {
             tracing::debug!("prepared statement {name:?}: its parameters' types were never described");
             return None;
         };

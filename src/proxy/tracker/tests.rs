@@ -356,9 +356,9 @@ fn without_a_drain_or_inside_a_transaction_nothing_is_checked() {
     assert!(matches!(t.on_client(&begin()), ClientStep::Hold(_)));
 }
 
-#[test]
-fn a_statement_never_described_whose_portals_are_is_prepared_again_as_written() {
-    // As libpq does: Parse without types, then Bind with text values, Describe the portal.
+/// A statement Parsed without types, run `runs` times with text values, its portal
+/// described on the runs `described` says; then a drain, and its probe answers int8.
+fn checked_after_runs(described: &[bool]) -> Outcome {
     let mut t = Tracker::new();
     client(&mut t, &[proto::parse_message("p1", "SELECT * FROM t WHERE id = $1", &[]), proto::sync_message()]);
     for m in [whole(b'1', &[]), ready(b'I')] {
@@ -366,24 +366,48 @@ fn a_statement_never_described_whose_portals_are_is_prepared_again_as_written() 
     }
     let mut text_bind = b"\0p1\0".to_vec();
     text_bind.extend([0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]); // no formats (text), one value, text results
-    let describe_portal = proto::describe_message(false, "");
-    client(&mut t, &[whole(b'B', &text_bind), describe_portal, execute(""), proto::sync_message()]);
-    for m in
-        [whole(b'2', &[]), fields(&[("id", 23)]), whole(b'D', &[0, 1, 0, 0, 0, 1, b'7']), whole(b'C', b"SELECT 1\0")]
-    {
-        server(&mut t, &m);
+    for &describe in described {
+        let mut batch = vec![whole(b'B', &text_bind)];
+        if describe {
+            batch.push(proto::describe_message(false, ""));
+        }
+        batch.extend([execute(""), proto::sync_message()]);
+        client(&mut t, &batch);
+        server(&mut t, &whole(b'2', &[]));
+        if describe {
+            server(&mut t, &fields(&[("id", 23)]));
+        }
+        for m in [whole(b'D', &[0, 1, 0, 0, 0, 1, b'7']), whole(b'C', b"SELECT 1\0"), ready(b'I')] {
+            server(&mut t, &m);
+        }
     }
-    server(&mut t, &ready(b'I'));
     t.passed_gate(1);
     let ClientStep::Hold(_) = t.on_client(&begin()) else { panic!("checked first") };
     for m in probed(&[("id", 20)]) {
         server(&mut t, &m);
     }
-    let o = server(&mut t, &ready(b'I'));
+    server(&mut t, &ready(b'I'))
+}
+
+#[test]
+fn a_statement_never_described_whose_portals_always_are_is_prepared_again_as_written() {
+    // As libpq does: Parse without types, then Bind with text values, Describe the portal.
+    let o = checked_after_runs(&[true, true]);
     let again = String::from_utf8_lossy(&o.inject).into_owned();
     assert!(again.contains("SELECT * FROM t WHERE id = $1") && !again.contains("ghostwire_reshaped"), "{again}");
     // The probe's parameter type (int4), for values the client sends as text.
     assert!(o.inject.windows(6).any(|w| w == [0, 1, 0, 0, 0, 23]), "{:?}", o.inject);
+}
+
+#[test]
+fn a_client_that_described_only_its_first_execution_gets_the_shape_it_knows() {
+    // As pgjdbc does: the first execution's portal described, the later ones decoded with
+    // the fields learned then (an int8 in binary read as an int4 would be a wrong value).
+    for runs in [&[true][..], &[true, false, false]] {
+        let o = checked_after_runs(runs);
+        let again = String::from_utf8_lossy(&o.inject).into_owned();
+        assert!(again.contains("ghostwire_reshaped"), "after {runs:?}: {again}");
+    }
 }
 
 #[test]
