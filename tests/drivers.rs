@@ -1,13 +1,18 @@
 //! Real drivers through the proxy, each with its own prepared statements, across a swap
 //! (int → bigint) and three instant changes (varchar(20) → text, DROP COLUMN, ADD COLUMN):
 //! asyncpg (its statement cache, binary results), psycopg 3 (server-side statements from
-//! the first execution, through libpq) and pgjdbc (`prepareThreshold=1`). Three sessions of
+//! the first execution, through libpq), pgjdbc (`prepareThreshold=1`), pgx v4 (its
+//! statement cache: described once, then Bind and Execute alone, binary results) and
+//! node-postgres (named statements, every run described, text results). Three sessions of
 //! each, two running every round as a transaction block; none may see an error or a wrong
-//! value. The clients are `tests/drivers/client.py` and `tests/drivers/Client.java`.
+//! value. The clients are `tests/drivers/client.py`, `Client.java`, `client.go` and
+//! `client.js`.
 //!
-//! `.ci/run` installs the drivers (`pip install asyncpg psycopg[binary]`, Debian's
-//! `libpostgresql-jdbc-java` and a JRE). Without one, its test says so on stderr and passes,
-//! except under `CI=true`, where a missing driver fails it.
+//! `.ci/run` installs the drivers (`pip install asyncpg psycopg[binary]`; Debian's
+//! `libpostgresql-jdbc-java` and a JRE; `golang-go` and `golang-github-jackc-pgx-v4-dev`,
+//! built in GOPATH mode; `npm install pg` under `/opt/ghostwire-drivers`). Without one, its
+//! test says so on stderr and passes, except under `CI=true`, where a missing driver fails
+//! it.
 
 mod common;
 
@@ -28,9 +33,20 @@ enum Kind {
     Asyncpg,
     Psycopg,
     Jdbc,
+    Pgx,
+    Node,
 }
 
 const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+/// Where Debian's Go packages keep their sources (a GOPATH).
+const GOPATH: &str = "/usr/share/gocode";
+/// Where `.ci/run` installs node-postgres.
+const NODE_PATH: &str = "/opt/ghostwire-drivers/node_modules";
+
+/// The pgx client, built once per test run.
+fn pgx_client() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("pgx-client")
+}
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers").join(name)
@@ -56,7 +72,39 @@ impl Kind {
             Kind::Jdbc => (!works("java", &["-version"]) || !Path::new(JDBC_JAR).exists()).then(|| {
                 format!("no java or no {JDBC_JAR} (apt-get install default-jre-headless libpostgresql-jdbc-java)")
             }),
+            Kind::Pgx => (!works("go", &["version"])
+                || !Path::new(GOPATH).join("src/github.com/jackc/pgx/v4").exists())
+            .then(|| "no go or no pgx v4 (apt-get install golang-go golang-github-jackc-pgx-v4-dev)".to_owned()),
+            Kind::Node => {
+                let found = std::process::Command::new("node")
+                    .args(["-e", "require('pg')"])
+                    .env("NODE_PATH", NODE_PATH)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                (!found).then(|| {
+                    format!("no node or no pg in {NODE_PATH} (npm install --prefix /opt/ghostwire-drivers pg)")
+                })
+            }
         }
+    }
+
+    /// Builds the client where it needs building (pgx: a Go program).
+    async fn build(self) {
+        if !matches!(self, Kind::Pgx) {
+            return;
+        }
+        let out = Command::new("go")
+            .args(["build", "-o"])
+            .arg(pgx_client())
+            .arg(script("client.go"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", GOPATH)
+            .env("GOFLAGS", "")
+            .output()
+            .await
+            .expect("go runs");
+        assert!(out.status.success(), "go build of the pgx client: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn command(self, host: &str, port: &str, db: &str, first: i32, block: bool) -> Command {
@@ -71,6 +119,12 @@ impl Kind {
             Kind::Jdbc => {
                 let mut c = Command::new("java");
                 c.args(["-cp", JDBC_JAR]).arg(script("Client.java"));
+                c
+            }
+            Kind::Pgx => Command::new(pgx_client()),
+            Kind::Node => {
+                let mut c = Command::new("node");
+                c.arg(script("client.js")).env("NODE_PATH", NODE_PATH);
                 c
             }
         };
@@ -157,6 +211,7 @@ async fn survives_a_swap_and_instant_changes(kind: Kind) {
         let _ = writeln!(std::io::stderr().lock(), "skipped the {kind:?} client: {why}");
         return;
     }
+    kind.build().await;
     let db = TestDb::new().await;
     orders(&db).await;
     let proxy = TestProxy::start(&db.upstream()).await;
@@ -205,4 +260,14 @@ async fn psycopg_sees_no_error_across_a_swap_and_instant_changes() {
 #[tokio::test]
 async fn pgjdbc_sees_no_error_across_a_swap_and_instant_changes() {
     survives_a_swap_and_instant_changes(Kind::Jdbc).await;
+}
+
+#[tokio::test]
+async fn pgx_sees_no_error_across_a_swap_and_instant_changes() {
+    survives_a_swap_and_instant_changes(Kind::Pgx).await;
+}
+
+#[tokio::test]
+async fn node_postgres_sees_no_error_across_a_swap_and_instant_changes() {
+    survives_a_swap_and_instant_changes(Kind::Node).await;
 }

@@ -152,16 +152,6 @@ impl ParamFormats {
     }
 }
 
-/// The names at the start of a Bind body and its parameter formats (they come before the
-/// values: read without walking them).
-pub fn bind_header(body: &[u8]) -> Result<(&str, &str, ParamFormats), ProtoError> {
-    let mut r = Reader { b: body, what: "Bind" };
-    let (portal, statement) = (r.cstr()?, r.cstr()?);
-    let n = r.count()?;
-    let codes = (0..n).map(|_| r.i16()).collect::<Result<Vec<_>, _>>()?;
-    Ok((portal, statement, ParamFormats(codes)))
-}
-
 /// A Describe ('D') or Close ('C') message: `S` a statement, `P` a portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target<'a> {

@@ -19,9 +19,8 @@ pub use auth::{
     AuthRequest, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, auth_request, fatal_error, sasl_initial_mechanism, sasl_request,
 };
 pub use extended::{
-    Bind, Field, ParamFormats, Parse, Target, bind_body, bind_header, bind_names, close_message, describe_message,
-    execute_portal, message, parameter_description, parse_body, parse_message, row_description, sync_message,
-    target_body,
+    Bind, Field, ParamFormats, Parse, Target, bind_body, bind_names, close_message, describe_message, execute_portal,
+    message, parameter_description, parse_body, parse_message, row_description, sync_message, target_body,
 };
 pub use framer::{Framer, Item};
 pub use messages::{TransactionStatus, backend_key_data, error_fields, ready_for_query};

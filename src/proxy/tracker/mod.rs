@@ -83,6 +83,10 @@ struct Statement {
     /// (pgjdbc) decodes later rows with the shape it learned then.
     described_runs: u32,
     undescribed_run: bool,
+    /// Its last Bind named a result format for each column (two at least): the client built
+    /// the Bind from the shape it was first told (pgx), so the column count is fixed for it
+    /// even when it describes every portal.
+    results_per_column: bool,
     /// The batch it was prepared in.
     batch: u64,
 }
@@ -111,10 +115,10 @@ impl Statement {
             .collect()
     }
 
-    /// Whether the client learns a new result shape by itself: it described the portal of
-    /// every execution (two at least).
-    fn describes_every_portal(&self) -> bool {
-        self.described_runs >= 2 && !self.undescribed_run
+    /// Whether the client takes a new result shape by itself: it described the portal of
+    /// every execution (two at least), and its Binds do not fix the number of columns.
+    fn takes_new_shape(&self) -> bool {
+        self.described_runs >= 2 && !self.undescribed_run && !self.results_per_column
     }
 }
 
@@ -420,12 +424,13 @@ impl Tracker {
                 Pending::Parse { name: p.name.to_owned(), query: Some(p.query.to_owned()), types: p.param_types }
             }
             b'B' => {
-                let (portal, statement, formats) = proto::bind_header(body).map_err(bad)?;
-                if let Some(s) = self.statements.get_mut(statement) {
-                    s.bind_formats = formats;
+                let bind = proto::bind_body(body).map_err(bad)?;
+                if let Some(s) = self.statements.get_mut(bind.statement) {
+                    s.bind_formats = bind.param_formats();
+                    s.results_per_column = bind.result_formats.len() > 1;
                 }
-                self.last_bind = Some((portal.to_owned(), statement.to_owned(), false));
-                Pending::Bind { portal: portal.to_owned(), statement: statement.to_owned(), risky: false }
+                self.last_bind = Some((bind.portal.to_owned(), bind.statement.to_owned(), false));
+                Pending::Bind { portal: bind.portal.to_owned(), statement: bind.statement.to_owned(), risky: false }
             }
             b'D' => {
                 let t = proto::target_body(body).map_err(bad)?;
@@ -533,6 +538,7 @@ impl Tracker {
             bind_formats: proto::ParamFormats::default(),
             described_runs: 0,
             undescribed_run: false,
+            results_per_column: false,
             batch,
         };
         self.statements.insert(name, s);

@@ -16,7 +16,8 @@ pub(super) struct Recovery {
     pub(super) given: Vec<u8>,
     /// The formats of the statement's parameters in the batch's Binds.
     pub(super) param_formats: proto::ParamFormats,
-    /// The batch describes the statement or its portal: the client learns the new shape.
+    /// The batch describes the statement or its portal, and its Binds do not name a result
+    /// format per column: the client takes the new shape.
     pub(super) describes: bool,
     pub(super) parsed: Vec<String>,
     pub(super) probe_params: Option<Vec<u32>>,
@@ -250,10 +251,13 @@ impl Tracker {
     }
 }
 
-/// Whether the batch describes `statement` (or a portal bound to it), and the formats of
-/// its parameters in the batch's Binds (if they differ between them: all taken as binary).
+/// Whether the batch describes `statement` (or a portal bound to it) and none of its Binds
+/// names a result format for each column (a client that does, pgx, built them from the shape
+/// it was first told), and the formats of its parameters in the batch's Binds (if they
+/// differ between them: all taken as binary).
 fn scan_batch(bytes: &[u8], statement: &str) -> (bool, proto::ParamFormats) {
     let mut describes = false;
+    let mut results_per_column = false;
     let mut formats: Option<proto::ParamFormats> = None;
     let mut portals: Vec<String> = Vec::new();
     let mut rest = bytes;
@@ -266,6 +270,7 @@ fn scan_batch(bytes: &[u8], statement: &str) -> (bool, proto::ParamFormats) {
                     && b.statement == statement
                 {
                     portals.push(b.portal.to_owned());
+                    results_per_column |= b.result_formats.len() > 1;
                     let these = b.param_formats();
                     formats = Some(match formats {
                         Some(f) if f != these => proto::ParamFormats::all_binary(),
@@ -282,5 +287,5 @@ fn scan_batch(bytes: &[u8], statement: &str) -> (bool, proto::ParamFormats) {
         }
         rest = &rest[len..];
     }
-    (describes, formats.unwrap_or_default())
+    (describes && !results_per_column, formats.unwrap_or_default())
 }

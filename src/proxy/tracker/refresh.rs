@@ -146,9 +146,9 @@ impl Tracker {
             Ok(Reshape::Same) if s.rewritten => (s.query.clone(), false),
             Ok(Reshape::Same) => return None,
             // The client learns the new shape from the portal's description: as written.
-            Ok(Reshape::Rewrite(_)) if s.describes_every_portal() => (s.query.clone(), false),
+            Ok(Reshape::Rewrite(_)) if s.takes_new_shape() => (s.query.clone(), false),
             Ok(Reshape::Rewrite(q)) => (q, true),
-            Err(_) if s.describes_every_portal() => (s.query.clone(), false),
+            Err(_) if s.takes_new_shape() => (s.query.clone(), false),
             Err(e) => {
                 tracing::debug!("prepared statement {name:?} after the swap: {e}; left as it is");
                 return None;

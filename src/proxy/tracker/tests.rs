@@ -432,3 +432,76 @@ fn values_sent_in_binary_for_types_never_described_are_not_prepared_for_new_ones
     assert!(o.deliver.starts_with(&stale()), "the server's error, as it came");
     assert_eq!(t.counts.passed_on, 1);
 }
+
+/// A Bind of one int4 value in binary, its results in the formats given.
+fn bind_with_results(statement: &str, results: &[i16]) -> Vec<u8> {
+    let mut b = format!("\0{statement}\0").into_bytes();
+    b.extend([0, 1, 0, 1, 0, 1, 0, 0, 0, 4, 0, 0, 0, 7]); // binary, one value
+    b.extend((results.len() as i16).to_be_bytes());
+    for f in results {
+        b.extend(f.to_be_bytes());
+    }
+    whole(b'B', &b)
+}
+
+/// `SELECT * FROM t WHERE id = $1` (two int4 columns) prepared as `w1` and described, then
+/// run twice with its portal described each time, its Binds naming the result formats
+/// `results`.
+fn described_every_run_with_results(results: &[i16]) -> Tracker {
+    let mut t = Tracker::new();
+    let query = "SELECT * FROM t WHERE id = $1";
+    client(
+        &mut t,
+        &[proto::parse_message("w1", query, &[]), proto::describe_message(true, "w1"), proto::sync_message()],
+    );
+    let two = fields(&[("id", 23), ("extra", 23)]);
+    for m in [whole(b'1', &[]), params(&[23]), two.clone(), ready(b'I')] {
+        server(&mut t, &m);
+    }
+    for _ in 0..2 {
+        let batch = [bind_with_results("w1", results), proto::describe_message(false, ""), execute(""), sync()];
+        client(&mut t, &batch);
+        for m in [whole(b'2', &[]), two.clone(), whole(b'C', b"SELECT 0\0"), ready(b'I')] {
+            server(&mut t, &m);
+        }
+    }
+    t
+}
+
+fn sync() -> Vec<u8> {
+    proto::sync_message()
+}
+
+#[test]
+fn a_client_whose_binds_name_a_format_per_column_keeps_its_column_count_after_a_drain() {
+    // As pgx does: every portal described, but the Bind's result formats were built from
+    // the statement's first description, one per column; a dropped column would make the
+    // server refuse every Bind ("bind message has 2 result formats but query has 1 columns").
+    for (results, reshaped) in [(&[1i16, 1][..], true), (&[1][..], false), (&[][..], false)] {
+        let mut t = described_every_run_with_results(results);
+        t.passed_gate(1);
+        let ClientStep::Hold(_) = t.on_client(&begin()) else { panic!("checked first") };
+        for m in probed(&[("id", 23)]) {
+            server(&mut t, &m);
+        }
+        let again = String::from_utf8_lossy(&server(&mut t, &ready(b'I')).inject).into_owned();
+        assert_eq!(again.contains("ghostwire_reshaped"), reshaped, "results {results:?}: {again}");
+        assert!(again.contains("SELECT * FROM t WHERE id = $1"), "{again}");
+    }
+}
+
+#[test]
+fn a_stale_plan_in_a_batch_whose_bind_names_a_format_per_column_is_rewritten() {
+    for (results, reshaped) in [(&[1i16, 1][..], true), (&[1][..], false)] {
+        let mut t = described_every_run_with_results(results);
+        let batch = [bind_with_results("w1", results), proto::describe_message(false, ""), execute(""), sync()];
+        client(&mut t, &batch);
+        assert!(!server(&mut t, &stale()).forward, "recovered by the proxy");
+        server(&mut t, &ready(b'I'));
+        for m in probed(&[("id", 23)]) {
+            server(&mut t, &m);
+        }
+        let again = String::from_utf8_lossy(&server(&mut t, &ready(b'I')).inject).into_owned();
+        assert_eq!(again.contains("ghostwire_reshaped"), reshaped, "results {results:?}: {again}");
+    }
+}
