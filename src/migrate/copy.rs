@@ -7,9 +7,12 @@
 //! range after it was copied is in the change log. The copy ends at the largest key seen
 //! once capture is on (anything written later is captured). No snapshot outlives a chunk.
 //!
-//! Upper keys: for a single integer key, the last one plus a step sized from the rows per
-//! key value seen so far; otherwise the n-th key after the last (`OFFSET n-1`, an
-//! index-only walk). Either way the chunk size adapts to a target time per chunk.
+//! Upper keys: the n-th key after the last (`OFFSET n-1`, an index-only walk); for a single
+//! integer key, once a chunk has held rows, the last key plus a step sized from the rows per
+//! key value seen so far (no walk). Not before: the only density known then comes from the
+//! planner's row estimate, which can be far behind the table (analyzed at 100 rows, loaded
+//! to 20,000 since, the first step took the whole table in one chunk). Either way the chunk
+//! size adapts to a target time per chunk.
 //!
 //! With several jobs, chunks are copied in rounds: the next `jobs` consecutive ranges, each
 //! on its own session at once. A round is recorded (`ghostwire.copy_round_<id>`) before its
@@ -203,6 +206,11 @@ impl Stepper {
         self.min
     }
 
+    /// Whether the density comes from rows copied (else only from the planner's estimate).
+    pub fn measured(&self) -> bool {
+        self.rows > 0
+    }
+
     /// Learns the density from a range of `span` key values that held `rows` rows.
     pub fn observe(&mut self, span: i64, rows: i64) {
         self.span = self.span.saturating_add(span.max(1));
@@ -320,7 +328,7 @@ impl Copier {
         client: &Client,
         lower: Option<&Vec<String>>,
     ) -> Result<Option<(Vec<String>, bool)>, tokio_postgres::Error> {
-        if let Some(st) = &self.stepper {
+        if let Some(st) = self.stepper.as_ref().filter(|st| st.measured()) {
             let lower = lower.map(|c| c[0].parse::<i64>().unwrap_or(i64::MAX));
             return Ok(st.upper(lower, self.sizer.rows).map(|u| (vec![u.to_string()], u >= st.max)));
         }
