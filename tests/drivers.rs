@@ -58,6 +58,7 @@ impl Kind {
         let works = |program: &str, args: &[&str]| {
             std::process::Command::new(program)
                 .args(args)
+                .env("NODE_PATH", NODE_PATH)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -75,17 +76,8 @@ impl Kind {
             Kind::Pgx => (!works("go", &["version"])
                 || !Path::new(GOPATH).join("src/github.com/jackc/pgx/v4").exists())
             .then(|| "no go or no pgx v4 (apt-get install golang-go golang-github-jackc-pgx-v4-dev)".to_owned()),
-            Kind::Node => {
-                let found = std::process::Command::new("node")
-                    .args(["-e", "require('pg')"])
-                    .env("NODE_PATH", NODE_PATH)
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                (!found).then(|| {
-                    format!("no node or no pg in {NODE_PATH} (npm install --prefix /opt/ghostwire-drivers pg)")
-                })
-            }
+            Kind::Node => (!works("node", &["-e", "require('pg')"]))
+                .then(|| format!("no node or no pg in {NODE_PATH} (npm install --prefix /opt/ghostwire-drivers pg)")),
         }
     }
 

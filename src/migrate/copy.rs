@@ -11,7 +11,7 @@
 //! integer key, once a chunk has held rows, the last key plus a step sized from the rows per
 //! key value seen so far (no walk). Not before: the only density known then comes from the
 //! planner's row estimate, which can be far behind the table (analyzed at 100 rows, loaded
-//! to 20,000 since, the first step took the whole table in one chunk). Either way the chunk
+//! to 20,100 since, the first step took the whole table in one chunk). Either way the chunk
 //! size adapts to a target time per chunk.
 //!
 //! With several jobs, chunks are copied in rounds: the next `jobs` consecutive ranges, each

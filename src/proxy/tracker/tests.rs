@@ -25,11 +25,7 @@ fn params(oids: &[u32]) -> Vec<u8> {
 }
 
 fn bind(portal: &str, statement: &str) -> Vec<u8> {
-    let mut b = format!("{portal}\0{statement}\0").into_bytes();
-    b.extend([0, 1, 0, 1]); // one format: binary
-    b.extend([0, 1, 0, 0, 0, 4, 0, 0, 0, 7]); // one value
-    b.extend([0, 1, 0, 1]); // results in binary
-    whole(b'B', &b)
+    bind_with_results(portal, statement, &[1])
 }
 
 fn execute(portal: &str) -> Vec<u8> {
@@ -434,8 +430,8 @@ fn values_sent_in_binary_for_types_never_described_are_not_prepared_for_new_ones
 }
 
 /// A Bind of one int4 value in binary, its results in the formats given.
-fn bind_with_results(statement: &str, results: &[i16]) -> Vec<u8> {
-    let mut b = format!("\0{statement}\0").into_bytes();
+fn bind_with_results(portal: &str, statement: &str, results: &[i16]) -> Vec<u8> {
+    let mut b = format!("{portal}\0{statement}\0").into_bytes();
     b.extend([0, 1, 0, 1, 0, 1, 0, 0, 0, 4, 0, 0, 0, 7]); // binary, one value
     b.extend((results.len() as i16).to_be_bytes());
     for f in results {
@@ -459,17 +455,18 @@ fn described_every_run_with_results(results: &[i16]) -> Tracker {
         server(&mut t, &m);
     }
     for _ in 0..2 {
-        let batch = [bind_with_results("w1", results), proto::describe_message(false, ""), execute(""), sync()];
+        let batch = [
+            bind_with_results("", "w1", results),
+            proto::describe_message(false, ""),
+            execute(""),
+            proto::sync_message(),
+        ];
         client(&mut t, &batch);
         for m in [whole(b'2', &[]), two.clone(), whole(b'C', b"SELECT 0\0"), ready(b'I')] {
             server(&mut t, &m);
         }
     }
     t
-}
-
-fn sync() -> Vec<u8> {
-    proto::sync_message()
 }
 
 #[test]
@@ -494,7 +491,12 @@ fn a_client_whose_binds_name_a_format_per_column_keeps_its_column_count_after_a_
 fn a_stale_plan_in_a_batch_whose_bind_names_a_format_per_column_is_rewritten() {
     for (results, reshaped) in [(&[1i16, 1][..], true), (&[1][..], false)] {
         let mut t = described_every_run_with_results(results);
-        let batch = [bind_with_results("w1", results), proto::describe_message(false, ""), execute(""), sync()];
+        let batch = [
+            bind_with_results("", "w1", results),
+            proto::describe_message(false, ""),
+            execute(""),
+            proto::sync_message(),
+        ];
         client(&mut t, &batch);
         assert!(!server(&mut t, &stale()).forward, "recovered by the proxy");
         server(&mut t, &ready(b'I'));
