@@ -56,6 +56,36 @@ async fn load_with_keys(client: &Client, rows: i64) {
     let _ = std::process::Command::new("sync").status();
 }
 
+/// Each phase's time in the run just finished (to the next phase's start; the last phase
+/// to the run's last event), and the table's autovacuum and autoanalyze runs since the
+/// swap made the shadow `orders` (printed: a worker on the shadow during the copy competes
+/// for the same cores).
+async fn phases(client: &Client) -> Vec<(String, Duration)> {
+    let rows = client
+        .query(
+            "WITH p AS (SELECT phase, min(at) AS began FROM ghostwire.events WHERE kind = 'phase' GROUP BY phase)
+             SELECT phase, extract(epoch FROM coalesce(lead(began) OVER (ORDER BY began),
+                                                       (SELECT max(at) FROM ghostwire.events)) - began)::float8
+               FROM p ORDER BY began",
+            &[],
+        )
+        .await
+        .expect("the phases");
+    let vacuums = client
+        .query_one(
+            "SELECT autovacuum_count + autoanalyze_count FROM pg_stat_user_tables WHERE relid = 'orders'::regclass",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1);
+    let took: Vec<(String, Duration)> =
+        rows.iter().map(|r| (r.get::<_, String>(0), Duration::from_secs_f64(r.get::<_, f64>(1).max(0.0)))).collect();
+    let shown: Vec<String> = took.iter().map(|(p, d)| format!("{p} {:.2}", d.as_secs_f64())).collect();
+    println!("    phases (s): {}; autovacuum/analyze runs on the new table: {vacuums}", shown.join(", "));
+    took
+}
+
 /// The migration's time after the swap's commit: its validations (printed).
 async fn after_swap(client: &Client) -> Duration {
     let swapped = "(SELECT max(at) FROM ghostwire.events WHERE kind = 'phase' AND phase = 'swapped')";
@@ -69,19 +99,25 @@ async fn after_swap(client: &Client) -> Duration {
     for r in rows {
         println!("    {}: {:.2} s", r.get::<_, String>(0), r.get::<_, Option<f64>>(1).unwrap_or(0.0) / 1e3);
     }
-    // Where the time before the swap went: each phase's start, from the run's first event.
-    let phases = client
-        .query(
-            "SELECT phase, extract(epoch FROM min(at) - (SELECT min(at) FROM ghostwire.events))::float8
-               FROM ghostwire.events WHERE kind = 'phase' GROUP BY phase ORDER BY 2",
-            &[],
-        )
-        .await
-        .expect("the phases");
-    let starts: Vec<String> =
-        phases.iter().map(|r| format!("{} {:.2}", r.get::<_, String>(0), r.get::<_, f64>(1))).collect();
-    println!("    phases began at (s): {}", starts.join(", "));
     Duration::from_secs_f64(secs.unwrap_or(0.0))
+}
+
+/// Per phase, the median over the runs (a phase a run lacks counts as zero there).
+fn phase_medians(runs: &[Vec<(String, Duration)>]) -> Vec<(String, Duration)> {
+    let mut names: Vec<String> = Vec::new();
+    for (p, _) in runs.iter().flatten() {
+        if !names.contains(p) {
+            names.push(p.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|p| {
+            let times =
+                runs.iter().map(|r| r.iter().find(|(q, _)| *q == p).map(|(_, d)| *d).unwrap_or_default()).collect();
+            (p, median(times))
+        })
+        .collect()
 }
 
 fn pg_repack(bindir: &std::path::Path) -> Option<PathBuf> {
@@ -111,6 +147,7 @@ async fn main() {
     let opts = Options { yes: true, finish: true, ..Options::default() };
     let unverified = Options { verify: false, ..opts.clone() };
     let (mut offline, mut repacked, mut whole, mut to_swap, mut quick) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut verified_phases, mut unverified_phases) = (vec![], vec![]);
     for _ in 0..runs {
         load_with_keys(&client, rows).await;
         offline.push(timed(&client, CHANGE).await);
@@ -133,12 +170,14 @@ async fn main() {
         let took = t.elapsed();
         whole.push(took);
         to_swap.push(took.saturating_sub(after_swap(&client).await));
+        verified_phases.push(phases(&client).await);
 
         load_with_keys(&client, rows).await;
         let t = Instant::now();
         let ctx = migrate::Context::new(&Silent, &unverified);
         migrate::migrate(&config, CHANGE, &unverified, &ctx).await.expect("migrate");
         quick.push(t.elapsed());
+        unverified_phases.push(phases(&client).await);
     }
     let base = median(offline);
     println!("\n{:<52} {:>10} {:>8}", "", "time", "ratio");
@@ -149,4 +188,10 @@ async fn main() {
     line("ghostwire migrate, whole run", median(whole), base);
     line("ghostwire migrate, up to the swap's commit", median(to_swap), base);
     line("ghostwire migrate --verify none, whole run", median(quick), base);
+    for (name, runs) in [("whole run", &verified_phases), ("--verify none", &unverified_phases)] {
+        println!("\n  phases of the {name}, medians:");
+        for (phase, took) in phase_medians(runs) {
+            line(&format!("    {phase}"), took, base);
+        }
+    }
 }
