@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 use serde_json::Value;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::sql::QualifiedName;
@@ -423,6 +424,32 @@ pub async fn set_phase(
         )
         .await?;
     event(client, id, phase, "phase", message, None, None).await
+}
+
+/// `set_phase` in one statement, prepared before a lock is asked for and run under it (the
+/// swap's and the revert's): one round trip with nothing to parse while the table is held.
+pub struct PhaseRecord(tokio_postgres::Statement);
+
+impl PhaseRecord {
+    pub async fn prepare(client: &tokio_postgres::Client) -> Result<PhaseRecord, tokio_postgres::Error> {
+        let sql = "WITH moved AS (
+                     UPDATE ghostwire.migrations SET phase = $2, updated_at = now(), error = NULL,
+                            finished_at = CASE WHEN $2 IN ('finished', 'aborted') THEN now() END
+                      WHERE id = $1)
+                   INSERT INTO ghostwire.events (migration_id, phase, kind, message) VALUES ($1, $2, 'phase', $3)";
+        Ok(PhaseRecord(client.prepare_typed(sql, &[Type::INT8, Type::TEXT, Type::TEXT]).await?))
+    }
+
+    pub async fn run(
+        &self,
+        client: &tokio_postgres::Client,
+        id: i64,
+        phase: Phase,
+        message: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        client.execute(&self.0, &[&id, &phase.as_str(), &message]).await?;
+        Ok(())
+    }
 }
 
 /// Appends to the migration's event log.

@@ -18,8 +18,8 @@ async fn pid(c: &Client) -> i32 {
 }
 
 async fn flagged(db: &TestDb, horizon: &Horizon) -> Vec<i32> {
-    let mut pids: Vec<i32> =
-        snapshots::hazards(&db.client, horizon, &[]).await.unwrap().iter().map(|s| s.pid).collect();
+    let check = snapshots::HazardCheck::prepare(&db.client).await.unwrap();
+    let mut pids: Vec<i32> = check.run(&db.client, horizon, &[]).await.unwrap().iter().map(|s| s.pid).collect();
     pids.sort();
     pids
 }

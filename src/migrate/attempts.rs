@@ -26,7 +26,13 @@ impl Run<'_> {
             // The revert window opens in the swap's transaction.
             match super::revert::mapping::Mapping::of(spec) {
                 Ok(m) => {
-                    script.after_move.extend(super::revert::capture::install_sql(spec, &m));
+                    let log = super::revert::capture::log_sql(spec, &m).join(";\n");
+                    work.batch_execute(&log).await.during(
+                        self.id,
+                        Phase::Cutover,
+                        "creating the reverse capture's log",
+                    )?;
+                    script.after_move.extend(super::revert::capture::install_sql(spec));
                     let can = m.describe();
                     self.reporter.note(&format!(
                         "after the swap the old table is kept in step: `ghostwire revert {}` goes back to it ({})",

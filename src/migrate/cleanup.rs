@@ -102,6 +102,8 @@ pub async fn abort(client: &Client, m: &Migration, retry: &RetryPolicy) -> Resul
     }
     capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
+    // Made before the first swap attempt, kept when the attempts gave up.
+    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", ident(&spec::work_schema(m.id)))).await?;
     let message = if made_in_place.is_empty() {
@@ -149,6 +151,8 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {}", ident(&archive))).await?;
     capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
+    // Made before the first swap attempt, kept when the attempts gave up.
+    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: old table dropped").await?;
     Ok(())
@@ -168,6 +172,8 @@ async fn finish_reverted(client: &Client, m: &Migration) -> Result<(), CleanupEr
     client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
+    // Made before the first swap attempt, kept when the attempts gave up.
+    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: the new table kept after the revert is dropped").await?;
     Ok(())

@@ -4,7 +4,7 @@
 //! check the snapshot hazard; run the swap script; record the new phase in the same
 //! transaction; commit. A lock not granted in time, or a session holding a snapshot that
 //! could see the new table without the shadow's rows, rolls everything back: the original
-//! stays as it was.
+//! stays as it was. Every query run under the lock is parsed before the lock is asked for.
 //!
 //! The snapshot hazard (DESIGN.md §2, `snapshots`): a REPEATABLE READ or SERIALIZABLE
 //! snapshot taken before the last catch-up would see the new table without its last rows,
@@ -15,16 +15,17 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::capture::logical::Stream;
 use super::catchup;
 use super::retry::{RetryPolicy, is_lock_conflict};
-use super::snapshots::{HazardSession, Horizon, hazards};
+use super::snapshots::{HazardCheck, HazardSession, Horizon};
 use super::spec::Spec;
 use super::swap::Script;
 use crate::catalog::Grant;
 use crate::sql::{ident, literal};
+use crate::state::PhaseRecord;
 
 /// How a successful swap went.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +71,7 @@ pub async fn attempt(
     own: &[i32],
     stream: Option<&Stream>,
 ) -> Result<Outcome, tokio_postgres::Error> {
+    let queries = Queries::prepare(client).await?;
     // The work session commits asynchronously; the swap must be durable when it returns.
     client
         .batch_execute(&format!(
@@ -95,7 +97,7 @@ pub async fn attempt(
     if stream.is_some() {
         crate::failpoint::hit("cutover.fenced");
     }
-    let result = swap(client, spec, script, last, own).await;
+    let result = swap(client, &queries, spec, script, last, own).await;
     match result {
         Ok(Ok(drained)) => {
             client.batch_execute("COMMIT").await?;
@@ -123,16 +125,42 @@ enum Held {
     Changed(String),
 }
 
+/// The queries the swap runs under the lock, parsed before it asks for the lock: each is then
+/// one round trip, with nothing to parse while the application waits.
+struct Queries {
+    definition: Statement,
+    hazards: HazardCheck,
+    identity: Statement,
+    grants: Statement,
+    constraints: Statement,
+    phase: PhaseRecord,
+}
+
+impl Queries {
+    async fn prepare(client: &Client) -> Result<Queries, tokio_postgres::Error> {
+        Ok(Queries {
+            definition: client.prepare(DEFINITION_SQL).await?,
+            hazards: HazardCheck::prepare(client).await?,
+            identity: client.prepare(super::swap::IDENTITY_SEQUENCES_SQL).await?,
+            grants: client.prepare(GRANTS_SQL).await?,
+            constraints: client.prepare(CONSTRAINTS_SQL).await?,
+            phase: PhaseRecord::prepare(client).await?,
+        })
+    }
+}
+
+const DEFINITION_SQL: &str = "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod)
+                                FROM pg_catalog.pg_attribute
+                               WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+
 /// How the original's columns differ from what the migration was planned on, if they do
 /// (DDL run on the table under the migration: the shadow would not carry it).
-pub async fn definition_change(client: &Client, spec: &Spec) -> Result<Option<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
-              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            &[&spec.original_oid],
-        )
-        .await?;
+async fn definition_change(
+    client: &Client,
+    query: &Statement,
+    spec: &Spec,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let rows = client.query(query, &[&spec.original_oid]).await?;
     let now: Vec<(String, u32, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     let planned: Vec<(String, u32, i32, String)> =
         spec.table.columns.iter().map(|c| (c.name.clone(), c.type_oid, c.typmod, c.type_name.clone())).collect();
@@ -150,17 +178,18 @@ pub async fn definition_change(client: &Client, spec: &Spec) -> Result<Option<St
 /// Everything under the lock. `Ok(Err(..))`: hazards found, or the table changed; nothing done.
 async fn swap(
     client: &Client,
+    queries: &Queries,
     spec: &Spec,
     script: &Script,
     last: &Horizon,
     own: &[i32],
 ) -> Result<Result<i64, Held>, tokio_postgres::Error> {
-    if let Some(what) = definition_change(client, spec).await? {
+    if let Some(what) = definition_change(client, &queries.definition, spec).await? {
         return Ok(Err(Held::Changed(what)));
     }
     let drained = catchup::drain_in_transaction(client, spec).await?;
     crate::failpoint::hit("cutover.locked");
-    let sessions = hazards(client, last, own).await?;
+    let sessions = queries.hazards.run(client, last, own).await?;
     if !sessions.is_empty() {
         return Ok(Err(Held::Hazard(sessions)));
     }
@@ -169,9 +198,9 @@ async fn swap(
             client.batch_execute(sql).await?;
         }
     }
-    identity_sequences(client, spec).await?;
-    reconcile_grants(client, spec).await?;
-    constraint_comments(client, spec).await?;
+    identity_sequences(client, &queries.identity, spec).await?;
+    reconcile_grants(client, &queries.grants, spec).await?;
+    constraint_comments(client, &queries.constraints, spec).await?;
     for sql in &script.optional {
         client.batch_execute("SAVEPOINT ghostwire_optional").await?;
         match client.batch_execute(sql).await {
@@ -182,30 +211,16 @@ async fn swap(
             }
         }
     }
-    client
-        .execute(
-            "UPDATE ghostwire.migrations SET phase = 'swapped', updated_at = now() WHERE id = $1",
-            &[&spec.migration_id],
-        )
-        .await?;
-    crate::state::event(client, spec.migration_id, crate::state::Phase::Swapped, "phase", "tables swapped", None, None)
-        .await?;
+    queries.phase.run(client, spec.migration_id, crate::state::Phase::Swapped, "tables swapped").await?;
     crate::failpoint::hit("cutover.before_commit");
     Ok(Ok(drained))
 }
 
 /// Identity columns continue where the old table's sequences were.
-async fn identity_sequences(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+async fn identity_sequences(client: &Client, query: &Statement, spec: &Spec) -> Result<(), tokio_postgres::Error> {
     let new = spec.original.sql();
     let old = spec.archived().sql();
-    let rows = client
-        .query(
-            "SELECT pg_get_serial_sequence($1, a.attname), pg_get_serial_sequence($2, a.attname)
-               FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = $1::text::regclass AND a.attidentity <> '' AND NOT a.attisdropped",
-            &[&new, &old],
-        )
-        .await?;
+    let rows = client.query(query, &[&new, &old]).await?;
     for r in rows {
         if let (Some(new_seq), Some(old_seq)) = (r.get::<_, Option<String>>(0), r.get::<_, Option<String>>(1)) {
             // old_seq is PostgreSQL's own quoted name of the sequence.
@@ -230,22 +245,20 @@ fn grant_sql(privilege: &str, columns: Option<&str>, table: &str, grantee: &str,
     format!("GRANT {privilege}{cols} ON {table} TO {grantee}{option}")
 }
 
+const GRANTS_SQL: &str =
+    "SELECT NULL::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
+            x.privilege_type, x.is_grantable
+       FROM pg_catalog.pg_class c, aclexplode(c.relacl) x WHERE c.oid = $1::text::regclass
+     UNION ALL
+     SELECT a.attname::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
+            x.privilege_type, x.is_grantable
+       FROM pg_catalog.pg_attribute a, aclexplode(a.attacl) x
+      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped";
+
 /// Makes the new table's grants (table and column) those of the original.
-async fn reconcile_grants(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+async fn reconcile_grants(client: &Client, query: &Statement, spec: &Spec) -> Result<(), tokio_postgres::Error> {
     let table = spec.original.sql();
-    let current = client
-        .query(
-            "SELECT NULL::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
-                    x.privilege_type, x.is_grantable
-               FROM pg_catalog.pg_class c, aclexplode(c.relacl) x WHERE c.oid = $1::text::regclass
-             UNION ALL
-             SELECT a.attname::text, CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(x.grantee)::text END,
-                    x.privilege_type, x.is_grantable
-               FROM pg_catalog.pg_attribute a, aclexplode(a.attacl) x
-              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&table],
-        )
-        .await?;
+    let current = client.query(query, &[&table]).await?;
     let current: Vec<(Option<String>, String, String, bool)> =
         current.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     let mut desired: Vec<(Option<String>, &Grant)> = spec.table.grants.iter().map(|g| (None, g)).collect();
@@ -276,15 +289,12 @@ async fn reconcile_grants(client: &Client, spec: &Spec) -> Result<(), tokio_post
     Ok(())
 }
 
+const CONSTRAINTS_SQL: &str = "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass";
+
 /// Comments on constraints the new table still has (those LIKE did not copy).
-async fn constraint_comments(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+async fn constraint_comments(client: &Client, query: &Statement, spec: &Spec) -> Result<(), tokio_postgres::Error> {
     let table = spec.original.sql();
-    let names: Vec<String> = client
-        .query("SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass", &[&table])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let names: Vec<String> = client.query(query, &[&table]).await?.iter().map(|r| r.get(0)).collect();
     for c in spec.table.constraints.iter().filter(|c| c.comment.is_some() && names.contains(&c.name)) {
         if spec.foreign_keys.iter().any(|f| f.name == c.name) {
             continue; // commented when added

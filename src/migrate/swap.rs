@@ -16,6 +16,14 @@ use super::validate::Validation;
 use crate::catalog::{DependentView, ReplicaIdentity, Trigger};
 use crate::sql::{QualifiedName, ident, literal};
 
+/// The identity columns of `$1` with their sequences and those of the same columns of `$2`
+/// (by name), for setting one's sequences past the other's: run under the lock of a swap or
+/// a revert, prepared before it.
+pub const IDENTITY_SEQUENCES_SQL: &str =
+    "SELECT pg_get_serial_sequence($1, a.attname), pg_get_serial_sequence($2, a.attname)
+       FROM pg_catalog.pg_attribute a
+      WHERE a.attrelid = $1::text::regclass AND a.attidentity <> '' AND NOT a.attisdropped";
+
 /// The swap, in order.
 #[derive(Debug, Clone, Default)]
 pub struct Script {

@@ -118,17 +118,15 @@ pub fn script(spec: &Spec) -> Script {
 
 /// Every identity sequence of the old table set past the values its counterpart on the new
 /// table handed out (serial sequences are shared, so already past them).
-pub async fn identity_sequences(client: &Client, spec: &Spec) -> Result<(), tokio_postgres::Error> {
+/// `query`: `swap::IDENTITY_SEQUENCES_SQL`, prepared.
+pub async fn identity_sequences(
+    client: &Client,
+    query: &tokio_postgres::Statement,
+    spec: &Spec,
+) -> Result<(), tokio_postgres::Error> {
     let old = spec.original.sql();
     let kept = kept_table(spec).sql();
-    let rows = client
-        .query(
-            "SELECT pg_get_serial_sequence($1, a.attname), pg_get_serial_sequence($2, a.attname)
-               FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = $1::text::regclass AND a.attidentity <> '' AND NOT a.attisdropped",
-            &[&old, &kept],
-        )
-        .await?;
+    let rows = client.query(query, &[&old, &kept]).await?;
     for r in rows {
         if let (Some(old_seq), Some(new_seq)) = (r.get::<_, Option<String>>(0), r.get::<_, Option<String>>(1)) {
             // Both are PostgreSQL's own quoted names of the sequences.
