@@ -415,29 +415,24 @@ pub async fn set_phase(
     phase: Phase,
     message: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "UPDATE ghostwire.migrations SET phase = $2, updated_at = now(), error = NULL,
-                    finished_at = CASE WHEN $2 IN ('finished', 'aborted') THEN now() END
-              WHERE id = $1",
-            &[&id, &phase.as_str()],
-        )
-        .await?;
-    event(client, id, phase, "phase", message, None, None).await
+    client.execute(SET_PHASE_SQL, &[&id, &phase.as_str(), &message]).await?;
+    Ok(())
 }
 
-/// `set_phase` in one statement, prepared before a lock is asked for and run under it (the
-/// swap's and the revert's): one round trip with nothing to parse while the table is held.
+/// The phase moved and its event recorded, in one statement: `$1` id, `$2` phase, `$3` message.
+const SET_PHASE_SQL: &str = "WITH moved AS (
+       UPDATE ghostwire.migrations SET phase = $2, updated_at = now(), error = NULL,
+              finished_at = CASE WHEN $2 IN ('finished', 'aborted') THEN now() END
+        WHERE id = $1)
+     INSERT INTO ghostwire.events (migration_id, phase, kind, message) VALUES ($1, $2, 'phase', $3)";
+
+/// `set_phase`, prepared before a lock is asked for and run under it (the swap's and the
+/// revert's): one round trip with nothing to parse while the table is held.
 pub struct PhaseRecord(tokio_postgres::Statement);
 
 impl PhaseRecord {
     pub async fn prepare(client: &tokio_postgres::Client) -> Result<PhaseRecord, tokio_postgres::Error> {
-        let sql = "WITH moved AS (
-                     UPDATE ghostwire.migrations SET phase = $2, updated_at = now(), error = NULL,
-                            finished_at = CASE WHEN $2 IN ('finished', 'aborted') THEN now() END
-                      WHERE id = $1)
-                   INSERT INTO ghostwire.events (migration_id, phase, kind, message) VALUES ($1, $2, 'phase', $3)";
-        Ok(PhaseRecord(client.prepare_typed(sql, &[Type::INT8, Type::TEXT, Type::TEXT]).await?))
+        Ok(PhaseRecord(client.prepare_typed(SET_PHASE_SQL, &[Type::INT8, Type::TEXT, Type::TEXT]).await?))
     }
 
     pub async fn run(

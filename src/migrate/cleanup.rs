@@ -151,8 +151,6 @@ pub async fn finish(client: &Client, m: &Migration) -> Result<(), CleanupError> 
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {}", ident(&archive))).await?;
     capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
-    // Made before the first swap attempt, kept when the attempts gave up.
-    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: old table dropped").await?;
     Ok(())
@@ -172,8 +170,6 @@ async fn finish_reverted(client: &Client, m: &Migration) -> Result<(), CleanupEr
     client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     capture::logical::remove(client, m.id).await?;
     client.batch_execute(&capture::drop_log_sql(m.id)).await?;
-    // Made before the first swap attempt, kept when the attempts gave up.
-    client.batch_execute(&super::revert::capture::drop_log_sql(m.id)).await?;
     client.batch_execute(&super::copy::drop_round_sql(m.id)).await?;
     state::set_phase(client, m.id, Phase::Finished, "finished: the new table kept after the revert is dropped").await?;
     Ok(())

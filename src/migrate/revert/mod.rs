@@ -347,8 +347,6 @@ async fn attempt_swap(
     }
 }
 
-/// Under the lock: the last reverse changes, the hazard check, the swap back. `Some`: it
-/// did not go ahead.
 /// The queries run under the revert's lock, parsed before it is asked for.
 struct Prepared {
     hazards: snapshots::HazardCheck,
@@ -366,6 +364,8 @@ impl Prepared {
     }
 }
 
+/// Under the lock: the last reverse changes, the hazard check, the swap back. `Some`: it
+/// did not go ahead.
 #[allow(clippy::too_many_arguments)]
 async fn under_lock(
     work: &Client,
